@@ -1,0 +1,129 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import store
+from bench.__main__ import main
+
+NUMBER = (int, float)
+EXPECTED_TYPES = {
+    "schema": int, "run_id": type(None), "cell_id": type(None), "model": str, "precision": str,
+    "batch_size": int, "seq_len": int, "image_size": type(None), "grad_accum": int,
+    "compile": bool, "world_size": int, "repeat": int, "status": str, "error": type(None),
+    "warmup_steps": int, "timed_steps": int, "step_ms_median": float, "step_ms_iqr": float,
+    "step_ms_min": float, "samples_per_s": float, "tokens_per_s": float, "startup_s": float,
+    "peak_mem_allocated_gib": type(None), "peak_mem_reserved_gib": type(None),
+    "peak_rss_gib": float, "flops_per_step": int, "achieved_tflops": float,
+    "energy_source": str, "loss_first": float, "loss_last": float, "nonfinite_steps": int,
+    "scaler_scale_final": float, "scaler_skipped_steps": int, "device": str,
+    "device_name": str, "device_count": int, "torch_version": str, "python_version": str,
+    "machine_id": str, "timestamp": str,
+}
+# Filled on a GPU with NVML (or for a known device); empty on this CPU box.
+EMPTY_ON_CPU = (
+    "peak_tflops", "mfu_pct", "power_avg_w", "power_max_w", "idle_power_w", "energy_j",
+    "energy_check_pct", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
+    "throttle_reasons", "throttled", "driver_version", "cuda_version", "cudnn_version",
+)
+
+
+def _cell(tmp_path, *extra):
+    out = tmp_path / "record.json"
+    code = main(["cell", "--model", "gpt2-tiny", "--precision", "fp16", "--batch-size", "2",
+                 "--warmup", "1", "--steps", "3", "--device", "cpu", "--out", str(out), *extra])
+    return code, json.loads(out.read_text())
+
+
+def test_record_has_every_schema_field_with_the_right_type(tmp_path, capsys):
+    code, record = _cell(tmp_path)
+    assert code == 0
+    assert list(record) == list(store.FIELDS)
+    for field, expected in EXPECTED_TYPES.items():
+        assert isinstance(record[field], expected), (field, record[field])
+    for field in EMPTY_ON_CPU:
+        assert record[field] is None, field
+    assert record["status"] == "ok" and record["energy_source"] == "none"
+    assert record["timed_steps"] == 3 and record["seq_len"] == 64
+    assert record["step_ms_min"] <= record["step_ms_median"]
+    assert record["samples_per_s"] == pytest.approx(2 / (record["step_ms_median"] / 1e3))
+    assert record["tokens_per_s"] == pytest.approx(64 * record["samples_per_s"])
+    assert record["flops_per_step"] > 0 and record["achieved_tflops"] > 0
+    assert "gpt2-tiny fp16 b=2 T=64: ok" in capsys.readouterr().err
+
+
+def test_failed_cell_still_writes_its_record(tmp_path, monkeypatch):
+    def explode(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("bench.cell.Trainer.step", explode)
+    code, record = _cell(tmp_path)
+    assert code == 1
+    assert record["status"] == "oom" and "out of memory" in record["error"]
+    assert record["samples_per_s"] is None and record["model"] == "gpt2-tiny"
+
+
+def test_unsupported_policy_is_a_status_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setattr("bench.precision.Policy.unsupported_reason", lambda self, d: "no fp16 here")
+    code, record = _cell(tmp_path)
+    assert code == 1
+    assert (record["status"], record["error"]) == ("unsupported", "no fp16 here")
+
+
+def test_error_keeps_the_exception_message(tmp_path, monkeypatch):
+    def broken(self):
+        raise ValueError("shapes do not match")
+
+    monkeypatch.setattr("bench.cell.Trainer.step", broken)
+    _, record = _cell(tmp_path)
+    assert record["status"] == "error" and "ValueError: shapes do not match" in record["error"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "gpt3"], "unknown model 'gpt3'; valid: resnet50"),
+        (["--precision", "fp8"], "unknown precision 'fp8'; valid: fp32"),
+        (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["--seq-len", "4096"], "seq_len 4096 is longer than gpt2-tiny's context of 128"),
+        (["--device", "tpu9"], "unknown device 'tpu9'; valid: cpu, cuda"),
+        (["--image-size", "64"], "--image-size does not apply to gpt2-tiny"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, cli_env, args, message):
+    base = {"--model": "gpt2-tiny", "--precision": "bf16", "--batch-size": "2"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    out = tmp_path / "record.json"
+    argv = [x for pair in base.items() for x in pair] + ["--steps", "1", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "bench", "cell", *argv], env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_bad_input(tmp_path, capsys):
+    code = main(["cell", "--model", "gpt2-tiny", "--precision", "bf16", "--batch-size", "2",
+                 "--device", "cuda", "--out", str(tmp_path / "r.json")])
+    assert code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["fp32", "tf32", "fp16", "bf16"])
+def test_cuda_record_has_memory_and_timing(tmp_path, policy):
+    out = tmp_path / "r.json"
+    code = main(["cell", "--model", "gpt2-tiny", "--precision", policy, "--batch-size", "4",
+                 "--device", "cuda", "--steps", "5", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert code == 0
+    assert record["peak_mem_allocated_gib"] > 0
+    assert record["peak_mem_reserved_gib"] >= record["peak_mem_allocated_gib"]
+    assert record["cuda_version"] and record["device_name"]
