@@ -23,7 +23,7 @@ def _install(session: nox.Session, extras: str = "") -> None:
 def tests(session: nox.Session) -> None:
     """Unit and integration tests on CPU (GPU tests skip without CUDA)."""
     _install(session, "test")
-    session.run("python", "-m", "pytest", "-m", "not perf", *session.posargs)
+    session.run("python", "-m", "pytest", *session.posargs)  # pyproject deselects perf
 
 
 @nox.session(venv_params=VENV)
@@ -65,4 +65,6 @@ def gate(session: nox.Session) -> None:
 def perf(session: nox.Session) -> None:
     """pytest-benchmark training-step benchmarks (--benchmark-autosave, --benchmark-compare...)."""
     _install(session, "test")
-    session.run("python", "-m", "pytest", "-m", "perf", "--benchmark-only", *session.posargs)
+    # pytest-benchmark disables itself under xdist; perf numbers need one process anyway.
+    session.run("python", "-m", "pytest", "-p", "no:xdist", "-m", "perf", "--benchmark-only",
+                *session.posargs)

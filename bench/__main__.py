@@ -50,10 +50,11 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def _add_cell(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cell", help="train one cell (model x precision x batch) and write its record")
+    p = sub.add_parser("cell", help="train one cell (model x precision x batch), write its record")
     p.add_argument("--model", required=True, help="model name (see `ampbench models`)")
     p.add_argument("--precision", required=True, help="fp32 | tf32 | fp16 | bf16 | fp16-noscale")
-    p.add_argument("--batch-size", type=_positive_int, required=True, help="samples per micro-batch")
+    p.add_argument("--batch-size", type=_positive_int, required=True,
+                   help="samples per micro-batch")
     p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (language models)")
     p.add_argument("--image-size", type=_positive_int, help="image side in pixels (vision models)")
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step")
@@ -88,7 +89,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nnodes", type=_positive_int, help="nodes for multi-process cells")
     p.add_argument("--device", help="cpu | cuda (default: what the preset says)")
     p.add_argument("--timeout", type=float, help="seconds per cell before it is killed")
-    p.add_argument("--find-max-batch", action="store_true", help="search the largest batch that fits")
+    p.add_argument("--find-max-batch", action="store_true",
+                   help="search the largest batch that fits")
     p.add_argument("--no-parity", action="store_true", help="skip the accuracy-parity stage")
     p.add_argument("--no-report", action="store_true", help="skip writing report.md and plots")
     p.set_defaults(handler="bench.runner:main")
@@ -119,8 +121,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def _add_gate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gate", help="compare a run against a baseline; exit 1 on regression")
-    p.add_argument("--baseline", required=True, help="baseline CSV or run directory")
-    p.add_argument("--current", required=True, help="current run directory or CSV")
+    p.add_argument("--baseline", help="baseline CSV or run directory (default: this device's)")
+    p.add_argument("--current", help="current run directory or CSV (default: the latest run)")
     p.add_argument("--check", action="append", default=None, help="e.g. samples_per_s:-5%%")
     p.add_argument("--allow-device-mismatch", action="store_true")
     p.add_argument("--fail-on-throttled", action="store_true")

@@ -246,7 +246,7 @@ def summary_line(record: dict[str, Any]) -> str:
     line = (f"{head}: ok {record['samples_per_s']:,.1f} samples/s, step "
             f"{record['step_ms_median']:.2f} ms (IQR {record['step_ms_iqr']:.2f}), "
             f"peak {mem:.2f} GiB {mem_kind}, {record['achieved_tflops']:.3f} TFLOP/s")
-    if record["step_ms_median"] and record["step_ms_iqr"] / record["step_ms_median"] > _SPREAD_WARNING:
+    if record["step_ms_iqr"] > _SPREAD_WARNING * record["step_ms_median"]:
         line += " [wide spread: IQR > 10% of median]"
     return line
 

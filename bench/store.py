@@ -40,7 +40,9 @@ ENVIRONMENT = (
     "device", "device_name", "device_count", "driver_version", "torch_version", "cuda_version",
     "cudnn_version", "python_version", "machine_id", "git_sha", "git_dirty", "timestamp",
 )
-FIELDS: tuple[str, ...] = IDENTITY + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + ENVIRONMENT
+FIELDS: tuple[str, ...] = (
+    IDENTITY + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + ENVIRONMENT
+)
 
 STATUSES = ("ok", "oom", "timeout", "error", "unsupported", "skipped")
 
@@ -150,7 +152,8 @@ def load_results(source: Path | str) -> Any:
     try:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[-1]})") from None
+        reason = str(exc).strip().splitlines()[-1]
+        raise BadInput(f"{path}: not a readable CSV ({reason})") from None
     required = ("model", "precision", "batch_size", "status")
     missing = [c for c in required if c not in frame.columns]
     if missing:

@@ -95,7 +95,7 @@ class Bert(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: Tensor, token_type: Tensor | None = None) -> Tensor:
-        B, T = idx.shape
+        _, T = idx.shape
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         if token_type is not None:

@@ -94,7 +94,7 @@ def test_error_keeps_the_exception_message(tmp_path, monkeypatch):
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, cli_env, args, message):
     base = {"--model": "gpt2-tiny", "--precision": "bf16", "--batch-size": "2"}
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     out = tmp_path / "record.json"
     argv = [x for pair in base.items() for x in pair] + ["--steps", "1", "--out", str(out)]
@@ -107,7 +107,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, cli_env, args, message):
     assert not out.exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_on_a_machine_without_it_is_bad_input(tmp_path, capsys):
     code = main(["cell", "--model", "gpt2-tiny", "--precision", "bf16", "--batch-size", "2",
                  "--device", "cuda", "--out", str(tmp_path / "r.json")])

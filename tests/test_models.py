@@ -68,7 +68,7 @@ def test_batches_are_seeded_and_shaped(name):
     a = spec.make_batch(3, spec.default_size, seed=7)
     b = spec.make_batch(3, spec.default_size, seed=7)
     c = spec.make_batch(3, spec.default_size, seed=8)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
     assert a[0].shape[0] == a[1].shape[0] == 3
     loss = spec.loss(spec.build(), *a)

@@ -49,7 +49,8 @@ def test_every_tiny_model_trains_under_every_policy(model, policy):
     before = [p.detach().clone() for p in trainer.model.parameters()]
     losses = torch.stack([trainer.step() for _ in range(3)])
     assert torch.isfinite(losses).all()
-    changed = [not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters())]
+    after = trainer.model.parameters()
+    changed = [not torch.equal(a, p) for a, p in zip(before, after, strict=True)]
     assert any(changed)
     if trainer.scaler.is_enabled():  # the first steps may overflow at the initial 2^16 scale
         assert 1 <= trainer.optimizer_steps() <= 3
@@ -66,7 +67,7 @@ def test_scaler_skips_a_step_whose_gradients_are_not_finite():
     loss = trainer.step()
     assert not torch.isfinite(loss)
     assert trainer.optimizer_steps() == 0
-    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters(), strict=True))
     assert trainer.scaler.get_scale() == scale * 0.5  # backoff after the skipped step
 
 
