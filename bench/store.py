@@ -29,7 +29,7 @@ TIMING = (
 MEMORY = ("peak_mem_allocated_gib", "peak_mem_reserved_gib", "peak_rss_gib")
 COMPUTE = ("flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct")
 POWER = (
-    "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "energy_source",
+    "power_avg_w", "power_max_w", "power_source", "idle_power_w", "energy_j", "energy_source",
     "energy_check_pct", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
     "throttle_reasons", "throttled",
 )
