@@ -23,7 +23,7 @@ from typing import Any
 import models
 from bench import BadInput, precision, store
 from bench.env import fingerprint
-from bench.flops import count_training_flops
+from bench.flops import count_training_flops, mfu_fields
 from bench.measure import StepTimer, peak_memory, reset_peak_memory, summarize
 from bench.power import PowerMonitor
 
@@ -145,6 +145,10 @@ def _validate(args: argparse.Namespace) -> tuple[models.ModelSpec, precision.Pol
         raise BadInput(problem)
     if args.batch_size < 1:
         raise BadInput(f"batch size must be at least 1, got {args.batch_size}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise BadInput(f"--peak-tflops must be above 0, got {args.peak_tflops}")
+    if not args.power_interval_ms > 0:
+        raise BadInput(f"--power-interval-ms must be above 0, got {args.power_interval_ms}")
     return spec, pol, size
 
 
@@ -178,6 +182,8 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         return record
     try:
         record.update(_train_and_measure(args, spec, size, device, started))
+        record.update(mfu_fields(record["flops_per_step"], record["step_ms_median"] / 1e3,
+                                 record["device_name"], pol.name, args.peak_tflops))
         record["status"] = "ok"
     except Exception as exc:
         record["status"] = "oom" if _is_oom(exc) else "error"
@@ -198,8 +204,9 @@ def _train_and_measure(
     trainer.sync()
     reset_peak_memory(device)
 
-    monitor = PowerMonitor(device.index or 0 if device.type == "cuda" else None,
-                           args.power_interval_ms)
+    # By UUID: torch's cuda:N is not NVML's GPU N under CUDA_VISIBLE_DEVICES.
+    gpu = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+    monitor = PowerMonitor(gpu, args.power_interval_ms)
     monitor.measure_idle()
     timer = StepTimer(device, args.steps)
     startup_s = time.perf_counter() - started
@@ -263,10 +270,37 @@ def write_record(record: dict[str, Any], out: str | None) -> None:
     os.replace(tmp, path)
 
 
+def _inject_fault(args: argparse.Namespace) -> None:
+    """Test-only failures, so the runner's handling can be tested on CPU; unset in normal use.
+
+    AMPBENCH_FAULT="model:precision:batch=raise|kill|hang|oom[,...]" makes that cell raise,
+    SIGKILL itself, hang, or die of a CUDA OOM, all without writing a record;
+    AMPBENCH_FAULT_MAX_BATCH=N makes every cell with a batch above N die of a CUDA OOM.
+    """
+    faults = os.environ.get("AMPBENCH_FAULT", "")
+    ceiling = os.environ.get("AMPBENCH_FAULT_MAX_BATCH", "")
+    if not faults and not ceiling:
+        return
+    here = f"{args.model}:{args.precision}:{args.batch_size}"
+    actions = dict(item.strip().rpartition("=")[::2] for item in faults.split(",") if "=" in item)
+    action = actions.get(here) or ("oom" if ceiling and args.batch_size > int(ceiling) else None)
+    if action == "raise":
+        raise RuntimeError(f"injected fault in {here}")
+    if action == "kill":
+        os.kill(os.getpid(), 9)
+    if action == "hang":
+        time.sleep(3600)
+    if action == "oom":
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected fault in {here})")
+
+
 def main(args: argparse.Namespace) -> int:
     """`ampbench cell`: exit 0 when the cell is ok, 1 when it failed (its record says why)."""
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise BadInput(f"--out {args.out}: directory does not exist")
+    _inject_fault(args)
     record = run_cell(args)
     write_record(record, args.out)
     print(summary_line(record), file=sys.stderr)

@@ -1,0 +1,351 @@
+"""The benchmark matrix as typed config: frozen dataclasses, named presets, TOML files.
+
+    python -m bench run --preset cpu
+    python -m bench run --matrix my.toml
+
+A preset is a function returning a Matrix; a TOML file (and meta.json's copy of a run's
+matrix) maps onto the same dataclasses through ``from_dict``, which checks every key and type
+and raises BadInput with one line naming the bad key and the file. torch-free: only the
+model and policy registries (themselves torch-free) are imported; ``auto`` alone asks torch
+whether CUDA is present, lazily.
+
+A TOML matrix::
+
+    name = "mine"
+    precisions = ["fp32", "bf16"]
+    warmup = 2
+    steps = 10
+    repeats = 1
+    device = "cpu"          # cpu | cuda | cuda:N | auto
+    timeout_s = 300
+    grad_accum = [1]
+    compile = [false]
+    world_size = [1]
+    nnodes = 1
+    parity = false
+
+    [models.gpt2-tiny]
+    batch_sizes = [2, 4]
+    seq_len = 64            # image_size for vision models; default: the model's
+
+    [models.resnet-tiny]
+    batch_sizes = [4]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import models
+from bench import BadInput, precision
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class ModelAxis:
+    """One model of the matrix with its own batch sizes and input size (seq_len or image_size)."""
+
+    name: str
+    batch_sizes: tuple[int, ...]
+    size: int | None = None  # None: the model's default size
+
+    @property
+    def spec(self) -> models.ModelSpec:
+        return models.get(self.name)
+
+    @property
+    def resolved_size(self) -> int:
+        return self.size or self.spec.default_size
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """Every axis of a sweep; ``bench.matrix.expand`` turns it into Cells."""
+
+    models: tuple[ModelAxis, ...]
+    precisions: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16")
+    name: str = "custom"
+    grad_accum: tuple[int, ...] = (1,)
+    compile: tuple[bool, ...] = (False,)
+    world_size: tuple[int, ...] = (1,)
+    nnodes: int = 1
+    repeats: int = 1
+    warmup: int = 5
+    steps: int = 20
+    device: str = "auto"
+    timeout_s: float = 900.0
+    parity: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (meta.json); ``from_dict`` reads it back."""
+        data = asdict(self)
+        data["models"] = {
+            axis.name: {"batch_sizes": list(axis.batch_sizes),
+                        axis.spec.size_arg: axis.resolved_size}
+            for axis in self.models
+        }
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the matrix; ``cell_id`` hashes its key fields, stable across processes."""
+
+    model: str
+    precision: str
+    batch_size: int
+    seq_len: int | None = None
+    image_size: int | None = None
+    grad_accum: int = 1
+    compile: bool = False
+    world_size: int = 1
+    nnodes: int = 1
+
+    def key(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def cell_id(self) -> str:
+        # sha256 of canonical JSON, not hash(): the id must not change between processes.
+        text = json.dumps(self.key(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Everything but the batch size: an OOM at batch b skips larger batches of the group."""
+        return (self.model, self.precision, self.seq_len, self.image_size, self.grad_accum,
+                self.compile, self.world_size, self.nnodes)
+
+    def label(self) -> str:
+        size = f"T={self.seq_len}" if self.seq_len else f"{self.image_size}px"
+        extra = "".join([
+            f" ga={self.grad_accum}" if self.grad_accum != 1 else "",
+            " compile" if self.compile else "",
+            f" ws={self.world_size}x{self.nnodes}" if self.world_size * self.nnodes > 1 else "",
+        ])
+        return f"{self.model} {self.precision} b={self.batch_size} {size}{extra}"
+
+
+# ---------------------------------------------------------------- presets
+
+
+def gpu() -> Matrix:
+    """The GPU sweep: full-size reference models, the four main policies."""
+    return Matrix(
+        name="gpu",
+        models=(
+            ModelAxis("resnet50", (32, 64, 128, 256), 224),
+            ModelAxis("bert-base", (16, 32, 64, 128), 128),
+            ModelAxis("gpt2-small", (4, 8, 16, 32), 1024),
+        ),
+        precisions=("fp32", "tf32", "fp16", "bf16"),
+        device="cuda", warmup=10, steps=50, timeout_s=900.0, parity=True,
+    )
+
+
+def cpu() -> Matrix:
+    """Tiny models, small batches, all five policies: 30 cells in a few minutes on 2 cores."""
+    return Matrix(
+        name="cpu",
+        models=(
+            ModelAxis("resnet-tiny", (4, 8), 32),
+            ModelAxis("bert-tiny", (4, 8), 32),
+            ModelAxis("gpt2-tiny", (4, 8), 64),
+        ),
+        precisions=precision.NAMES,
+        device="cpu", warmup=2, steps=8, timeout_s=300.0, parity=True,
+    )
+
+
+def quick() -> Matrix:
+    """A handful of tiny cells for smoke tests."""
+    return Matrix(
+        name="quick",
+        models=(ModelAxis("gpt2-tiny", (2,), 64), ModelAxis("resnet-tiny", (2,), 32)),
+        precisions=("fp32", "bf16"),
+        device="cpu", warmup=1, steps=3, timeout_s=120.0, parity=False,
+    )
+
+
+def auto() -> Matrix:
+    """gpu where CUDA is available, cpu otherwise."""
+    import torch  # only 'auto' needs to know the hardware
+
+    return gpu() if torch.cuda.is_available() else cpu()
+
+
+PRESETS: dict[str, Callable[[], Matrix]] = {"gpu": gpu, "cpu": cpu, "quick": quick, "auto": auto}
+
+
+def preset(name: str) -> Matrix:
+    """The preset called ``name``; unknown names raise BadInput listing the valid ones."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise BadInput(f"unknown preset '{name}'; valid: {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------- TOML / dict -> Matrix
+
+_MODEL_KEYS = ("batch_sizes", "seq_len", "image_size")
+
+
+def _check(value: Any, kind: str, key: str, source: str) -> Any:
+    """``value`` converted to ``kind`` (int, pos-int, float, bool, str, list[...]) or BadInput."""
+    def bad(expected: str) -> BadInput:
+        return BadInput(f"{source}: '{key}' must be {expected}, got {value!r}")
+
+    if kind.startswith("list[") and kind.endswith("]"):
+        inner = kind[5:-1]
+        if not isinstance(value, list) or not value:
+            raise bad(f"a non-empty list of {inner}")
+        return tuple(_check(v, inner, key, source) for v in value)
+    if kind in ("int", "pos-int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+        low = 1 if kind == "pos-int" else 0
+        if value < low:
+            raise bad(f"at least {low}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise bad("a positive number")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise AssertionError(kind)
+
+
+_TOP: dict[str, str] = {
+    "name": "str", "precisions": "list[str]", "grad_accum": "list[pos-int]",
+    "compile": "list[bool]", "world_size": "list[pos-int]", "nnodes": "pos-int",
+    "repeats": "pos-int", "warmup": "int", "steps": "pos-int", "device": "str",
+    "timeout_s": "float", "parity": "bool",
+}
+
+
+def _model_axis(name: str, table: Any, source: str) -> ModelAxis:
+    try:
+        spec = models.get(name)
+    except ValueError as exc:
+        raise BadInput(f"{source}: models.{name}: {exc}") from None
+    if not isinstance(table, dict):
+        raise BadInput(f"{source}: 'models.{name}' must be a table with batch_sizes")
+    for key in table:
+        if key not in _MODEL_KEYS:
+            raise BadInput(f"{source}: unknown key 'models.{name}.{key}'; "
+                           f"valid: {', '.join(_MODEL_KEYS)}")
+    other = "image_size" if spec.size_arg == "seq_len" else "seq_len"
+    if other in table:
+        raise BadInput(f"{source}: 'models.{name}.{other}' does not apply to {name} "
+                       f"(a {spec.unit} model takes {spec.size_arg})")
+    batch_sizes = (_check(table["batch_sizes"], "list[pos-int]", f"models.{name}.batch_sizes",
+                          source) if "batch_sizes" in table else (spec.default_batch_size,))
+    size = None
+    if spec.size_arg in table:
+        size = _check(table[spec.size_arg], "pos-int", f"models.{name}.{spec.size_arg}", source)
+        problem = spec.check_size(size)
+        if problem:
+            raise BadInput(f"{source}: models.{name}: {problem}")
+    return ModelAxis(name, tuple(sorted(set(batch_sizes))), size or spec.default_size)
+
+
+def from_dict(data: dict[str, Any], source: str = "matrix") -> Matrix:
+    """Validate a TOML-shaped dict field by field and build the Matrix (BadInput on any error)."""
+    for key in data:
+        if key != "models" and key not in _TOP:
+            raise BadInput(f"{source}: unknown key '{key}'; valid: models, {', '.join(_TOP)}")
+    if "models" not in data:
+        raise BadInput(f"{source}: missing 'models' (a table per model with batch_sizes)")
+    if not isinstance(data["models"], dict) or not data["models"]:
+        raise BadInput(f"{source}: 'models' must be a non-empty table of models")
+    values: dict[str, Any] = {
+        "models": tuple(_model_axis(n, t, source) for n, t in data["models"].items())
+    }
+    for key, kind in _TOP.items():
+        if key in data:
+            values[key] = _check(data[key], kind, key, source)
+    for name in values.get("precisions", ()):
+        if name not in precision.NAMES:
+            raise BadInput(f"{source}: precisions: unknown precision '{name}'; "
+                           f"valid: {', '.join(precision.NAMES)}")
+    return Matrix(**values)
+
+
+def load(path: str | Path) -> Matrix:
+    """Read a matrix TOML file; a missing, malformed or invalid file raises BadInput."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read matrix file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{path}: not valid TOML ({exc})") from None
+    return from_dict(data, str(path))
+
+
+# ---------------------------------------------------------------- CLI overrides
+
+
+def override(
+    matrix: Matrix,
+    *,
+    models_: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    **scalars: Any,
+) -> Matrix:
+    """The matrix with command-line overrides applied (None leaves an axis as it is).
+
+    ``models_`` keeps a listed model's axis from the matrix or adds it with its default size;
+    ``batch_sizes`` replaces every model's batch sizes; ``scalars`` are Matrix fields
+    (steps, warmup, repeats, device, timeout_s, world_size, nnodes).
+    """
+    axes = {axis.name: axis for axis in matrix.models}
+    if models_ is not None:
+        chosen = []
+        for name in models_:
+            try:
+                spec = models.get(name)
+            except ValueError as exc:
+                raise BadInput(str(exc)) from None
+            chosen.append(axes.get(name) or ModelAxis(name, (spec.default_batch_size,),
+                                                      spec.default_size))
+        matrix = replace(matrix, models=tuple(chosen))
+    if precisions is not None:
+        for name in precisions:
+            if name not in precision.NAMES:
+                raise BadInput(f"unknown precision '{name}'; valid: {', '.join(precision.NAMES)}")
+        matrix = replace(matrix, precisions=tuple(precisions))
+    if batch_sizes is not None:
+        sizes = tuple(sorted(set(batch_sizes)))
+        matrix = replace(matrix, models=tuple(replace(a, batch_sizes=sizes)
+                                              for a in matrix.models))
+    known = {f.name for f in fields(Matrix)}
+    changes = {k: (tuple(v) if isinstance(v, list) else v)
+               for k, v in scalars.items() if v is not None}
+    unknown = set(changes) - known
+    if unknown:
+        raise ValueError(f"not Matrix fields: {sorted(unknown)}")
+    return replace(matrix, **changes)
+
+
+__all__ = ["PRESETS", "Cell", "Matrix", "ModelAxis", "from_dict", "load", "override", "preset"]

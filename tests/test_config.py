@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+
+from bench import BadInput, config, matrix, precision
+from bench.__main__ import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "matrix"
+
+
+def test_gpu_preset_is_the_documented_sweep():
+    m = config.gpu()
+    axes = {a.name: (a.batch_sizes, a.resolved_size) for a in m.models}
+    assert axes == {
+        "resnet50": ((32, 64, 128, 256), 224),
+        "bert-base": ((16, 32, 64, 128), 128),
+        "gpt2-small": ((4, 8, 16, 32), 1024),
+    }
+    assert m.precisions == ("fp32", "tf32", "fp16", "bf16") and m.parity
+    assert (m.world_size, m.nnodes) == ((1,), 1)
+
+
+def test_cpu_preset_is_tiny_and_covers_every_policy():
+    m = config.cpu()
+    assert set(m.precisions) == set(precision.NAMES)
+    assert all(a.name.endswith("-tiny") for a in m.models)
+    assert len(matrix.expand(m)) <= 30 and m.device == "cpu" and m.parity
+    quick = config.quick()
+    assert len(matrix.expand(quick)) <= 6 and not quick.parity
+
+
+def test_unknown_preset_names_the_valid_ones():
+    with pytest.raises(BadInput, match="unknown preset 'huge'; valid: gpu, cpu, quick, auto"):
+        config.preset("huge")
+
+
+def test_toml_maps_onto_the_dataclasses():
+    m = config.load(FIXTURES / "good.toml")
+    assert m.name == "fixture" and m.precisions == ("fp32", "bf16")
+    assert (m.warmup, m.steps, m.repeats, m.device, m.timeout_s) == (0, 1, 2, "cpu", 60.0)
+    assert m.grad_accum == (1, 2) and m.parity is False
+    gpt, resnet = m.models
+    assert (gpt.name, gpt.batch_sizes, gpt.resolved_size) == ("gpt2-tiny", (2, 4), 32)
+    assert (resnet.batch_sizes, resnet.resolved_size) == ((2,), 32)  # default image size
+
+
+def test_matrix_survives_a_round_trip_through_meta_json():
+    for m in (config.gpu(), config.cpu(), config.load(FIXTURES / "good.toml")):
+        assert config.from_dict(m.to_dict()) == m
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("unknown_key.toml", "unknown key 'stepz'"),
+    ("wrong_type.toml", "'models.gpt2-tiny.batch_sizes' must be a non-empty list of pos-int"),
+    ("unknown_model.toml", "unknown model 'gpt5-huge'"),
+    ("unknown_policy.toml", "unknown precision 'fp8'"),
+    ("malformed.toml", "not valid TOML"),
+])
+def test_bad_toml_is_one_line_exit_2_and_nothing_written(name, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--matrix", str(FIXTURES / name), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and name in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"models": {"gpt2-tiny": {"batch_sizes": [0]}}}, "at least 1"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": [2], "seq_len": 4096}}}, "context of 128"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": [2], "image_size": 64}}}, "does not apply"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": [2], "depth": 3}}}, "models.gpt2-tiny.depth"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "steps": True}, "'steps' must be"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "compile": "yes"}, "'compile' must be"),
+    ({"precisions": ["fp32"]}, "missing 'models'"),
+])
+def test_invalid_values_name_the_key(data, message):
+    with pytest.raises(BadInput, match=message):
+        config.from_dict(data, "x.toml")
+
+
+def test_cli_overrides_replace_axes():
+    m = config.override(config.cpu(), models_=["gpt2-tiny", "bert-base"],
+                        precisions=["bf16"], batch_sizes=[3, 1], steps=2, repeats=3,
+                        timeout_s=9.0, world_size=[1, 2])
+    assert [a.name for a in m.models] == ["gpt2-tiny", "bert-base"]
+    assert m.models[0].resolved_size == 64 and m.models[1].resolved_size == 128
+    assert all(a.batch_sizes == (1, 3) for a in m.models)
+    assert (m.precisions, m.steps, m.repeats, m.timeout_s, m.world_size) == (
+        ("bf16",), 2, 3, 9.0, (1, 2))
+    assert config.override(m) == m
+    with pytest.raises(BadInput, match="unknown precision 'fp4'"):
+        config.override(m, precisions=["fp4"])
+    with pytest.raises(BadInput, match="unknown model 'llama'"):
+        config.override(m, models_=["llama"])
