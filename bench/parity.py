@@ -1,0 +1,566 @@
+"""Accuracy parity: does each reduced precision still reach FP32's accuracy?
+
+    python -m bench parity                                  # tiny models on CPU, 5 policies
+    python -m bench parity --models gpt2-tiny --precisions fp32,bf16,broken --seeds 3
+    nox -s parity -- --device cuda                          # full-size models, more steps
+
+Every model family trains on a learnable, deterministic task generated in-process (no
+downloads), and is scored on a fixed held-out set:
+
+- resnet: oriented gratings, one orientation per class, with random frequency, phase, per-channel
+  contrast and noise; each image channel is normalised to mean 0 / std 1, so only spatial
+  structure tells the classes apart. Metric: eval loss and accuracy.
+- bert: masked-token prediction on sequences of a seeded sparse Markov chain (tokens shifted by
+  one, id 0 is [MASK]). Metric: eval loss and masked-token accuracy.
+- gpt: next-token prediction on the same kind of chain; its entropy rate (nats) is known
+  exactly and written as ``optimal_loss``, the floor no model can beat.
+
+The task (chain, class layout) and the held-out set are fixed; the run seed picks the initial
+weights (``torch.manual_seed(seed)`` before ``build()``) and the training data order, so every
+policy sees the same data and starts from the same weights as FP32 under the same seed. Training
+reuses the benchmark's one step (``bench.cell.Trainer.step``: autocast forward, scaled
+backward, scaler step and update); only the resident batch is swapped before each step.
+
+Verdict per (model, policy), on the mean final eval loss over seeds:
+
+- ``delta = mean(policy) - mean(fp32)``;
+  ``tolerance = max(ABS_FLOOR, K_SIGMA * fp32_std)`` (sample std over the FP32 seeds);
+- FAIL when any seed saw a non-finite training or eval loss, or ``|delta| > tolerance``;
+- INCONCLUSIVE when the FP32 band is too wide to judge: ``fp32_std > MAX_BAND_FRACTION *
+  (initial eval loss - fp32_mean)`` (or FP32 did not improve at all);
+- PASS otherwise. FP32's own rows are judged by the same rule (delta 0), so they read PASS
+  unless FP32 itself was non-finite (FAIL) or too noisy (INCONCLUSIVE).
+
+Health telemetry per run: non-finite training steps, GradScaler skipped steps and the first
+skipped step, the scale history (``scale`` column of parity_curves.csv), and the fraction of
+non-zero FP32 gradient elements that FP16 without loss scaling would flush to zero
+(``underflow_frac``: |g| < 2^-24) or keep only as subnormals (``subnormal_frac``:
+2^-24 <= |g| < 2^-14), measured with an extra unscaled FP32 backward at a few probe steps
+(on a forked RNG, so the probe does not change the training trajectory) and averaged.
+
+The ``broken`` precision (parity only, not a benchmark policy) is a deliberately sabotaged
+bf16 run whose optimizer steps use 100x the learning rate — the kind of bug (mis-scaled
+updates) parity must catch; it is expected to FAIL.
+
+Files in RUN_DIR: ``parity.csv`` (one row per model, precision and seed) and
+``parity_curves.csv`` (model, precision, seed, step, loss, scale: the mean training loss of the
+last ``sample_every`` steps, sampled outside any timed window). ``steps_to_target`` is the
+first sampled step whose training loss is at or below the FP32 mean final training loss.
+The CLI prints a verdict table and exits 1 when any policy FAILs (0 otherwise, 2 on bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import models
+from bench import BadInput, precision
+
+ABS_FLOOR = 0.03  # nats: eval-loss differences below this are never a failure
+K_SIGMA = 3.0  # band half-width in FP32 seed-to-seed standard deviations
+MAX_BAND_FRACTION = 0.10  # fp32_std above this fraction of the FP32 improvement: INCONCLUSIVE
+FP16_MIN_SUBNORMAL = 2.0**-24  # smaller magnitudes flush to zero in FP16
+FP16_MIN_NORMAL = 2.0**-14  # smaller magnitudes are FP16 subnormals (fewer mantissa bits)
+
+COLUMNS = (
+    "model", "precision", "seed", "steps", "eval_loss", "eval_accuracy", "optimal_loss",
+    "steps_to_target", "nonfinite_steps", "scaler_skipped_steps", "underflow_frac",
+    "subnormal_frac", "fp32_mean", "fp32_std", "delta", "tolerance", "verdict",
+)
+EXTRA_COLUMNS = ("scaler_first_skip_step", "scaler_scale_final", "initial_eval_loss",
+                 "final_train_loss")
+CURVE_COLUMNS = ("model", "precision", "seed", "step", "loss", "scale")
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
+
+BROKEN = "broken"  # parity-only sabotaged policy, see the module docstring
+_BROKEN_LR_FACTOR = 100.0
+
+_TASK_SEED = 1234  # fixes the task itself (chain, gratings): the same for every run seed
+_EVAL_SEED = 987_654  # fixes the held-out set
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How one model trains for parity: batch, input size, steps, lr, task size, sampling."""
+
+    batch_size: int
+    size: int  # image_size or seq_len
+    steps: int
+    lr: float
+    num_states: int = 64  # Markov chain states (bert/gpt) or classes (resnet)
+    successors: int = 4  # non-zero transitions per chain state
+    sample_every: int = 10
+    eval_batches: int = 4
+
+
+# Tiny models: sized so 3 models x 5 policies x 3 seeds run in about 5 minutes on 2 CPU cores.
+CPU_SETUPS: dict[str, Setup] = {
+    "resnet-tiny": Setup(batch_size=32, size=32, steps=60, lr=3e-3, num_states=6),
+    "bert-tiny": Setup(batch_size=16, size=32, steps=120, lr=3e-3, num_states=16, successors=2),
+    "gpt2-tiny": Setup(batch_size=16, size=32, steps=120, lr=3e-3),
+}
+GPU_SETUPS: dict[str, Setup] = {
+    "resnet50": Setup(batch_size=64, size=128, steps=600, lr=1e-3, num_states=10,
+                      sample_every=20, eval_batches=8),
+    "bert-base": Setup(batch_size=32, size=128, steps=600, lr=2e-4, num_states=1024,
+                       successors=4, sample_every=20, eval_batches=8),
+    "gpt2-small": Setup(batch_size=16, size=256, steps=600, lr=3e-4, num_states=1024,
+                        successors=4, sample_every=20, eval_batches=8),
+}
+_FAMILY_DEFAULTS = {
+    "resnet": Setup(batch_size=32, size=32, steps=300, lr=1e-3, num_states=10),
+    "bert": Setup(batch_size=32, size=64, steps=300, lr=3e-4),
+    "gpt": Setup(batch_size=16, size=64, steps=300, lr=3e-4),
+}
+
+
+def setup_for(spec: models.ModelSpec, steps: int | None = None) -> Setup:
+    """The parity setup of a model: its tuned one, else its family's default."""
+    setup = CPU_SETUPS.get(spec.name) or GPU_SETUPS.get(spec.name) or _FAMILY_DEFAULTS[spec.family]
+    if spec.family != "resnet":
+        setup = replace(setup, num_states=min(setup.num_states, spec.config.vocab_size - 1),
+                        size=min(setup.size, spec.max_size or setup.size))
+    else:
+        setup = replace(setup, num_states=min(setup.num_states, spec.config.num_classes))
+    return replace(setup, steps=steps) if steps else setup
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+
+
+class MarkovChain:
+    """A sparse random Markov chain: each state has ``successors`` next states, random weights.
+
+    A ring edge s -> s+1 makes the chain irreducible, so its stationary distribution is unique
+    and its entropy rate sum_s pi(s) H(P[s]) is the exact optimal next-token loss.
+    """
+
+    def __init__(self, num_states: int, successors: int, seed: int) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        n = num_states
+        trans = np.zeros((n, n))
+        for s in range(n):
+            others = rng.choice([t for t in range(n) if t != (s + 1) % n],
+                                size=min(successors, n) - 1, replace=False)
+            nxt = np.concatenate([[(s + 1) % n], others]).astype(int)
+            trans[s, nxt] = rng.dirichlet(np.ones(len(nxt)))
+        values, vectors = np.linalg.eig(trans.T)
+        pi = np.real(vectors[:, np.argmin(np.abs(values - 1.0))])
+        pi = np.abs(pi) / np.abs(pi).sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            row_entropy = -np.where(trans > 0, trans * np.log(trans), 0.0).sum(axis=1)
+        self.trans = trans
+        self.stationary = pi
+        self.entropy_rate = float(pi @ row_entropy)
+
+    def sample(self, batch_size: int, length: int, generator: Any) -> Any:
+        """(B, length) state ids; the first state is drawn from the stationary distribution."""
+        import torch
+
+        trans = torch.as_tensor(self.trans, dtype=torch.float64)
+        state = torch.multinomial(torch.as_tensor(self.stationary).expand(batch_size, -1), 1,
+                                  generator=generator)
+        out = [state]
+        for _ in range(length - 1):
+            state = torch.multinomial(trans[state.squeeze(1)], 1, generator=generator)
+            out.append(state)
+        return torch.cat(out, dim=1)
+
+
+class Task:
+    """Batches of one family's parity task: ``batch(generator)`` -> (inputs, targets) on CPU."""
+
+    def __init__(self, spec: models.ModelSpec, setup: Setup) -> None:
+        self.spec = spec
+        self.setup = setup
+        self.chain = (MarkovChain(setup.num_states, setup.successors, _TASK_SEED)
+                      if spec.family in ("bert", "gpt") else None)
+
+    @property
+    def optimal_loss(self) -> float | None:
+        return self.chain.entropy_rate if self.spec.family == "gpt" and self.chain else None
+
+    def batch(self, generator: Any) -> tuple[Any, Any]:
+        family, setup = self.spec.family, self.setup
+        if family == "resnet":
+            return _gratings(setup.batch_size, setup.size, setup.num_states, generator)
+        assert self.chain is not None
+        if family == "gpt":
+            states = self.chain.sample(setup.batch_size, setup.size + 1, generator)
+            return states[:, :-1].contiguous(), states[:, 1:].contiguous()
+        return _mask(self.chain.sample(setup.batch_size, setup.size, generator) + 1,
+                     self.spec.config.mask_prob, generator)
+
+
+def _gratings(batch_size: int, size: int, num_classes: int, generator: Any) -> tuple[Any, Any]:
+    """Oriented sine gratings (class = orientation), per-channel normalised: (B,3,H,W), (B,)."""
+    import torch
+
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    theta = labels.double() * math.pi / num_classes
+    freq = 2.0 + 3.0 * torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    phase = 2 * math.pi * torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    coords = torch.arange(size, dtype=torch.float64) / size
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    along = (x[None] * torch.cos(theta)[:, None, None] + y[None] * torch.sin(theta)[:, None, None])
+    wave = torch.sin(2 * math.pi * freq[:, None, None] * along + phase[:, None, None])
+    contrast = 0.5 + torch.rand(batch_size, 3, 1, 1, generator=generator, dtype=torch.float64)
+    images = contrast * wave[:, None] + 0.5 * torch.randn(
+        batch_size, 3, size, size, generator=generator, dtype=torch.float64)
+    # Mean colour and contrast carry no class information once each channel is standardised.
+    images = images - images.mean(dim=(2, 3), keepdim=True)
+    images = images / images.std(dim=(2, 3), keepdim=True)
+    return images.float(), labels
+
+
+def _mask(tokens: Any, mask_prob: float, generator: Any) -> tuple[Any, Any]:
+    import torch
+
+    masked = torch.rand(tokens.shape, generator=generator) < mask_prob
+    masked[:, 0] = True  # at least one target per sequence
+    return tokens.masked_fill(masked, 0), tokens.masked_fill(~masked, -100)
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics telemetry
+
+
+def fp16_underflow(grads: Sequence[Any]) -> tuple[float, float]:
+    """(underflow_frac, subnormal_frac) of the non-zero elements of FP32 gradients ``grads``.
+
+    underflow: |g| < 2^-24 (flushes to zero in FP16); subnormal: 2^-24 <= |g| < 2^-14.
+    Exact zeros are left out: they are zero in every format and lose nothing.
+    """
+    import torch
+
+    nonzero = under = sub = 0
+    for g in grads:
+        if g is None:
+            continue
+        mag = g.detach().float().abs()
+        mag = mag[torch.isfinite(mag) & (mag > 0)]
+        nonzero += mag.numel()
+        under += int((mag < FP16_MIN_SUBNORMAL).sum())
+        sub += int(((mag >= FP16_MIN_SUBNORMAL) & (mag < FP16_MIN_NORMAL)).sum())
+    if nonzero == 0:
+        return 0.0, 0.0
+    return under / nonzero, sub / nonzero
+
+
+def _probe_gradients(trainer: Any, inputs: Any, targets: Any) -> tuple[float, float]:
+    """Unscaled FP32 gradients at the current weights, without touching .grad or the RNG."""
+    import torch
+
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    devices = [trainer.device] if trainer.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        loss = trainer.spec.loss(trainer.model, inputs, targets)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return fp16_underflow(grads)
+
+
+# --------------------------------------------------------------------------------------------
+# Training one (model, policy, seed)
+
+
+def _resolve_policy(name: str) -> tuple[precision.Policy, float]:
+    """(policy, lr factor) for a parity precision name; ``broken`` is the sabotaged bf16."""
+    if name == BROKEN:
+        return replace(precision.get("bf16"), name=BROKEN,
+                       role="sabotaged: bf16 with 100x learning rate"), _BROKEN_LR_FACTOR
+    return precision.get(name), 1.0
+
+
+def _evaluate(trainer: Any, batches: Sequence[tuple[Any, Any]]) -> tuple[float, float]:
+    """Mean eval loss and accuracy (over all targets that count) on the held-out batches."""
+    import torch
+    import torch.nn.functional as F
+
+    model = trainer.model
+    model.eval()
+    total_loss = correct = count = 0.0
+    with torch.no_grad(), trainer.policy.autocast(trainer.device.type):
+        for inputs, targets in batches:
+            logits = model(inputs).float()
+            logits = logits.reshape(-1, logits.size(-1))
+            flat = targets.reshape(-1)
+            keep = flat != -100
+            total_loss += float(F.cross_entropy(logits[keep], flat[keep], reduction="sum"))
+            correct += float((logits[keep].argmax(-1) == flat[keep]).sum())
+            count += float(keep.sum())
+    model.train()
+    return total_loss / count, correct / count
+
+
+def train_one(
+    model_name: str, policy_name: str, seed: int, setup: Setup, device: Any,
+    *, policy: precision.Policy | None = None, lr_factor: float = 1.0,
+    eval_set: Sequence[tuple[Any, Any]] | None = None, task: Task | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train one (model, policy, seed); return its parity row (before verdicts) and curve rows."""
+    import torch
+
+    from bench.cell import Trainer
+
+    spec = models.get(model_name)
+    if policy is None:
+        policy, lr_factor = _resolve_policy(policy_name)
+    task = task or Task(spec, setup)
+    if eval_set is None:
+        eval_set = _eval_set(task, device)
+    policy.apply_backend_flags()
+    torch.manual_seed(seed)
+    net = spec.build().to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=setup.lr * lr_factor, weight_decay=0.0)
+    trainer = Trainer(spec, policy, device, net, optimizer, policy.scaler(device.type), None, None)
+    data = torch.Generator().manual_seed(seed)
+    initial_eval_loss, _ = _evaluate(trainer, eval_set)
+
+    scaling = trainer.scaler.is_enabled()
+    probes = {0, setup.steps // 2, setup.steps - 1}
+    underflow: list[tuple[float, float]] = []
+    window: list[Any] = []
+    curve: list[dict[str, Any]] = []
+    nonfinite = skipped = 0
+    first_skip: int | None = None
+    for step in range(setup.steps):
+        inputs, targets = task.batch(data)
+        trainer.inputs, trainer.targets = inputs.to(device), targets.to(device)
+        if step in probes:
+            underflow.append(_probe_gradients(trainer, trainer.inputs, trainer.targets))
+        scale_before = trainer.scaler.get_scale() if scaling else None
+        window.append(trainer.step())
+        if scaling and trainer.scaler.get_scale() < scale_before:  # backoff = inf/NaN found
+            skipped += 1
+            first_skip = step if first_skip is None else first_skip
+        if (step + 1) % setup.sample_every == 0 or step + 1 == setup.steps:
+            losses = torch.stack(window).float().cpu()
+            nonfinite += int((~torch.isfinite(losses)).sum())
+            curve.append({"model": spec.name, "precision": policy_name, "seed": seed,
+                          "step": step + 1, "loss": float(losses.mean()),
+                          "scale": trainer.scaler.get_scale() if scaling else None})
+            window = []
+    eval_loss, eval_accuracy = _evaluate(trainer, eval_set)
+    if not math.isfinite(eval_loss):
+        nonfinite += 1
+    row = dict.fromkeys(COLUMNS + EXTRA_COLUMNS)
+    row.update(
+        model=spec.name, precision=policy_name, seed=seed, steps=setup.steps,
+        eval_loss=eval_loss, eval_accuracy=eval_accuracy, optimal_loss=task.optimal_loss,
+        nonfinite_steps=nonfinite, scaler_skipped_steps=skipped if scaling else None,
+        underflow_frac=sum(u for u, _ in underflow) / len(underflow),
+        subnormal_frac=sum(s for _, s in underflow) / len(underflow),
+        scaler_first_skip_step=first_skip,
+        scaler_scale_final=trainer.scaler.get_scale() if scaling else None,
+        initial_eval_loss=initial_eval_loss, final_train_loss=curve[-1]["loss"],
+    )
+    return row, curve
+
+
+def _eval_set(task: Task, device: Any) -> list[tuple[Any, Any]]:
+    import torch
+
+    generator = torch.Generator().manual_seed(_EVAL_SEED)
+    return [tuple(t.to(device) for t in task.batch(generator))  # type: ignore[misc]
+            for _ in range(task.setup.eval_batches)]
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def judge(frame: Any) -> Any:
+    """Fill fp32_mean, fp32_std, delta, tolerance, verdict and steps_to_target per model.
+
+    ``frame`` has one row per (model, precision, seed) with eval_loss, nonfinite_steps,
+    initial_eval_loss, final_train_loss and (for steps_to_target) a ``curve`` list of
+    (step, loss) pairs; it is returned with those columns filled.
+    """
+    import pandas as pd
+
+    frame = frame.copy()
+    for col in ("fp32_mean", "fp32_std", "delta", "tolerance"):
+        frame[col] = float("nan")
+    frame["verdict"] = None
+    frame["steps_to_target"] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    for model, rows in frame.groupby("model", sort=False):
+        ref = rows[rows["precision"] == "fp32"]
+        if ref.empty:
+            raise BadInput(f"parity for {model} needs fp32 runs as the reference band")
+        ref_loss = ref["eval_loss"].astype(float)
+        fp32_mean = float(ref_loss.mean(skipna=False))  # NaN stays visible
+        fp32_std = float(ref_loss.std(ddof=1)) if len(ref) > 1 else 0.0
+        tolerance = max(ABS_FLOOR, K_SIGMA * fp32_std)
+        improvement = float(ref["initial_eval_loss"].astype(float).mean()) - fp32_mean
+        too_wide = (not math.isfinite(fp32_std) or improvement <= 0
+                    or fp32_std > MAX_BAND_FRACTION * improvement)
+        target = float(ref["final_train_loss"].astype(float).mean())
+        for _, group in rows.groupby("precision", sort=False):
+            mean = float(group["eval_loss"].astype(float).mean(skipna=False))
+            delta = mean - fp32_mean
+            verdict = _verdict(delta, tolerance, too_wide,
+                               bool((group["nonfinite_steps"].astype(float) > 0).any())
+                               or not math.isfinite(mean))
+            frame.loc[group.index, ["fp32_mean", "fp32_std", "delta", "tolerance"]] = [
+                fp32_mean, fp32_std, delta, tolerance]
+            frame.loc[group.index, "verdict"] = verdict
+            if "curve" in frame:
+                for idx in group.index:
+                    frame.at[idx, "steps_to_target"] = _steps_to(frame.at[idx, "curve"], target)
+    return frame
+
+
+def _verdict(delta: float, tolerance: float, band_too_wide: bool, nonfinite: bool) -> str:
+    if nonfinite or not math.isfinite(delta):
+        return "FAIL"
+    if band_too_wide:
+        return "INCONCLUSIVE"
+    return "PASS" if abs(delta) <= tolerance else "FAIL"
+
+
+def _steps_to(curve: Sequence[tuple[int, float]], target: float) -> int | None:
+    """First sampled step whose training loss is at or below ``target``, else None."""
+    if not math.isfinite(target):
+        return None
+    return next((step for step, loss in curve if loss <= target), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def default_models(device: Any) -> list[str]:
+    return list(GPU_SETUPS if device.type == "cuda" else CPU_SETUPS)
+
+
+def _validate(models_: Sequence[str] | None, precisions: Sequence[str] | None,
+              steps: int | None, seeds: int) -> tuple[list[str] | None, list[str]]:
+    for name in models_ or ():
+        try:
+            models.get(name)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+    chosen = list(precisions) if precisions else list(precision.NAMES)
+    valid = (*precision.NAMES, BROKEN)
+    for name in chosen:
+        if name not in valid:
+            raise BadInput(f"unknown precision '{name}'; valid: {', '.join(valid)}")
+    if "fp32" not in chosen:
+        chosen.insert(0, "fp32")  # the reference band is always measured
+    if steps is not None and steps < 1:
+        raise BadInput(f"steps must be at least 1, got {steps}")
+    if seeds < 2:
+        raise BadInput(f"seeds must be at least 2 (the FP32 band needs a spread), got {seeds}")
+    return (list(models_) if models_ else None), chosen
+
+
+def _runs(model_names: Sequence[str], precisions: Sequence[str],
+          seeds: int) -> Iterator[tuple[str, str, int]]:
+    for model in model_names:
+        for name in precisions:
+            for seed in range(seeds):
+                yield model, name, seed
+
+
+def run_parity(
+    run_dir: Path | str, models: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None, steps: int | None = None, seeds: int = 3,
+    device: str = "auto",
+) -> Path:
+    """Train every (model, precision, seed), judge against FP32 and write parity.csv to run_dir.
+
+    Also writes parity_curves.csv; returns the parity.csv path. Policies a device cannot run
+    are skipped with a note on stderr.
+    """
+    import sys
+
+    import pandas as pd
+    import torch
+
+    from bench.cell import resolve_device
+
+    model_names, chosen = _validate(models, precisions, steps, seeds)
+    dev = resolve_device(device)
+    model_names = model_names or default_models(dev)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dev.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(min(4, os.cpu_count() or 1))  # tiny models gain nothing past ~4
+
+    rows, curves = [], []
+    tasks: dict[str, tuple[Setup, Task, list[tuple[Any, Any]]]] = {}
+    for model_name, name, seed in _runs(model_names, chosen, seeds):
+        policy, lr_factor = _resolve_policy(name)
+        reason = policy.unsupported_reason(dev)
+        if reason:
+            if seed == 0:
+                print(f"parity: skipping {model_name} {name}: {reason}", file=sys.stderr)
+            continue
+        if model_name not in tasks:
+            spec = _spec(model_name)  # the argument `models` shadows the package
+            setup = setup_for(spec, steps)
+            task = Task(spec, setup)
+            tasks[model_name] = (setup, task, _eval_set(task, dev))
+        setup, task, eval_set = tasks[model_name]
+        started = time.perf_counter()
+        row, curve = train_one(model_name, name, seed, setup, dev, policy=policy,
+                               lr_factor=lr_factor, eval_set=eval_set, task=task)
+        row["curve"] = [(c["step"], c["loss"]) for c in curve]
+        rows.append(row)
+        curves.extend(curve)
+        print(f"parity: {model_name} {name} seed {seed}: eval loss {row['eval_loss']:.4f} "
+              f"acc {row['eval_accuracy']:.3f} ({time.perf_counter() - started:.1f} s)",
+              file=sys.stderr)
+
+    frame = judge(pd.DataFrame(rows)).drop(columns=["curve"])
+    frame = frame[list(COLUMNS) + list(EXTRA_COLUMNS)]
+    for col in ("steps_to_target", "scaler_skipped_steps", "scaler_first_skip_step"):
+        frame[col] = frame[col].astype("Int64")  # integers with gaps, not 60.0 / NaN
+    path = run_dir / "parity.csv"
+    frame.to_csv(path, index=False)
+    pd.DataFrame(curves, columns=list(CURVE_COLUMNS)).to_csv(run_dir / "parity_curves.csv",
+                                                             index=False)
+    return path
+
+
+def _spec(name: str) -> models.ModelSpec:
+    return models.get(name)
+
+
+def summarize(frame: Any) -> str:
+    """A tabulate table of verdicts: one line per (model, precision)."""
+    from tabulate import tabulate
+
+    agg = frame.groupby(["model", "precision"], sort=False).agg(
+        eval_loss=("eval_loss", "mean"), eval_accuracy=("eval_accuracy", "mean"),
+        optimal_loss=("optimal_loss", "first"), delta=("delta", "first"),
+        tolerance=("tolerance", "first"),
+        skipped=("scaler_skipped_steps", lambda s: s.sum(min_count=1)),  # empty: no scaler
+        underflow_frac=("underflow_frac", "mean"), verdict=("verdict", "first"),
+    ).reset_index()
+    return tabulate(agg, headers="keys", showindex=False, floatfmt=".4g", tablefmt="github")
+
+
+def main(args: argparse.Namespace) -> int:
+    """`ampbench parity`: exit 0 when every policy passes or is inconclusive, 1 on any FAIL."""
+    import pandas as pd
+
+    out = Path(args.out) if args.out else Path("results", "runs", "parity-" + datetime.now(
+        timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    path = run_parity(out, models=args.models, precisions=args.precisions, steps=args.steps,
+                      seeds=args.seeds, device=args.device)
+    frame = pd.read_csv(path)
+    print(summarize(frame))
+    print(f"\nwrote {path} and {path.with_name('parity_curves.csv')}")
+    return 1 if (frame["verdict"] == "FAIL").any() else 0
