@@ -1,0 +1,252 @@
+"""report.md, plots and publishing, from small run directories written as files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import BadInput, report, store
+from bench.__main__ import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "report"
+# resnet50 x fp32/fp16/bf16 x batch 128/256; fp32@256 oom, bf16@256 throttled, fp16@128 twice
+RUN = FIXTURES / "run"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def fixture_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture run's report.md, written once (plots take a few seconds)."""
+    return report.write_report(RUN, tmp_path_factory.mktemp("report"))
+
+
+def _record(**fields: Any) -> dict[str, Any]:
+    row = dict(run_id="partial", model="resnet-tiny", precision="fp32", batch_size=8,
+               image_size=32, grad_accum=1, compile=False, world_size=1, repeat=0, status="ok",
+               samples_per_s=100.0, peak_rss_gib=0.5, device="cpu",
+               device_name="Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", throttled=False)
+    row.update(fields)
+    row["cell_id"] = "-".join(str(row.get(k)) for k in store.IDENTITY[3:12])
+    return store.empty_record(**row)
+
+
+def _run_dir(root: Path, records: list[dict[str, Any]], meta: dict[str, Any] | None = None,
+             name: str = "run") -> Path:
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    store.write_csv(run_dir, records)
+    if meta is not None:
+        store.write_meta(run_dir, meta)
+    return run_dir
+
+
+def _pngs(plots: Path) -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in sorted(plots.glob("*.png"))}
+
+
+# ------------------------------------------------------------------------------ report.md
+
+
+def test_report_matches_golden(fixture_report):
+    golden = (FIXTURES / "report.md").read_text(encoding="utf-8")
+    assert fixture_report.read_text(encoding="utf-8") == golden
+
+
+def test_repeats_fold_into_the_median_of_ok_repeats():
+    import pandas as pd
+
+    rows = [_record(repeat=0, samples_per_s=100.0), _record(repeat=1, samples_per_s=300.0),
+            _record(repeat=2, samples_per_s=110.0),
+            _record(repeat=3, status="oom", samples_per_s=None)]
+    cells = report.aggregate(pd.DataFrame(rows))
+    assert len(cells) == 1
+    cell = cells.iloc[0]
+    assert cell["status"] == "ok"
+    assert cell["samples_per_s"] == 110.0
+    assert (cell["repeats"], cell["failed_repeats"]) == (4, 1)
+
+
+def test_a_cell_with_no_ok_repeat_shows_its_worst_status():
+    import pandas as pd
+
+    rows = [_record(repeat=0, status="timeout"), _record(repeat=1, status="error")]
+    assert report.aggregate(pd.DataFrame(rows)).iloc[0]["status"] == "error"
+
+
+def test_language_models_report_tokens_and_joules_per_token(tmp_path):
+    rows = [_record(model="gpt2-tiny", image_size=None, seq_len=128, precision=p,
+                    samples_per_s=sps, tokens_per_s=sps * 128, joules_per_sample=j,
+                    power_avg_w=300.0)
+            for p, sps, j in (("fp32", 10.0, 12.8), ("bf16", 25.0, 6.4))]
+    text = report.render(report.load(_run_dir(tmp_path, rows)))
+    assert "**Throughput, tokens/s**" in text
+    assert "**Energy, J/token (change vs fp32)**" in text
+    assert "|       8 |  0.100 | 0.0500 (-50%) |" in text  # 12.8 J / 128 tokens
+    summary = text.split("## Summary")[1].split("##")[0]
+    assert "| gpt2-tiny | 2.50x (bf16, batch 8)" in summary
+
+
+def test_max_batch_records_and_world_sizes_get_their_own_tables(tmp_path):
+    rows = [
+        _record(precision="fp32", samples_per_s=100.0),
+        _record(precision="fp16", samples_per_s=200.0),
+        _record(precision="fp32", world_size=2, samples_per_s=180.0),
+        _record(precision="fp16", world_size=2, samples_per_s=300.0),
+        {**_record(precision="fp32", batch_size=64), "max_batch_search": True, "max_batch": 64},
+        {**_record(precision="fp16", batch_size=128), "max_batch_search": True,
+         "max_batch": 128},
+        {**_record(precision="bf16", batch_size=0, status="error"), "max_batch_search": True,
+         "max_batch": None},
+    ]
+    path = report.write_report(_run_dir(tmp_path, rows))
+    text = path.read_text(encoding="utf-8")
+    # The search records stay out of the per-batch tables.
+    assert "|      64 |" not in text and "|     128 |" not in text
+    assert "| resnet-tiny |     64 | 128 (2.00x) |  error |" in text
+    scaling = text.split("**Scaling efficiency vs world size 1**")[1].split("**")[0]
+    assert "|       8 |            2 |    90% |    75% |" in scaling  # 180/(2*100), 300/(2*200)
+    assert "max_batch" in _pngs(path.parent / report.PLOTS)
+
+
+def test_unknown_status_is_bad_input(tmp_path):
+    run_dir = _run_dir(tmp_path, [_record(status="exploded")])
+    with pytest.raises(BadInput, match="unknown status 'exploded'"):
+        report.load(run_dir)
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def test_plots_for_a_full_run(fixture_report):
+    plots = fixture_report.parent / report.PLOTS
+    pngs = _pngs(plots)
+    assert set(pngs) == {"throughput", "speedup", "memory", "energy", "pareto", "loss_curves"}
+    for name, data in pngs.items():
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
+        assert (plots / f"{name}.svg").stat().st_size > 10_000, name
+        assert f"]({report.PLOTS}/{name}.png)" in fixture_report.read_text(encoding="utf-8")
+
+
+def test_plots_and_report_for_partial_data(tmp_path):
+    """Failed cells, a model with nothing ok, no parity, no power: what exists is drawn."""
+    rows = [
+        _record(precision="fp32", batch_size=8),
+        _record(precision="fp32", batch_size=16, status="oom", samples_per_s=None),
+        _record(precision="bf16", batch_size=8, samples_per_s=150.0, peak_rss_gib=0.4),
+        _record(precision="bf16", batch_size=16, status="error", samples_per_s=None,
+                error="RuntimeError: boom"),
+        _record(model="gpt2-tiny", image_size=None, seq_len=64, precision="fp16",
+                status="unsupported", samples_per_s=None),
+    ]
+    path = report.write_report(_run_dir(tmp_path, rows))  # no meta.json either
+    pngs = _pngs(path.parent / report.PLOTS)
+    assert set(pngs) == {"throughput", "speedup", "memory"}
+    assert all(p.startswith(PNG_SIGNATURE) and len(p) > 10_000 for p in pngs.values())
+    text = path.read_text(encoding="utf-8")
+    assert "|       8 |    100 |    150 |\n|      16 |    oom |  error |" in text
+    assert "|       8 | unsupported |" in text  # a model with nothing ok still shows why
+    assert "- bf16, batch 16: error: RuntimeError: boom" in text
+    assert "energy: not measured" in text and "parity: not run" in text
+    assert "| gpt2-tiny   | n/a " in text
+    assert "5 cells: 2 ok, 1 error, 1 oom, 1 unsupported." in text
+
+
+def test_policy_colours_are_fixed():
+    colours, _ = report._style(["bf16", "broken", "fp32"])
+    again, _ = report._style(["fp32"])
+    assert colours["fp32"] == again["fp32"] and colours["bf16"] != colours["fp32"]
+    assert colours["broken"] not in {colours[p] for p in report.POLICY_ORDER}
+
+
+# ------------------------------------------------------------------------------ slugs
+
+
+@pytest.mark.parametrize(("name", "slug"), [
+    ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+    ("NVIDIA A100-SXM4-40GB", "nvidia-a100-sxm4-40gb"),
+    ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "intel-xeon-platinum-8375c"),
+    ("Intel(R) Core(TM) i9-9900K CPU @ 3.60GHz", "intel-core-i9-9900k"),
+    ("AMD EPYC 7R13 Processor", "amd-epyc-7r13"),
+    ("AMD Ryzen 9 5950X 16-Core Processor", "amd-ryzen-9-5950x"),
+    ("AMD Ryzen 7 5800H with Radeon Graphics", "amd-ryzen-7-5800h"),
+    ("Test CPU", "test-cpu"),
+    ("", "unknown-device"),
+    (None, "unknown-device"),
+])
+def test_device_slug(name, slug):
+    assert report.device_slug(name) == slug
+
+
+# ------------------------------------------------------------------------------ publish
+
+
+def _rendered_copy(fixture_report: Path, dest: Path) -> Path:
+    """The fixture run with its report already rendered, so publish need not plot again."""
+    shutil.copytree(RUN, dest)
+    shutil.copy(fixture_report, dest / report.REPORT)
+    shutil.copytree(fixture_report.parent / report.PLOTS, dest / report.PLOTS)
+    return dest
+
+
+def test_publish_copies_the_run_and_indexes_it(tmp_path, fixture_report, capsys):
+    run_dir = _rendered_copy(fixture_report, tmp_path / "runs" / "r1")
+    results = tmp_path / "results"
+    assert main(["publish", str(run_dir), "--results", str(results)]) == 0
+    dest = results / "nvidia-h100-80gb-hbm3" / "2026-01-05"
+    assert str(dest) in capsys.readouterr().out
+    for name in ("results.csv", "parity.csv", "parity_curves.csv", "meta.json", "report.md",
+                 "plots/throughput.png", "plots/throughput.svg"):
+        assert (dest / name).read_bytes() == (run_dir / name).read_bytes(), name
+    index = (results / report.INDEX).read_text(encoding="utf-8")
+    assert "## NVIDIA H100 80GB HBM3" in index
+    assert ("| 2026-01-05 | [20260105-101500-nvidia-h100](nvidia-h100-80gb-hbm3/2026-01-05/"
+            "report.md) | 2.4.0+cu124 | resnet50 | 2.00x (fp16, batch 128)") in index
+    assert "| FAIL: bf16 |" in index
+
+    # Publishing again changes nothing; another run of the same day gets its own directory.
+    assert report.publish(run_dir, results) == dest
+    assert (results / report.INDEX).read_text(encoding="utf-8") == index
+    other = _rendered_copy(fixture_report, tmp_path / "runs" / "r2")
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "run_id": "second"}))
+    assert report.publish(other, results) == dest.with_name("2026-01-05-2")
+    index = (results / report.INDEX).read_text(encoding="utf-8")
+    assert index.index("[second]") < index.index("[20260105-101500-nvidia-h100]")
+
+
+def test_index_without_published_runs(tmp_path):
+    (tmp_path / "runs" / "scratch").mkdir(parents=True)  # scratch runs are not published ones
+    shutil.copy(RUN / "results.csv", tmp_path / "runs" / "scratch" / "results.csv")
+    text = report.write_index(tmp_path).read_text(encoding="utf-8")
+    assert text.startswith("# Published runs\n") and "No runs published yet." in text
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_missing_run_dir_is_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["report", str(missing)]) == 2
+    assert main(["publish", str(missing), "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ampbench report: error: {missing}: no such run directory",
+                   f"ampbench publish: error: {missing}: no such run directory"]
+    assert not (tmp_path / "results").exists()
+
+
+def test_default_run_dir_is_the_latest_run(tmp_path, monkeypatch, capsys):
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["report"]) == 2
+    assert "no run directory under results/runs; pass RUN_DIR" in capsys.readouterr().err
+    runs = tmp_path / "results" / "runs"
+    old = _run_dir(runs, [_record()], name="old")
+    new = _run_dir(runs, [_record()], name="new")
+    os.utime(old / store.RESULTS, (1, 1))
+    assert main(["report"]) == 0
+    assert (new / report.REPORT).exists() and not (old / report.REPORT).exists()
