@@ -57,8 +57,7 @@ from tabulate import tabulate
 
 from bench import BadInput, store
 
-KEY = ("model", "precision", "batch_size", "seq_len", "image_size", "grad_accum", "compile",
-       "world_size")
+KEY = store.KEY
 # A key field left empty in a hand-written CSV means its default, so it still matches.
 _KEY_DEFAULTS = {"grad_accum": "1", "world_size": "1", "compile": "false"}
 
@@ -85,7 +84,6 @@ _FAILED_STATUS = frozenset({"oom", "timeout", "error"})
 _PARITY_ORDER = ("FAIL", "INCONCLUSIVE", "PASS")  # worst first
 
 BASELINES = Path("results") / "baselines"
-RUNS = Path("results") / "runs"
 PARITY = "parity.csv"
 
 PASS, FAIL, WARN = "pass", "FAIL", "warn"
@@ -213,12 +211,6 @@ def _canon(value: Any, column: str = "") -> str:
     return text or _KEY_DEFAULTS.get(column, "")
 
 
-def _truthy(value: Any) -> bool:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return False
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)
 
 
 def _load(source: Path | str, checks: Sequence[Check]) -> pd.DataFrame:
@@ -274,7 +266,7 @@ def _cells(frame: pd.DataFrame, with_device: bool) -> dict[tuple[str, ...], _Cel
         # The worst repeat speaks for the cell: one OOM among repeats is still an OOM.
         status = next((s for s in ("error", "timeout", "oom", "unsupported", "skipped")
                        if s in statuses), "ok")
-        throttled = "throttled" in rows and any(_truthy(v) for v in rows["throttled"])
+        throttled = "throttled" in rows and any(store.truthy(v) for v in rows["throttled"])
         label = _label(dict(zip(columns, key, strict=True)))
         if with_device and len(set(frame["device_name"])) > 1:
             label += f" [{key[-1]}]"
@@ -499,18 +491,6 @@ def _markdown(outcome: Outcome, baseline: str, current: str) -> str:
 # ------------------------------------------------------------------------------------- CLI
 
 
-def _slug(name: str) -> str:
-    """A device name as a file name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
-
-
-def _device_slug(name: str) -> str:
-    # report.device_slug is the project-wide spelling once it exists; same rule either way.
-    try:
-        from bench.report import device_slug
-    except ImportError:
-        return _slug(name)
-    return device_slug(name)
 
 
 def _single_device(frame: pd.DataFrame, source: Path | str) -> str:
@@ -521,18 +501,6 @@ def _single_device(frame: pd.DataFrame, source: Path | str) -> str:
     return names[0]
 
 
-def latest_run(runs: Path = RUNS) -> Path:
-    """The most recently written run directory under ``runs``."""
-    candidates = [p for p in runs.glob("*/") if (p / store.RECORDS).exists()
-                  or (p / store.RESULTS).exists()]
-    if not candidates:
-        raise BadInput(f"no run directory under {runs}; pass --current RUN_DIR")
-
-    def written(path: Path) -> float:
-        return max((path / n).stat().st_mtime for n in (store.RECORDS, store.RESULTS)
-                   if (path / n).exists())
-
-    return max(candidates, key=written)
 
 
 def baseline_for(current: Path | str, baselines: Path = BASELINES) -> Path:
@@ -541,13 +509,13 @@ def baseline_for(current: Path | str, baselines: Path = BASELINES) -> Path:
     if "device_name" not in frame.columns:
         raise BadInput(f"{current}: missing column(s) device_name")
     names = frame["device_name"].map(lambda v: _canon(v) or "unknown device")
-    return baselines / f"{_device_slug(_single_device(names.to_frame(), current))}.csv"
+    return baselines / f"{store.device_slug(_single_device(names.to_frame(), current))}.csv"
 
 
 def main(args: argparse.Namespace) -> int:
     """``ampbench gate``: exit 0 pass, 1 regression (bad input raises BadInput -> 2)."""
     checks = parse_checks(args.check)
-    current = Path(args.current) if args.current else latest_run()
+    current = Path(args.current) if args.current else store.latest_run()
     if args.baseline:
         baseline = Path(args.baseline)
     else:
@@ -590,7 +558,7 @@ def promote(run_dir: Path | str, out: Path | str | None = None) -> Path:
         frame["device_name"].map(lambda v: _canon(v) or "unknown device").to_frame(), run_dir)
     if not (frame["status"] == "ok").any():
         raise BadInput(f"{run_dir}: no cell with status ok; nothing worth a baseline")
-    path = Path(out) if out else BASELINES / f"{_device_slug(device)}.csv"
+    path = Path(out) if out else BASELINES / f"{store.device_slug(device)}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     frame.to_csv(tmp, index=False)
@@ -603,7 +571,7 @@ def promote(run_dir: Path | str, out: Path | str | None = None) -> Path:
     elif sibling.exists():
         sibling.unlink()
     for column, why in (("git_dirty", "uncommitted changes"), ("throttled", "throttled cells")):
-        if column in frame and any(_truthy(v) for v in frame[column]):
+        if column in frame and any(store.truthy(v) for v in frame[column]):
             print(f"warning: {run_dir} has {why}; promoted anyway", file=sys.stderr)
     return path
 

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-RUNS = Path("results") / "runs"
 REPORT = "report.md"
 PLOTS = "plots"
 INDEX = "README.md"
@@ -48,8 +47,7 @@ PARITY = "parity.csv"
 CURVES = "parity_curves.csv"
 
 POLICY_ORDER = ("fp32", "tf32", "fp16", "bf16", "fp16-noscale")
-KEY = ("model", "precision", "batch_size", "seq_len", "image_size", "grad_accum", "compile",
-       "world_size")
+KEY = store.KEY
 # Key columns besides the batch size that become extra row labels when they vary in a model.
 _SECONDARY = ("seq_len", "image_size", "grad_accum", "compile", "world_size")
 _SECONDARY_HEADERS = {"seq_len": "seq len", "image_size": "image", "grad_accum": "grad accum",
@@ -116,12 +114,6 @@ def _ordered(policies: Sequence[Any]) -> list[str]:
     return [p for p in POLICY_ORDER if p in unique] + [p for p in unique if p not in POLICY_ORDER]
 
 
-def _truthy(value: Any) -> bool:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return False
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame | None:
@@ -153,12 +145,12 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
     for column in ("grad_accum", "world_size"):
         frame[column] = frame[column].fillna(_KEY_DEFAULTS[column])
-    frame["compile"] = frame["compile"].map(_truthy)
+    frame["compile"] = frame["compile"].map(store.truthy)
     for column in METRICS:
         values = frame[column] if column in frame.columns else None
         frame[column] = pd.to_numeric(values, errors="coerce") if values is not None else math.nan
     for column in ("throttled", "max_batch_search"):
-        frame[column] = frame[column].map(_truthy) if column in frame.columns else False
+        frame[column] = frame[column].map(store.truthy) if column in frame.columns else False
     for column in ("throttle_reasons", "error", "device_name", "max_batch"):
         if column not in frame.columns:
             frame[column] = None
@@ -273,42 +265,6 @@ def load(run_dir: Path | str) -> Run:
         parity=_parity(path / PARITY),
         curves=_curves(path / CURVES),
     )
-
-
-def latest_run(runs: Path = RUNS) -> Path:
-    """The most recently written run directory under ``runs``."""
-    written = {}
-    for candidate in runs.glob("*/"):
-        files = [candidate / n for n in (store.RESULTS, store.RECORDS)]
-        times = [f.stat().st_mtime for f in files if f.exists()]
-        if times:
-            written[candidate] = max(times)
-    if not written:
-        raise BadInput(f"no run directory under {runs}; pass RUN_DIR")
-    return max(written, key=written.__getitem__)
-
-
-# ------------------------------------------------------------------------------ slugs
-
-
-_MARKS = re.compile(r"\((?:r|tm|c)\)|[®™©]", re.IGNORECASE)
-# CPU brand strings carry words that say nothing about the part: "CPU @ 2.90GHz", "Processor".
-# Only the noise goes; a name like "Test CPU" keeps its "cpu".
-_CPU_NOISE = re.compile(
-    r"(?:\bcpu\s*)?@\s*[\d.]+\s*[gm]hz|\b\d+-core\s+processor\b|\bprocessor\s*$"
-    r"|\bwith\b.*\bgraphics\b",
-    re.IGNORECASE,
-)
-
-
-def device_slug(name: str | None) -> str:
-    """A device name as a directory name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'.
-
-    Trademark marks and CPU brand-string noise go: 'Intel(R) Xeon(R) Platinum 8375C CPU @
-    2.90GHz' -> 'intel-xeon-platinum-8375c'. The gate names baselines with the same rule.
-    """
-    text = _CPU_NOISE.sub(" ", _MARKS.sub(" ", str(name or "")))
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-device"
 
 
 # ------------------------------------------------------------------------------ numbers
@@ -766,8 +722,8 @@ def _environment(run: Run) -> list[str]:
     run_parts = [run.run_id]
     sha = meta.get("git_sha")
     if sha:
-        run_parts.append(f"git {str(sha)[:10]}"
-                         + (" (uncommitted changes)" if _truthy(meta.get("git_dirty")) else ""))
+        dirty = " (uncommitted changes)" if store.truthy(meta.get("git_dirty")) else ""
+        run_parts.append(f"git {str(sha)[:10]}{dirty}")
     when = meta.get("created") or meta.get("timestamp")
     if when:
         run_parts.append(str(when))
@@ -1331,7 +1287,7 @@ def _run_date(run: Run) -> str:
 
 def _destination(run: Run, results: Path) -> Path:
     """results/<slug>/<date>/, or <date>-2, -3 ... when another run already has that date."""
-    device_dir = results / device_slug(run.device_name)
+    device_dir = results / store.device_slug(run.device_name)
     date = _run_date(run)
     candidates = sorted(device_dir.glob(f"{date}*/"), key=lambda p: p.name)
     for candidate in candidates:  # publishing the same run again replaces its own copy
@@ -1370,7 +1326,7 @@ def publish(run_dir: Path | str, results: Path | str = "results") -> Path:
 
 def _published(results: Path) -> list[Path]:
     """Published run directories: results/<device>/<date>/ with a results.csv."""
-    skip = {RUNS.name, "baselines"}
+    skip = {store.RUNS.name, "baselines"}
     return sorted(p.parent for p in results.glob(f"*/*/{store.RESULTS}")
                   if p.parent.parent.name not in skip)
 
@@ -1433,7 +1389,7 @@ def write_index(results: Path | str) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     """``ampbench report [RUN_DIR] [--out DIR]``: write report.md and plots."""
-    run_dir = Path(args.run_dir) if args.run_dir else latest_run()
+    run_dir = Path(args.run_dir) if args.run_dir else store.latest_run()
     path = write_report(run_dir, args.out)
     plots = path.parent / PLOTS
     print(f"wrote {path}" + (f" and {plots}/" if plots.is_dir() else ""))

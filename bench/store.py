@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,14 @@ FIELDS: tuple[str, ...] = (
     IDENTITY + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + ENVIRONMENT
 )
 
+# What identifies a cell across runs: a cell's repeats share these, and the report and the
+# gate match cells on them.
+KEY = ("model", "precision", "batch_size", "seq_len", "image_size", "grad_accum", "compile",
+       "world_size")
+
 STATUSES = ("ok", "oom", "timeout", "error", "unsupported", "skipped")
 
+RUNS = Path("results") / "runs"  # scratch run directories (git-ignored)
 RECORDS = "records.jsonl"
 RESULTS = "results.csv"
 META = "meta.json"
@@ -65,9 +72,14 @@ def empty_record(**fields: Any) -> dict[str, Any]:
 def append(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one record as a single line, flushed and fsynced: a crash never half-writes a row."""
     path = Path(run_dir) / RECORDS
-    line = json.dumps(record, sort_keys=False, allow_nan=True) + "\n"
-    # One write() of the whole line; a reader ignores a last line without its newline.
-    with open(path, "a", encoding="utf-8") as f:
+    line = (json.dumps(record, sort_keys=False, allow_nan=True) + "\n").encode("utf-8")
+    # One write() of the whole line; a reader ignores a line without its newline. A writer
+    # killed mid-line leaves such a torn tail: end it first, so this record starts a line.
+    with open(path, "ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
@@ -89,7 +101,7 @@ def load_records(run_dir: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                continue  # a torn line that a later append ended
             latest[(record.get("cell_id"), record.get("repeat"))] = record
     return list(latest.values())
 
@@ -159,3 +171,45 @@ def load_results(source: Path | str) -> Any:
     if missing:
         raise BadInput(f"{path}: missing column(s) {', '.join(missing)}")
     return frame
+
+
+def latest_run(runs: Path = RUNS) -> Path:
+    """The most recently written run directory under ``runs``; BadInput when there is none."""
+    written = {}
+    for candidate in Path(runs).glob("*/"):
+        times = [f.stat().st_mtime for f in (candidate / RESULTS, candidate / RECORDS)
+                 if f.exists()]
+        if times:
+            written[candidate] = max(times)
+    if not written:
+        raise BadInput(f"no run directory under {runs}; pass RUN_DIR")
+    return max(written, key=written.__getitem__)
+
+
+def truthy(value: Any) -> bool:
+    """A flag read back from JSON or CSV: True, "True", "true", 1 -> True; NaN, "" -> False."""
+    import pandas as pd
+
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return not pd.isna(value) and bool(value)
+
+
+_MARKS = re.compile(r"\((?:r|tm|c)\)|[®™©]", re.IGNORECASE)
+# CPU brand strings carry words that say nothing about the part: "CPU @ 2.90GHz", "Processor".
+# Only the noise goes; a name like "Test CPU" keeps its "cpu".
+_CPU_NOISE = re.compile(
+    r"(?:\bcpu\s*)?@\s*[\d.]+\s*[gm]hz|\b\d+-core\s+processor\b|\bprocessor\s*$"
+    r"|\bwith\b.*\bgraphics\b",
+    re.IGNORECASE,
+)
+
+
+def device_slug(name: str | None) -> str:
+    """A device name as a file name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'.
+
+    Trademark marks and CPU brand-string noise go: 'Intel(R) Xeon(R) Platinum 8375C CPU @
+    2.90GHz' -> 'intel-xeon-platinum-8375c'. Run ids, published runs and baselines all use it.
+    """
+    text = _CPU_NOISE.sub(" ", _MARKS.sub(" ", str(name or "")))
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-device"

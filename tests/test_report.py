@@ -162,25 +162,6 @@ def test_policy_colours_are_fixed():
     assert colours["broken"] not in {colours[p] for p in report.POLICY_ORDER}
 
 
-# ------------------------------------------------------------------------------ slugs
-
-
-@pytest.mark.parametrize(("name", "slug"), [
-    ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
-    ("NVIDIA A100-SXM4-40GB", "nvidia-a100-sxm4-40gb"),
-    ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "intel-xeon-platinum-8375c"),
-    ("Intel(R) Core(TM) i9-9900K CPU @ 3.60GHz", "intel-core-i9-9900k"),
-    ("AMD EPYC 7R13 Processor", "amd-epyc-7r13"),
-    ("AMD Ryzen 9 5950X 16-Core Processor", "amd-ryzen-9-5950x"),
-    ("AMD Ryzen 7 5800H with Radeon Graphics", "amd-ryzen-7-5800h"),
-    ("Test CPU", "test-cpu"),
-    ("", "unknown-device"),
-    (None, "unknown-device"),
-])
-def test_device_slug(name, slug):
-    assert report.device_slug(name) == slug
-
-
 # ------------------------------------------------------------------------------ publish
 
 
