@@ -21,24 +21,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _csv(text: str) -> list[str]:
@@ -86,7 +83,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_non_negative_int, help="warmup steps per cell")
     p.add_argument("--repeats", type=_positive_int, help="repeats per cell")
     p.add_argument("--world-size", type=_csv_ints, help="processes per node (comma-separated)")
-    p.add_argument("--nnodes", type=_positive_int, help="nodes for multi-process cells")
+    p.add_argument("--nnodes", type=_positive_int, help="nodes each multi-process cell spans")
+    p.add_argument("--launcher", help="multi-node: command that starts one torchrun per node "
+                   "(default in a SLURM allocation: srun --nodes=N --ntasks-per-node=1)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="multi-node: where the torchruns meet (default this host:29500)")
     p.add_argument("--device", help="cpu | cuda (default: what the preset says)")
     p.add_argument("--timeout", type=float, help="seconds per cell before it is killed")
     p.add_argument("--find-max-batch", action="store_true",

@@ -6,6 +6,13 @@ This is the child side of the matrix runner (bench/runner.py runs one of these p
 a user's way to try a single configuration. The record (one flat JSON object with every schema
 field of bench/store.py) goes to ``--out`` or stdout; a summary line goes to stderr. A failing
 cell still writes its record (status oom | error | unsupported) and exits 1.
+
+Under torchrun (``torchrun --nproc-per-node 2 -m bench cell ...``; the runner launches it so for
+a cell with world_size > 1) every process trains a DistributedDataParallel replica on its own
+micro-batch of ``--batch-size`` (NCCL on GPU, gloo on CPU). Rank 0 writes the record: global
+throughput is the global batch over the slowest rank's median step time, power and energy are
+summed over the GPUs, peak memory is the largest of any rank. A rank that fails writes its own
+record to ``--out`` unless another rank's failure got there first, and exits 1.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +34,7 @@ from bench import BadInput, precision, store
 from bench.env import fingerprint
 from bench.flops import count_training_flops, mfu_fields
 from bench.measure import StepTimer, peak_memory, reset_peak_memory, summarize
-from bench.power import PowerMonitor
+from bench.power import PowerMonitor, combine_power
 
 _SPREAD_WARNING = 0.10  # IQR / median above this makes a number hard to trust
 
@@ -47,10 +56,15 @@ class Trainer:
     def step(self) -> Any:
         """One optimizer step over ``grad_accum`` micro-batches; returns the loss, unsynced."""
         total = None
-        for _ in range(self.grad_accum):
-            with self.policy.autocast(self.device.type):
-                loss = self.spec.loss(self.model, self.inputs, self.targets) / self.grad_accum
-            self.scaler.scale(loss).backward()
+        for i in range(self.grad_accum):
+            # Under DDP only the last micro-batch's backward all-reduces the gradients.
+            last = i == self.grad_accum - 1
+            sync = nullcontext() if last or not hasattr(self.model, "no_sync") \
+                else self.model.no_sync()
+            with sync:
+                with self.policy.autocast(self.device.type):
+                    loss = self.spec.loss(self.model, self.inputs, self.targets) / self.grad_accum
+                self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         self.scaler.step(self.optimizer)  # skips the update when the scaler found inf/NaN
         self.scaler.update()
@@ -71,8 +85,28 @@ class Trainer:
         return 0
 
 
-def resolve_device(name: str) -> Any:
-    """A torch.device for ``name`` (cpu, cuda, cuda:N, auto); bad or absent devices: BadInput."""
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @classmethod
+    def from_env(cls) -> Ranks | None:
+        """The ranks torchrun set in the environment, or None for a plain single process."""
+        if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return None
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ["LOCAL_RANK"]),
+                   int(os.environ["WORLD_SIZE"]))
+
+
+def resolve_device(name: str, ranks: Ranks | None = None) -> Any:
+    """A torch.device for ``name`` (cpu, cuda, cuda:N, auto); bad or absent devices: BadInput.
+
+    Under torchrun, ``cuda`` (and ``auto`` on a GPU machine) is the GPU of the local rank.
+    """
     import torch
 
     if name == "auto":
@@ -86,6 +120,11 @@ def resolve_device(name: str) -> Any:
             device = torch.device(name)
         except RuntimeError:
             raise BadInput(f"unknown device '{name}'; valid: cpu, cuda, cuda:N, auto") from None
+        if ranks is not None:
+            if device.index is not None:
+                raise BadInput(f"device '{name}': under torchrun each rank takes the GPU of "
+                               "its local rank; pass --device cuda")
+            device = torch.device("cuda", ranks.local_rank)
         index = device.index or 0
         if index >= torch.cuda.device_count():
             raise BadInput(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s)")
@@ -103,8 +142,15 @@ def prepare(
     seed: int = 0,
     grad_accum: int = 1,
     compile: bool = False,
+    ddp: bool = False,
+    data_seed: int | None = None,
 ) -> Trainer:
-    """Build model, AdamW (fused on CUDA), scaler and a resident batch for one cell."""
+    """Build model, AdamW (fused on CUDA), scaler and a resident batch for one cell.
+
+    ``ddp`` wraps the model in DistributedDataParallel (the process group must be up);
+    ``data_seed`` (default ``seed``) seeds the batch, so ranks can train on different data
+    from the same initial weights.
+    """
     import torch
 
     spec = models.get(model)
@@ -116,12 +162,17 @@ def prepare(
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(seed)
     net = spec.build().to(device)
-    inputs, targets = spec.make_batch(batch_size, size, device=device, seed=seed)
+    inputs, targets = spec.make_batch(batch_size, size, device=device,
+                                      seed=seed if data_seed is None else data_seed)
     if device.type == "cuda" and inputs.dim() == 4:
         # NHWC lets cuDNN use tensor cores without layout transposes under autocast.
         net = net.to(memory_format=torch.channels_last)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     if compile:
         net = torch.compile(net)
     return Trainer(spec, pol, device, net, optimizer, pol.scaler(device.type), inputs, targets,
@@ -163,41 +214,83 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
-def run_cell(args: argparse.Namespace) -> dict[str, Any]:
-    """Train one cell as ``args`` says and return its record (never raises for a failed cell)."""
+def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, Any]:
+    """Train one cell as ``args`` says and return its record (never raises for a failed cell).
+
+    Under torchrun (``ranks``) every rank returns a record; rank 0's is the cell's.
+    """
     started = time.perf_counter()
     spec, pol, size = _validate(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, ranks)
+    world_size = ranks.world_size if ranks else 1
     record = store.empty_record(
         run_id=args.run_id or None, cell_id=args.cell_id or None, model=spec.name,
         precision=pol.name, batch_size=args.batch_size,
         seq_len=size if spec.size_arg == "seq_len" else None,
         image_size=size if spec.size_arg == "image_size" else None,
-        grad_accum=args.grad_accum, compile=args.compile, world_size=1, repeat=args.repeat,
-        warmup_steps=args.warmup, timed_steps=args.steps, **fingerprint(str(device)),
+        grad_accum=args.grad_accum, compile=args.compile, world_size=world_size,
+        repeat=args.repeat, warmup_steps=args.warmup, timed_steps=args.steps,
+        **fingerprint(str(device)),
     )
     reason = pol.unsupported_reason(device)
     if reason:
         record.update(status="unsupported", error=reason)
         return record
     try:
-        record.update(_train_and_measure(args, spec, size, device, started))
-        record.update(mfu_fields(record["flops_per_step"], record["step_ms_median"] / 1e3,
-                                 record["device_name"], pol.name, args.peak_tflops))
+        with _process_group(device, ranks):
+            record.update(_train_and_measure(args, spec, size, device, ranks, started))
+        # MFU is per device: each GPU's share of the FLOPs against its own peak.
+        record.update(mfu_fields(record["flops_per_step"] / world_size,
+                                 record["step_ms_median"] / 1e3, record["device_name"],
+                                 pol.name, args.peak_tflops))
         record["status"] = "ok"
     except Exception as exc:
         record["status"] = "oom" if _is_oom(exc) else "error"
-        record["error"] = "".join(traceback.format_exception_only(exc)).strip()[-2000:]
+        error = "".join(traceback.format_exception_only(exc)).strip()[-2000:]
+        record["error"] = f"rank {ranks.rank}: {error}" if ranks else error
     return record
 
 
+@contextmanager
+def _process_group(device: Any, ranks: Ranks | None) -> Iterator[None]:
+    """torch.distributed's process group for a torchrun job (NCCL on GPU, gloo on CPU)."""
+    if ranks is None:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    yield
+    # Not on an exception: the other ranks may be gone, and this process exits anyway. The
+    # barrier lets no rank tear down its connections while another still uses them.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` of every rank, on every rank."""
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def _train_and_measure(
-    args: argparse.Namespace, spec: models.ModelSpec, size: int, device: Any, started: float
+    args: argparse.Namespace, spec: models.ModelSpec, size: int, device: Any,
+    ranks: Ranks | None, started: float,
 ) -> dict[str, Any]:
     import torch
 
+    world_size = ranks.world_size if ranks else 1
+    # Same initial weights on every rank (DDP would broadcast rank 0's anyway), its own data.
     trainer = prepare(spec.name, args.precision, args.batch_size, size, device=device,
-                      seed=args.seed, grad_accum=args.grad_accum, compile=args.compile)
+                      seed=args.seed, grad_accum=args.grad_accum, compile=args.compile,
+                      ddp=ranks is not None, data_seed=args.seed + (ranks.rank if ranks else 0))
+    samples_per_step = args.batch_size * args.grad_accum  # on this rank
     flops_per_step = count_training_flops(spec, args.batch_size, size) * args.grad_accum
 
     losses = [trainer.step() for _ in range(args.warmup)]
@@ -217,22 +310,22 @@ def _train_and_measure(
             timer.stop(i)
         trainer.sync()
 
-    times = summarize(timer.times_ms())
-    step_s = times["step_ms_median"] / 1e3
-    samples_per_step = args.batch_size * args.grad_accum
-    samples_per_s = samples_per_step / step_s
+    measured = {**summarize(timer.times_ms()), **peak_memory(device),
+                **monitor.fields(samples_per_step * args.steps)}
+    if ranks is not None:
+        measured = _combine_ranks(_gather(measured), samples_per_step * args.steps * world_size)
+    step_s = measured["step_ms_median"] / 1e3
+    samples_per_s = samples_per_step * world_size / step_s
     tokens = spec.tokens_per_sample(size)
     all_losses = torch.stack(losses).float().cpu()
     scaling = trainer.scaler.is_enabled()
     return {
-        **times,
+        **measured,
         "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * tokens if tokens else None,
         "startup_s": startup_s,
-        **peak_memory(device),
-        "flops_per_step": flops_per_step,
-        "achieved_tflops": flops_per_step / step_s / 1e12,
-        **monitor.fields(samples_per_step * args.steps),
+        "flops_per_step": flops_per_step * world_size,
+        "achieved_tflops": flops_per_step * world_size / step_s / 1e12,
         "loss_first": float(all_losses[0]),
         "loss_last": float(all_losses[-1]),
         "nonfinite_steps": int((~torch.isfinite(all_losses)).sum()),
@@ -241,10 +334,22 @@ def _train_and_measure(
     }
 
 
+def _combine_ranks(per_rank: list[dict[str, Any]], num_samples: int) -> dict[str, Any]:
+    """One measurement from every rank's: the slowest rank's step times (it sets the pace of
+    the job), the largest peak memory, power and energy summed over the GPUs."""
+    slowest = max(per_rank, key=lambda m: m["step_ms_median"])
+    memory = {field: max((m[field] for m in per_rank if m[field] is not None), default=None)
+              for field in store.MEMORY}
+    return {**{f: slowest[f] for f in ("step_ms_median", "step_ms_iqr", "step_ms_min")},
+            **memory, **combine_power(per_rank, num_samples)}
+
+
 def summary_line(record: dict[str, Any]) -> str:
     """One human-readable line for a record (stderr of a cell, progress of a run)."""
     size = f"T={record['seq_len']}" if record.get("seq_len") else f"{record.get('image_size')}px"
     head = f"{record['model']} {record['precision']} b={record['batch_size']} {size}"
+    if (record.get("world_size") or 1) > 1:
+        head += f" ws={record['world_size']}"
     if record["status"] != "ok":
         error = (record.get("error") or "").splitlines()
         return f"{head}: {record['status']}" + (f" ({error[-1][:160]})" if error else "")
@@ -258,24 +363,37 @@ def summary_line(record: dict[str, Any]) -> str:
     return line
 
 
-def write_record(record: dict[str, Any], out: str | None) -> None:
-    """The record as JSON to ``out`` (atomically) or to stdout."""
+def write_record(record: dict[str, Any], out: str | None, *, exclusive: bool = False) -> None:
+    """The record as JSON to ``out`` (atomically) or to stdout.
+
+    ``exclusive``: only if ``out`` does not exist yet, so that of several failing ranks the
+    first one's record (the root cause) stays.
+    """
     text = json.dumps(record, indent=1)
     if out is None:
         print(text)
         return
     path = Path(out)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    if not exclusive:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic, and fails if the file exists
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
 
 
-def _inject_fault(args: argparse.Namespace) -> None:
+def _inject_fault(args: argparse.Namespace, ranks: Ranks | None) -> None:
     """Test-only failures, so the runner's handling can be tested on CPU; unset in normal use.
 
-    AMPBENCH_FAULT="model:precision:batch=raise|kill|hang|oom[,...]" makes that cell raise,
-    SIGKILL itself, hang, or die of a CUDA OOM, all without writing a record;
-    AMPBENCH_FAULT_MAX_BATCH=N makes every cell with a batch above N die of a CUDA OOM.
+    AMPBENCH_FAULT="model:precision:batch[@rank]=raise|kill|hang|oom[,...]" makes that cell
+    (only on that torchrun rank, with @rank) raise, SIGKILL itself, hang, or die of a CUDA OOM,
+    all without writing a record; AMPBENCH_FAULT_MAX_BATCH=N makes every cell with a batch
+    above N die of a CUDA OOM.
     """
     faults = os.environ.get("AMPBENCH_FAULT", "")
     ceiling = os.environ.get("AMPBENCH_FAULT_MAX_BATCH", "")
@@ -283,7 +401,10 @@ def _inject_fault(args: argparse.Namespace) -> None:
         return
     here = f"{args.model}:{args.precision}:{args.batch_size}"
     actions = dict(item.strip().rpartition("=")[::2] for item in faults.split(",") if "=" in item)
-    action = actions.get(here) or ("oom" if ceiling and args.batch_size > int(ceiling) else None)
+    action = (actions.get(f"{here}@{ranks.rank}") if ranks else None) or actions.get(here) or (
+        "oom" if ceiling and args.batch_size > int(ceiling) else None)
+    if ranks is not None:
+        here += f" rank {ranks.rank}"
     if action == "raise":
         raise RuntimeError(f"injected fault in {here}")
     if action == "kill":
@@ -300,8 +421,16 @@ def main(args: argparse.Namespace) -> int:
     """`ampbench cell`: exit 0 when the cell is ok, 1 when it failed (its record says why)."""
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise BadInput(f"--out {args.out}: directory does not exist")
-    _inject_fault(args)
-    record = run_cell(args)
-    write_record(record, args.out)
-    print(summary_line(record), file=sys.stderr)
-    return 0 if record["status"] == "ok" else 1
+    ranks = Ranks.from_env()
+    _inject_fault(args, ranks)
+    record = run_cell(args, ranks)
+    ok = record["status"] == "ok"
+    if ranks is None:
+        write_record(record, args.out)
+    elif not ok:
+        write_record(record, args.out, exclusive=True)
+    elif ranks.rank == 0:
+        write_record(record, args.out)
+    if ranks is None or ranks.rank == 0 or not ok:
+        print(summary_line(record), file=sys.stderr)
+    return 0 if ok else 1

@@ -115,6 +115,11 @@ class Cell:
         return asdict(self)
 
     @property
+    def num_processes(self) -> int:
+        """Ranks of the cell's torchrun job: its world size in torch.distributed's sense."""
+        return self.world_size * self.nnodes
+
+    @property
     def cell_id(self) -> str:
         # sha256 of canonical JSON, not hash(): the id must not change between processes.
         text = json.dumps(self.key(), sort_keys=True, separators=(",", ":"))
@@ -131,7 +136,7 @@ class Cell:
         extra = "".join([
             f" ga={self.grad_accum}" if self.grad_accum != 1 else "",
             " compile" if self.compile else "",
-            f" ws={self.world_size}x{self.nnodes}" if self.world_size * self.nnodes > 1 else "",
+            f" ws={self.world_size}x{self.nnodes}" if self.num_processes > 1 else "",
         ])
         return f"{self.model} {self.precision} b={self.batch_size} {size}{extra}"
 

@@ -331,6 +331,46 @@ def window_fields(
     return fields
 
 
+_SOURCE_ORDER = ("none", "sampled", "counter")  # weakest first
+
+
+def combine_power(per_gpu: Sequence[dict[str, Any]], num_samples: int) -> dict[str, Any]:
+    """The power fields of a multi-GPU job from each GPU's: power and energy summed, the
+    weakest energy source, the worst counter check, clocks averaged, every throttle reason.
+
+    ``power_max_w`` is the sum of each GPU's maximum, an upper bound of the job's peak.
+    A sum is empty when any GPU's part is (a partial sum would understate the job).
+    """
+    def total(field: str) -> float | None:
+        values = [f[field] for f in per_gpu]
+        return None if None in values else sum(values)
+
+    fields = empty_fields()
+    for field in ("power_avg_w", "power_max_w", "idle_power_w", "energy_j"):
+        fields[field] = total(field)
+    sources = {f["energy_source"] or "none" for f in per_gpu}
+    fields["energy_source"] = min(sources, key=_SOURCE_ORDER.index)
+    if fields["energy_source"] == "none":
+        fields["energy_j"] = None
+    power_sources = {f["power_source"] for f in per_gpu}
+    fields["power_source"] = power_sources.pop() if len(power_sources) == 1 else "mixed"
+    checks = [f["energy_check_pct"] for f in per_gpu if f["energy_check_pct"] is not None]
+    fields["energy_check_pct"] = max(checks, key=abs) if checks else None
+    if fields["energy_j"] is not None and num_samples > 0:
+        fields["joules_per_sample"] = fields["energy_j"] / num_samples
+    clocks = [f["sm_clock_mhz_avg"] for f in per_gpu if f["sm_clock_mhz_avg"] is not None]
+    fields["sm_clock_mhz_avg"] = statistics.fmean(clocks) if clocks else None
+    temps = [f["temp_max_c"] for f in per_gpu if f["temp_max_c"] is not None]
+    fields["temp_max_c"] = max(temps) if temps else None
+    reasons = [f["throttle_reasons"] for f in per_gpu if f["throttle_reasons"] is not None]
+    if reasons:
+        seen = {name for names in reasons for name in names}
+        known = [name for name in REASON_BITS.values() if name in seen]  # bit order
+        fields["throttle_reasons"] = known + sorted(seen - set(known))
+        fields["throttled"] = is_throttled(fields["throttle_reasons"])
+    return fields
+
+
 class PowerMonitor:
     """Samples one GPU through NVML while the timed window runs.
 

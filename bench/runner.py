@@ -5,11 +5,20 @@
     python -m bench run --resume results/runs/20261122-224500-nvidia-h100
 
 Each cell runs as ``python -m bench cell ... --out <tmp json>`` in its own session (process
-group) under a timeout; its record is appended to records.jsonl (flush + fsync) and
-results.csv is derived after every cell. A child that dies without a record becomes a record
-too (oom | timeout | error). Running again into the same directory runs only the cells that
+group) under a timeout; a cell with world_size > 1 runs under torchrun
+(``python -m torch.distributed.run``), standalone on one node. Its record is appended to
+records.jsonl (flush + fsync) and results.csv is derived after every cell. A child that dies
+without a record becomes a record too (oom | timeout | error); a timeout or Ctrl-C kills the
+child's whole process tree. Running again into the same directory runs only the cells that
 are missing or failed. After the sweep: accuracy parity (bench.parity) and the report
-(bench.report), when those modules provide them.
+(bench.report); a failure there is reported and the sweep's records stay.
+
+Several nodes (``--nnodes N``): this one runner starts each cell through a launcher that runs
+one torchrun on every node (``--launcher "srun --nodes=2 --ntasks-per-node=1"``, the default
+inside a SLURM allocation); the torchruns meet at ``--rdzv-endpoint`` (c10d rendezvous, default
+this host, port 29500 upwards), a rendezvous of their own per cell. Global rank 0, wherever it
+lands, writes the record into the run directory, which must be on a filesystem all nodes
+share. A timeout kills the launcher, and srun takes the ranks on every node down with it.
 """
 
 from __future__ import annotations
@@ -17,14 +26,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import importlib
+import itertools
+import json
 import os
 import re
+import shlex
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +52,14 @@ _STDERR_LINES = 6
 _OOM = re.compile(r"OutOfMemoryError|CUDA out of memory|out of memory|CUBLAS_STATUS_ALLOC_FAILED")
 _PROBE_WARMUP, _PROBE_STEPS = 1, 2
 _PROBE_CAP = 1 << 16  # the doubling stops here even when everything fits
+# A multi-node cell's rendezvous port is the endpoint's + (its place in the sweep % this):
+# consecutive cells never share a port, so no node can meet the previous cell's rendezvous
+# while it is still being torn down.
+_PORT_SLOTS = 32
+_RDZV_PORT = 29500
+# torchrun's failure summary names the rank that failed first (and its exit code).
+_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)"
+                         r".*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -50,14 +72,21 @@ class Settings:
     steps: int
     timeout_s: float
     env: dict[str, Any]  # the parent's fingerprint: environment fields of parent-made records
+    launcher: tuple[str, ...] = ()  # multi-node: starts one torchrun per node (srun ...)
+    rdzv_endpoint: str = ""  # multi-node: HOST:PORT where the torchruns meet
 
 
 # ---------------------------------------------------------------- one child
 
 
-def cell_argv(cell: Cell, settings: Settings, repeat: int, out: Path) -> list[str]:
-    """The child's command line for ``cell``."""
-    argv = [sys.executable, "-m", "bench", "cell", "--model", cell.model,
+def cell_argv(cell: Cell, settings: Settings, repeat: int, out: Path,
+              logs: Path | None = None, slot: int = 0) -> list[str]:
+    """The child's command line for ``cell``: torchrun for more than one process.
+
+    ``logs``: where torchrun keeps each rank's stderr (``--log-dir``); ``slot``: the cell's
+    place in the sweep, which picks a multi-node cell's rendezvous port.
+    """
+    argv = ["-m", "bench", "cell", "--model", cell.model,
             "--precision", cell.precision, "--batch-size", str(cell.batch_size),
             "--grad-accum", str(cell.grad_accum), "--warmup", str(settings.warmup),
             "--steps", str(settings.steps), "--device", settings.device, "--out", str(out),
@@ -68,7 +97,21 @@ def cell_argv(cell: Cell, settings: Settings, repeat: int, out: Path) -> list[st
         argv += ["--image-size", str(cell.image_size)]
     if cell.compile:
         argv.append("--compile")
-    return argv
+    if cell.num_processes == 1:
+        return [sys.executable, *argv]
+    torchrun = [sys.executable, "-m", "torch.distributed.run",
+                "--nproc-per-node", str(cell.world_size)]
+    if cell.nnodes == 1:
+        torchrun.append("--standalone")  # a free port of its own on this machine
+    else:
+        host, _, port = settings.rdzv_endpoint.rpartition(":")
+        torchrun = [*settings.launcher, *torchrun, "--nnodes", str(cell.nnodes),
+                    "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", f"{host}:{int(port) + slot % _PORT_SLOTS}",
+                    "--rdzv-id", f"{settings.run_id}-{cell.cell_id}-{repeat}"]
+    if logs is not None:
+        torchrun += ["--log-dir", str(logs), "--redirects", "2"]
+    return torchrun + argv
 
 
 def failure_record(cell: Cell, settings: Settings, repeat: int, status: str,
@@ -80,7 +123,7 @@ def failure_record(cell: Cell, settings: Settings, repeat: int, status: str,
         run_id=settings.run_id, cell_id=cell.cell_id, model=cell.model,
         precision=cell.precision, batch_size=cell.batch_size, seq_len=cell.seq_len,
         image_size=cell.image_size, grad_accum=cell.grad_accum, compile=cell.compile,
-        world_size=cell.world_size, repeat=repeat, status=status, error=error,
+        world_size=cell.num_processes, repeat=repeat, status=status, error=error,
         warmup_steps=settings.warmup, timed_steps=settings.steps, **env,
     )
 
@@ -98,54 +141,130 @@ def classify(returncode: int, stderr: str) -> tuple[str, str]:
     return "error", f"{how}" + (f"\n{tail}" if tail else " (no output)")
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the child's process group, then SIGKILL: nothing of it keeps the GPU."""
-    for sig, wait_s in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            if sig == signal.SIGTERM:
-                # The leader is gone; SIGKILL stragglers it may have left in its group.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def classify_torchrun(stderr: str, logs: Path) -> tuple[str, str]:
+    """(status, error) for a torchrun job that left no record: from the rank that failed first,
+    its exit code and its own stderr (torchrun's --log-dir), not the launcher's summary."""
+    match = _ROOT_CAUSE.search(stderr)
+    if match is None:  # torchrun itself failed (bad rendezvous, ...): its own words
+        return classify(1, stderr)
+    rank, local_rank, code = (int(g) for g in match.groups())
+    # Several nodes each keep a directory of their own: the failed rank's log is the last
+    # one written among those of its local rank that say anything.
+    rank_logs = sorted((p for p in logs.glob(f"**/attempt_*/{local_rank}/stderr.log")
+                        if p.stat().st_size), key=lambda p: p.stat().st_mtime)
+    rank_stderr = rank_logs[-1].read_text(encoding="utf-8", errors="replace") if rank_logs \
+        else ""
+    status, error = classify(code, rank_stderr)
+    return status, f"rank {rank}: {error}"
 
 
-def run_child(cell: Cell, settings: Settings, repeat: int, workdir: Path) -> dict[str, Any]:
-    """Run one cell in its own process group and return its record (never raises on failure).
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", encoding="utf-8") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
-    KeyboardInterrupt kills the child's group and propagates.
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the child's process group and every descendant, then SIGKILL what is left.
+
+    Descendants too, not only the group: torchrun starts each rank in a session of its own,
+    so a group kill alone would leave the ranks (and the GPU memory they hold) behind.
     """
-    import json
+    pids = _descendants(proc.pid)  # before any dies: an orphan no longer shows its lineage
 
-    out = workdir / f"{cell.cell_id}-{repeat}.json"
-    err_path = workdir / f"{cell.cell_id}-{repeat}.stderr"
+    def signal_all(sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + _KILL_GRACE_S
+    while time.monotonic() < deadline and (proc.poll() is None or any(map(_alive, pids))):
+        time.sleep(0.05)
+    signal_all(signal.SIGKILL)
+    proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class Child:
+    """How one child ended: timed out or its exit code, its stderr, and its record if any."""
+
+    timed_out: bool
+    returncode: int
+    stderr: str
+    record: dict[str, Any] | None
+    logs: Path  # torchrun's per-rank logs
+
+
+def launch(cell: Cell, settings: Settings, repeat: int, workdir: Path, slot: int = 0) -> Child:
+    """Run one cell's child in its own process group under the timeout; never raises for a
+    failed cell. KeyboardInterrupt kills the child's tree and propagates."""
+    name = f"{cell.cell_id}-{repeat}"
+    out, err_path, logs = (workdir / f"{name}.json", workdir / f"{name}.stderr",
+                           workdir / f"{name}-logs")
     out.unlink(missing_ok=True)
+    timed_out = False
     with open(err_path, "wb") as err:
         # stderr to a file, not a pipe: a chatty child can never block on a full pipe.
-        proc = subprocess.Popen(cell_argv(cell, settings, repeat, out), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(cell_argv(cell, settings, repeat, out, logs, slot),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
         try:
             proc.wait(timeout=settings.timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return failure_record(cell, settings, repeat, "timeout",
-                                  f"no result after {settings.timeout_s:g} s; killed")
+            timed_out = True
+            _kill_tree(proc)
         except BaseException:
-            _kill_group(proc)
+            _kill_tree(proc)
             raise
-    stderr = err_path.read_text(encoding="utf-8", errors="replace")
+    record = None
+    # A record means the measurement finished, even when the launcher then hung on its way
+    # out and the timeout had to kill it.
     if out.exists():
-        try:
-            return json.loads(out.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            pass
-    status, error = classify(proc.returncode, stderr)
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(out.read_text(encoding="utf-8"))
+    stderr = err_path.read_text(encoding="utf-8", errors="replace")
+    return Child(timed_out, proc.returncode, stderr, record, logs)
+
+
+def run_child(cell: Cell, settings: Settings, repeat: int, workdir: Path,
+              slot: int = 0) -> dict[str, Any]:
+    """Run one cell and return its record, made by the parent when the child left none."""
+    child = launch(cell, settings, repeat, workdir, slot)
+    if child.record is not None:
+        return child.record
+    if child.timed_out:
+        return failure_record(cell, settings, repeat, "timeout",
+                              f"no result after {settings.timeout_s:g} s; killed")
+    if cell.num_processes > 1:
+        status, error = classify_torchrun(child.stderr, child.logs)
+    else:
+        status, error = classify(child.returncode, child.stderr)
     return failure_record(cell, settings, repeat, status, error)
 
 
@@ -187,6 +306,14 @@ def _progress(total: int, initial: int) -> Any:
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
 
 
+def _workdir(state: Sweep, cells: list[Cell]) -> Any:
+    """Where children leave their records: the run directory when a cell spans several nodes
+    (rank 0 may be on any of them: the run directory is the shared filesystem), else /tmp."""
+    shared = state.run_dir if any(c.nnodes > 1 for c in cells) else None
+    return tempfile.TemporaryDirectory(prefix=".cells-" if shared else "ampbench-cells-",
+                                       dir=shared)
+
+
 def sweep(state: Sweep, cells: list[Cell], repeats: int) -> None:
     """Run every cell and repeat that is not done yet; OOM at b skips larger batches."""
     from tqdm import tqdm
@@ -199,15 +326,15 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int) -> None:
     limits = _oom_limits(state.records.values(), by_id)
     bar = _progress(len(tasks), len(tasks) - len(todo))
     try:
-        with tempfile.TemporaryDirectory(prefix="ampbench-cells-") as tmp:
-            for cell, repeat in todo:
+        with _workdir(state, cells) as tmp:
+            for slot, (cell, repeat) in enumerate(todo):
                 bar.set_postfix_str(cell.label() + (f" #{repeat}" if repeats > 1 else ""))
                 limit = limits.get(cell.group)
                 if limit is not None and cell.batch_size > limit:
                     record = failure_record(cell, state.settings, repeat, "skipped",
                                             f"batch {limit} already ran out of memory")
                 else:
-                    record = run_child(cell, state.settings, repeat, Path(tmp))
+                    record = run_child(cell, state.settings, repeat, Path(tmp), slot)
                 state.save(record)
                 if record["status"] == "oom":
                     limits[cell.group] = min(limits.get(cell.group, cell.batch_size),
@@ -236,12 +363,13 @@ def find_max_batch(state: Sweep, cells: list[Cell]) -> None:
                              steps=min(state.settings.steps, _PROBE_STEPS))
     bar = _progress(len(starts), 0)
     try:
-        with tempfile.TemporaryDirectory(prefix="ampbench-probes-") as tmp:
+        with _workdir(state, cells) as tmp:
+            slots = itertools.count()
             for first in starts.values():
                 search = replace(first, batch_size=0)  # the search's own id: batch 0
                 bar.set_postfix_str(f"max batch of {search.label()}")
                 if not state.done(search.cell_id, 0):
-                    record = _search(first, probe_settings, Path(tmp), bar)
+                    record = _search(first, probe_settings, Path(tmp), bar, slots)
                     record.update(cell_id=search.cell_id, repeat=0)
                     state.save(record)
                     tqdm.write(f"max batch {record['max_batch']}: {summary_line(record)}",
@@ -251,10 +379,11 @@ def find_max_batch(state: Sweep, cells: list[Cell]) -> None:
         bar.close()
 
 
-def _search(first: Cell, settings: Settings, workdir: Path, bar: Any) -> dict[str, Any]:
+def _search(first: Cell, settings: Settings, workdir: Path, bar: Any,
+            slots: Iterator[int]) -> dict[str, Any]:
     def probe(batch: int) -> dict[str, Any]:
         bar.set_postfix_str(f"probe {replace(first, batch_size=batch).label()}")
-        return run_child(replace(first, batch_size=batch), settings, 0, workdir)
+        return run_child(replace(first, batch_size=batch), settings, 0, workdir, next(slots))
 
     best: dict[str, Any] | None = None
     low, high = 0, None  # low fits; high does not
@@ -285,44 +414,61 @@ def _search(first: Cell, settings: Settings, workdir: Path, bar: Any) -> dict[st
 # ---------------------------------------------------------------- summary
 
 
+def _column(record: dict[str, Any]) -> tuple[Any, ...]:
+    """A record's cell key without model and precision: one column of the summary."""
+    return (record["batch_size"], record.get("seq_len") or record.get("image_size"),
+            record.get("grad_accum") or 1, bool(record.get("compile")),
+            record.get("world_size") or 1)
+
+
+def _column_label(column: tuple[Any, ...], show_size: bool) -> str:
+    batch, size, accum, compiled, world = column
+    return "".join([f"b={batch}", f" size={size}" if show_size else "",
+                    f" ga={accum}" if accum != 1 else "", " compile" if compiled else "",
+                    f" ws={world}" if world != 1 else ""])
+
+
 def summarize(records: Iterable[dict[str, Any]]) -> str:
-    """Per model: policies x batch sizes, samples/s with the speedup over fp32 at that batch."""
-    import pandas as pd
+    """Per model: policies x cells (batch size, world size ...), median samples/s of the ok
+    repeats with the speedup over fp32 in the same column."""
     from tabulate import tabulate
 
-    frame = pd.DataFrame(list(records))
-    if frame.empty:
-        return "no records"
-    if "max_batch_search" in frame.columns:
-        searched = frame[frame["max_batch_search"].fillna(False).astype(bool)]
-        frame = frame[~frame["max_batch_search"].fillna(False).astype(bool)]
-    else:
-        searched = frame.iloc[0:0]
+    records = list(records)
+    cells = [r for r in records if not r.get("max_batch_search")]
+    searched = [r for r in records if r.get("max_batch_search")]
     blocks = []
-    for model, rows in frame.groupby("model", sort=False):
-        ok = rows[rows["status"] == "ok"]
-        speed = ok.groupby(["precision", "batch_size"])["samples_per_s"].median()
-        base = speed.xs("fp32", level="precision") if "fp32" in speed.index.get_level_values(0) \
-            else None
-        table: dict[str, dict[Any, str]] = {}
-        for (policy, batch), group in rows.groupby(["precision", "batch_size"], sort=False):
-            if (policy, batch) in speed.index:
-                value = speed[(policy, batch)]
-                cell = f"{value:,.1f}"
-                if base is not None and batch in base.index and base[batch]:
-                    cell += f" ({value / base[batch]:.2f}x)"
-            else:
-                cell = str(group["status"].iloc[-1])
-            table.setdefault(policy, {})[batch] = cell
-        batches = sorted({b for row in table.values() for b in row})
-        body = [[p, *(row.get(b, "") for b in batches)] for p, row in table.items()]
-        blocks.append(f"{model}: samples/s (speedup over fp32)\n" + tabulate(
-            body, headers=["policy", *(f"b={b}" for b in batches)], tablefmt="github"))
-    if not searched.empty:
-        body = [[r["model"], r["precision"], r["max_batch"]] for _, r in searched.iterrows()]
+    for model in dict.fromkeys(r["model"] for r in cells):
+        rows = [r for r in cells if r["model"] == model]
+        columns = sorted({_column(r) for r in rows}, key=lambda c: (c[4], c[2], c[3], c[1], c[0]))
+        show_size = len({c[1] for c in columns}) > 1
+        speeds: dict[tuple[str, tuple[Any, ...]], float] = {}
+        statuses: dict[tuple[str, tuple[Any, ...]], str] = {}
+        for policy in dict.fromkeys(r["precision"] for r in rows):
+            for column in columns:
+                group = [r for r in rows if r["precision"] == policy and _column(r) == column]
+                ok = [r["samples_per_s"] for r in group if r["status"] == "ok"]
+                if ok:
+                    speeds[policy, column] = statistics.median(ok)
+                elif group:
+                    statuses[policy, column] = group[-1]["status"]
+        body = []
+        for policy in dict.fromkeys(r["precision"] for r in rows):
+            line = [policy]
+            for column in columns:
+                value, base = speeds.get((policy, column)), speeds.get(("fp32", column))
+                text = statuses.get((policy, column), "")
+                if value is not None:
+                    text = f"{value:,.1f}" + (f" ({value / base:.2f}x)" if base else "")
+                line.append(text)
+            body.append(line)
+        headers = ["policy", *(_column_label(c, show_size) for c in columns)]
+        blocks.append(f"{model}: samples/s (speedup over fp32)\n"
+                      + tabulate(body, headers=headers, tablefmt="github"))
+    if searched:
+        body = [[r["model"], r["precision"], r["max_batch"]] for r in searched]
         blocks.append("largest batch that fits\n" + tabulate(
             body, headers=["model", "policy", "max batch"], tablefmt="github"))
-    return "\n\n".join(blocks)
+    return "\n\n".join(blocks) or "no records"
 
 
 # ---------------------------------------------------------------- the command
@@ -334,10 +480,6 @@ def _resolve_device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:24].strip("-") or "device"
 
 
 def _choose_matrix(args: argparse.Namespace) -> tuple[Matrix, Path | None, dict[str, Any]]:
@@ -357,21 +499,34 @@ def _choose_matrix(args: argparse.Namespace) -> tuple[Matrix, Path | None, dict[
     return config.preset("auto"), run_dir, meta
 
 
-def _optional_stage(module: str, function: str, *call: Any, **kwargs: Any) -> None:
-    """Call module.function when it exists; a failure is reported, never fatal to the sweep."""
+def _multi_node(args: argparse.Namespace, mx: Matrix) -> tuple[tuple[str, ...], str]:
+    """(launcher, rendezvous endpoint) for cells on several nodes; ((), "") for one node."""
+    if mx.nnodes == 1:
+        return (), ""
+    launcher = args.launcher
+    if launcher is None and "SLURM_JOB_ID" in os.environ:
+        launcher = f"srun --nodes={mx.nnodes} --ntasks-per-node=1"
+    if not launcher:
+        raise BadInput(f"cells on {mx.nnodes} nodes need --launcher, a command that starts one "
+                       f'torchrun per node (e.g. "srun --nodes={mx.nnodes} --ntasks-per-node=1")')
+    endpoint = args.rdzv_endpoint or f"{socket.gethostname()}:{_RDZV_PORT}"
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--rdzv-endpoint '{endpoint}' is not HOST:PORT")
+    return tuple(shlex.split(launcher)), endpoint
+
+
+def _after_sweep(stage: str, call: Any) -> None:
+    """Run parity or the report after the sweep: a failure there is reported, never fatal, so
+    the sweep's records and a finished stage's files stay."""
     try:
-        target = getattr(importlib.import_module(module), function, None)
-    except ImportError:
-        return
-    if target is None:
-        return
-    try:
-        target(*call, **kwargs)
+        call()
     except KeyboardInterrupt:
         raise
-    except BaseException as exc:  # BadInput and SystemExit included: the results stay
-        print(f"ampbench run: {module}.{function} failed: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+    except BadInput as exc:
+        print(f"ampbench run: {stage}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        print(f"ampbench run: {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -384,22 +539,24 @@ def main(args: argparse.Namespace) -> int:
     )
     cells = matrix.expand(mx)
     matrix.index(cells)
+    launcher, rdzv_endpoint = _multi_node(args, mx)
     device = _resolve_device(mx.device)
 
     from bench.env import cpu_model, fingerprint
 
     env = fingerprint(device)
-    run_id = meta.get("run_id") or (
-        f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}-{_slug(env['device_name'] or device)}"
-    )
-    run_dir = run_dir or Path("results") / "runs" / run_id
+    stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
+    slug = store.device_slug(env["device_name"])[:24].rstrip("-")
+    run_id = meta.get("run_id") or f"{stamp}-{slug}"
+    run_dir = run_dir or store.RUNS / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     store.write_meta(run_dir, {
         "run_id": run_id, "created": meta.get("created") or env["timestamp"],
         "updated": env["timestamp"], **env, "cpu_model": cpu_model(),
         "find_max_batch": bool(args.find_max_batch), "matrix": mx.to_dict(),
     })
-    settings = Settings(run_id, device, mx.warmup, mx.steps, mx.timeout_s, env)
+    settings = Settings(run_id, device, mx.warmup, mx.steps, mx.timeout_s, env, launcher,
+                        rdzv_endpoint)
     state = Sweep(run_dir, settings, {(r.get("cell_id"), r.get("repeat")): r
                                       for r in store.load_records(run_dir)})
     print(f"ampbench run: {len(cells)} cells x {mx.repeats} repeat(s) of matrix '{mx.name}' "
@@ -418,12 +575,17 @@ def main(args: argparse.Namespace) -> int:
     print(summarize(state.records.values()))
 
     if mx.parity and not args.no_parity:
+        from bench import parity
+
         print("ampbench run: accuracy parity ...", file=sys.stderr)
-        _optional_stage("bench.parity", "run_parity", run_dir,
-                        models=[a.name for a in mx.models], precisions=list(mx.precisions),
-                        device=device)
+        _after_sweep("parity", lambda: parity.run_parity(
+            run_dir, models=[a.name for a in mx.models], precisions=list(mx.precisions),
+            device=device))
     if not args.no_report:
-        _optional_stage("bench.report", "write_report", run_dir)
+        from bench import report
+
+        _after_sweep("report", lambda: print(f"report: {report.write_report(run_dir)}",
+                                             file=sys.stderr))
     failed = sum(1 for r in state.records.values() if r.get("status") not in DONE)
     print(f"\nresults: {run_dir / store.RESULTS} ({len(state.records)} records, {failed} failed)"
           f"\nrecords: {run_dir / store.RECORDS}", file=sys.stderr)

@@ -127,3 +127,19 @@ def test_cuda_record_has_memory_and_timing(tmp_path, policy):
     assert record["peak_mem_allocated_gib"] > 0
     assert record["peak_mem_reserved_gib"] >= record["peak_mem_allocated_gib"]
     assert record["cuda_version"] and record["device_name"]
+
+
+def test_ranks_combine_into_the_slowest_step_and_the_largest_memory():
+    from bench.cell import _combine_ranks
+    from bench.power import empty_fields
+
+    def rank(median, iqr, rss):
+        return {"step_ms_median": median, "step_ms_iqr": iqr, "step_ms_min": median - 1,
+                "peak_mem_allocated_gib": None, "peak_mem_reserved_gib": None,
+                "peak_rss_gib": rss, **empty_fields()}
+
+    combined = _combine_ranks([rank(10.0, 0.5, 2.0), rank(12.0, 0.1, 1.5)], num_samples=8)
+    assert (combined["step_ms_median"], combined["step_ms_iqr"], combined["step_ms_min"]) == (
+        12.0, 0.1, 11.0)
+    assert combined["peak_rss_gib"] == 2.0 and combined["peak_mem_reserved_gib"] is None
+    assert combined["energy_source"] == "none"

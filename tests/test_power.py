@@ -512,3 +512,37 @@ def test_sampler_overhead(benchmark, monkeypatch, workload, sampler):
         benchmark.extra_info["samples_per_s"] = len(monitor.samples) / window_s
         benchmark.extra_info["nvml_calls_per_s"] = sum(fake.calls.values()) / window_s
         benchmark.extra_info["sampler_cpu_pct"] = 100 * monitor.sampler_cpu_s / window_s
+
+
+# -- several GPUs -----------------------------------------------------------------------------
+
+def _gpu_fields(**fields: object) -> dict:
+    return {**power.empty_fields(), "power_source": "instant", **fields}
+
+
+def test_power_of_several_gpus_is_summed_and_the_weakest_source_wins():
+    a = _gpu_fields(power_avg_w=300.0, power_max_w=350.0, idle_power_w=90.0, energy_j=30.0,
+                    energy_source="counter", energy_check_pct=2.0, sm_clock_mhz_avg=1900.0,
+                    temp_max_c=60, throttle_reasons=["gpu_idle"], throttled=False)
+    b = _gpu_fields(power_avg_w=320.0, power_max_w=400.0, idle_power_w=95.0, energy_j=32.0,
+                    energy_source="sampled", energy_check_pct=None, sm_clock_mhz_avg=1700.0,
+                    temp_max_c=71, throttle_reasons=["sw_power_cap", "bits_0x10000"],
+                    throttled=True)
+    fields = power.combine_power([a, b], num_samples=62)
+    assert (fields["power_avg_w"], fields["power_max_w"], fields["idle_power_w"]) == (
+        620.0, 750.0, 185.0)
+    assert fields["energy_j"] == 62.0 and fields["joules_per_sample"] == 1.0
+    assert fields["energy_source"] == "sampled" and fields["energy_check_pct"] == 2.0
+    assert fields["sm_clock_mhz_avg"] == 1800.0 and fields["temp_max_c"] == 71
+    assert fields["throttle_reasons"] == ["gpu_idle", "sw_power_cap", "bits_0x10000"]
+    assert fields["throttled"] is True and fields["power_source"] == "instant"
+
+
+def test_one_gpu_without_energy_leaves_the_sum_empty():
+    a = _gpu_fields(power_avg_w=300.0, energy_j=30.0, energy_source="counter")
+    b = _gpu_fields(power_avg_w=None, energy_j=None, energy_source="none", power_source=None)
+    fields = power.combine_power([a, b], num_samples=10)
+    assert fields["energy_j"] is None and fields["joules_per_sample"] is None
+    assert fields["energy_source"] == "none" and fields["power_avg_w"] is None
+    assert fields["power_source"] == "mixed"
+    assert power.combine_power([power.empty_fields()] * 2, 4) == power.empty_fields()
