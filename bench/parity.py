@@ -27,9 +27,15 @@ Verdict per (model, policy), on the mean final eval loss over seeds:
   ``tolerance = max(ABS_FLOOR, K_SIGMA * fp32_std)`` (sample std over the FP32 seeds);
 - FAIL when any seed saw a non-finite training or eval loss, or ``|delta| > tolerance``;
 - INCONCLUSIVE when the FP32 band is too wide to judge: ``fp32_std > MAX_BAND_FRACTION *
-  (initial eval loss - fp32_mean)`` (or FP32 did not improve at all);
+  (initial eval loss - fp32_mean)`` (or FP32 did not improve at all), or when a run crashed
+  (an OOM, say: its ``error`` column says why) so that a policy, or FP32's band, lacks seeds;
 - PASS otherwise. FP32's own rows are judged by the same rule (delta 0), so they read PASS
   unless FP32 itself was non-finite (FAIL) or too noisy (INCONCLUSIVE).
+
+A run that crashes is recorded and the others go on. Each finished run is appended to
+``parity_runs.jsonl`` in RUN_DIR (flushed and fsynced) as it ends; running parity again into
+the same directory reuses the runs already there (same model, precision, seed, setup and
+device), so an interrupted parity stage resumes where it stopped.
 
 Health telemetry per run: non-finite training steps, GradScaler skipped steps and the first
 skipped step, the scale history (``scale`` column of parity_curves.csv), and the fraction of
@@ -52,17 +58,19 @@ The CLI prints a verdict table and exits 1 when any policy FAILs (0 otherwise, 2
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
+import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, precision
+from bench import BadInput, precision, store
 
 ABS_FLOOR = 0.03  # nats: eval-loss differences below this are never a failure
 K_SIGMA = 3.0  # band half-width in FP32 seed-to-seed standard deviations
@@ -76,9 +84,10 @@ COLUMNS = (
     "subnormal_frac", "fp32_mean", "fp32_std", "delta", "tolerance", "verdict",
 )
 EXTRA_COLUMNS = ("scaler_first_skip_step", "scaler_scale_final", "initial_eval_loss",
-                 "final_train_loss")
+                 "final_train_loss", "error")
 CURVE_COLUMNS = ("model", "precision", "seed", "step", "loss", "scale")
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
+RUNS = "parity_runs.jsonl"  # one finished (model, precision, seed) run per line
 
 BROKEN = "broken"  # parity-only sabotaged policy, see the module docstring
 _BROKEN_LR_FACTOR = 100.0
@@ -384,47 +393,56 @@ def judge(frame: Any) -> Any:
     """Fill fp32_mean, fp32_std, delta, tolerance, verdict and steps_to_target per model.
 
     ``frame`` has one row per (model, precision, seed) with eval_loss, nonfinite_steps,
-    initial_eval_loss, final_train_loss and (for steps_to_target) a ``curve`` list of
-    (step, loss) pairs; it is returned with those columns filled.
+    initial_eval_loss, final_train_loss, ``error`` (set for a run that crashed) and (for
+    steps_to_target) a ``curve`` list of (step, loss) pairs; it is returned with those
+    columns filled.
     """
     import pandas as pd
 
     frame = frame.copy()
+    if "error" not in frame:
+        frame["error"] = None
     for col in ("fp32_mean", "fp32_std", "delta", "tolerance"):
         frame[col] = float("nan")
     frame["verdict"] = None
     frame["steps_to_target"] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    crashed = frame["error"].notna()
     for model, rows in frame.groupby("model", sort=False):
         ref = rows[rows["precision"] == "fp32"]
         if ref.empty:
             raise BadInput(f"parity for {model} needs fp32 runs as the reference band")
+        ref = ref[~crashed[ref.index]]
         ref_loss = ref["eval_loss"].astype(float)
-        fp32_mean = float(ref_loss.mean(skipna=False))  # NaN stays visible
-        fp32_std = float(ref_loss.std(ddof=1)) if len(ref) > 1 else 0.0
-        tolerance = max(ABS_FLOOR, K_SIGMA * fp32_std)
+        fp32_mean = float(ref_loss.mean(skipna=False)) if len(ref) else math.nan
+        fp32_std = float(ref_loss.std(ddof=1)) if len(ref) > 1 else math.nan
+        tolerance = max(ABS_FLOOR, K_SIGMA * fp32_std) if math.isfinite(fp32_std) else math.nan
         improvement = float(ref["initial_eval_loss"].astype(float).mean()) - fp32_mean
-        too_wide = (not math.isfinite(fp32_std) or improvement <= 0
+        too_wide = (not math.isfinite(fp32_std) or not improvement > 0
                     or fp32_std > MAX_BAND_FRACTION * improvement)
-        target = float(ref["final_train_loss"].astype(float).mean())
+        target = float(ref["final_train_loss"].astype(float).mean()) if len(ref) else math.nan
         for _, group in rows.groupby("precision", sort=False):
-            mean = float(group["eval_loss"].astype(float).mean(skipna=False))
+            ran = group[~crashed[group.index]]
+            mean = float(ran["eval_loss"].astype(float).mean(skipna=False)) if len(ran) \
+                else math.nan
             delta = mean - fp32_mean
-            verdict = _verdict(delta, tolerance, too_wide,
-                               bool((group["nonfinite_steps"].astype(float) > 0).any())
-                               or not math.isfinite(mean))
+            nonfinite = bool((ran["nonfinite_steps"].astype(float) > 0).any()) or (
+                len(ran) > 0 and not math.isfinite(mean))
+            verdict = _verdict(delta, tolerance, too_wide or len(ran) < len(group), nonfinite)
             frame.loc[group.index, ["fp32_mean", "fp32_std", "delta", "tolerance"]] = [
                 fp32_mean, fp32_std, delta, tolerance]
             frame.loc[group.index, "verdict"] = verdict
             if "curve" in frame:
-                for idx in group.index:
+                for idx in ran.index:
                     frame.at[idx, "steps_to_target"] = _steps_to(frame.at[idx, "curve"], target)
     return frame
 
 
-def _verdict(delta: float, tolerance: float, band_too_wide: bool, nonfinite: bool) -> str:
-    if nonfinite or not math.isfinite(delta):
+def _verdict(delta: float, tolerance: float, cannot_judge: bool, nonfinite: bool) -> str:
+    """FAIL on a non-finite loss whatever else; INCONCLUSIVE when the band or the runs do not
+    allow a judgement; else PASS within the tolerance."""
+    if nonfinite:
         return "FAIL"
-    if band_too_wide:
+    if cannot_judge:
         return "INCONCLUSIVE"
     return "PASS" if abs(delta) <= tolerance else "FAIL"
 
@@ -481,7 +499,7 @@ def run_parity(
     """Train every (model, precision, seed), judge against FP32 and write parity.csv to run_dir.
 
     Also writes parity_curves.csv; returns the parity.csv path. Policies a device cannot run
-    are skipped with a note on stderr.
+    are skipped with a note on stderr; runs already in run_dir's parity_runs.jsonl are reused.
     """
     import sys
 
@@ -498,8 +516,8 @@ def run_parity(
     if dev.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(min(4, os.cpu_count() or 1))  # tiny models gain nothing past ~4
 
-    rows, curves = [], []
-    tasks: dict[str, tuple[Setup, Task, list[tuple[Any, Any]]]] = {}
+    finished = _load_runs(run_dir)
+    plan = []
     for model_name, name, seed in _runs(model_names, chosen, seeds):
         policy, lr_factor = _resolve_policy(name)
         reason = policy.unsupported_reason(dev)
@@ -507,24 +525,37 @@ def run_parity(
             if seed == 0:
                 print(f"parity: skipping {model_name} {name}: {reason}", file=sys.stderr)
             continue
-        if model_name not in tasks:
-            spec = _spec(model_name)  # the argument `models` shadows the package
-            setup = setup_for(spec, steps)
-            task = Task(spec, setup)
-            tasks[model_name] = (setup, task, _eval_set(task, dev))
-        setup, task, eval_set = tasks[model_name]
-        started = time.perf_counter()
-        row, curve = train_one(model_name, name, seed, setup, dev, policy=policy,
-                               lr_factor=lr_factor, eval_set=eval_set, task=task)
-        row["curve"] = [(c["step"], c["loss"]) for c in curve]
-        rows.append(row)
+        plan.append((model_name, name, seed, policy, lr_factor))
+    rows, curves = [], []
+    tasks: dict[str, tuple[Setup, Task, list[tuple[Any, Any]]]] = {}
+    for i, (model_name, name, seed, policy, lr_factor) in enumerate(plan, 1):
+        setup = setup_for(_spec(model_name), steps)  # `models` the argument shadows the package
+        key = _run_key(model_name, name, seed, setup, dev)
+        progress = f"parity [{i}/{len(plan)}] {model_name} {name} seed {seed}"
+        if key in finished:
+            row, curve = finished[key]
+            print(f"{progress}: done before, kept", file=sys.stderr)
+        else:
+            if model_name not in tasks:
+                task = Task(_spec(model_name), setup)
+                tasks[model_name] = (setup, task, _eval_set(task, dev))
+            _, task, eval_set = tasks[model_name]
+            started = time.perf_counter()
+            try:
+                row, curve = train_one(model_name, name, seed, setup, dev, policy=policy,
+                                       lr_factor=lr_factor, eval_set=eval_set, task=task)
+                done = (f"eval loss {row['eval_loss']:.4f} acc {row['eval_accuracy']:.3f} "
+                        f"({time.perf_counter() - started:.1f} s)")
+            except Exception as exc:  # an OOM, a crash: recorded, the other runs go on
+                row, curve = _crashed(model_name, name, seed, setup, exc), []
+                done = f"crashed ({row['error']})"
+            store.append(run_dir, {"key": key, "row": row, "curve": curve}, RUNS)
+            print(f"{progress}: {done}", file=sys.stderr)
+        rows.append({**row, "curve": [(c["step"], c["loss"]) for c in curve]})
         curves.extend(curve)
-        print(f"parity: {model_name} {name} seed {seed}: eval loss {row['eval_loss']:.4f} "
-              f"acc {row['eval_accuracy']:.3f} ({time.perf_counter() - started:.1f} s)",
-              file=sys.stderr)
 
-    frame = judge(pd.DataFrame(rows)).drop(columns=["curve"])
-    frame = frame[list(COLUMNS) + list(EXTRA_COLUMNS)]
+    frame = judge(pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS, "curve"]))
+    frame = frame.drop(columns=["curve"])[list(COLUMNS) + list(EXTRA_COLUMNS)]
     for col in ("steps_to_target", "scaler_skipped_steps", "scaler_first_skip_step"):
         frame[col] = frame[col].astype("Int64")  # integers with gaps, not 60.0 / NaN
     path = run_dir / "parity.csv"
@@ -532,6 +563,36 @@ def run_parity(
     pd.DataFrame(curves, columns=list(CURVE_COLUMNS)).to_csv(run_dir / "parity_curves.csv",
                                                              index=False)
     return path
+
+
+def _run_key(model: str, precision_name: str, seed: int, setup: Setup, device: Any) -> str:
+    """What makes a finished run reusable: the same model, policy, seed, setup and device."""
+    return json.dumps([model, precision_name, seed, asdict(setup), device.type])
+
+
+def _crashed(model: str, precision_name: str, seed: int, setup: Setup,
+             exc: Exception) -> dict[str, Any]:
+    row = dict.fromkeys(COLUMNS + EXTRA_COLUMNS)
+    text = "".join(traceback.format_exception_only(exc)).strip()
+    row.update(model=model, precision=precision_name, seed=seed, steps=setup.steps,
+               eval_loss=math.nan, error=text.splitlines()[-1][:300])
+    return row
+
+
+def _load_runs(run_dir: Path) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Finished runs of an earlier parity stage in run_dir (a crashed run is tried again)."""
+    path = run_dir / RUNS
+    runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    if not path.exists():
+        return runs
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the torn last line of a killed stage
+        if entry["row"].get("error") is None:
+            runs[entry["key"]] = (entry["row"], entry["curve"])
+    return runs
 
 
 def _spec(name: str) -> models.ModelSpec:

@@ -69,9 +69,10 @@ def empty_record(**fields: Any) -> dict[str, Any]:
     return record
 
 
-def append(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one record as a single line, flushed and fsynced: a crash never half-writes a row."""
-    path = Path(run_dir) / RECORDS
+def append(run_dir: Path, record: dict[str, Any], name: str = RECORDS) -> None:
+    """Append one record to records.jsonl (or another JSON-lines file ``name``) as a single
+    line, flushed and fsynced: a crash never half-writes a row."""
+    path = Path(run_dir) / name
     line = (json.dumps(record, sort_keys=False, allow_nan=True) + "\n").encode("utf-8")
     # One write() of the whole line; a reader ignores a line without its newline. A writer
     # killed mid-line leaves such a torn tail: end it first, so this record starts a line.

@@ -61,6 +61,22 @@ def test_verdict_fail_on_nonfinite() -> None:
     assert _verdicts(_frame([1.0, 1.01, 1.02], [math.nan, 1.01, 1.01]))["bf16"] == "FAIL"
 
 
+def test_a_crashed_run_makes_its_policy_inconclusive_not_failed() -> None:
+    frame = _frame([1.00, 1.01, 1.02], [1.01, 1.01, 1.01])
+    frame["error"] = None
+    frame.loc[4, ["eval_loss", "error"]] = [math.nan, "OutOfMemoryError: CUDA out of memory"]
+    assert _verdicts(frame) == {"fp32": "PASS", "bf16": "INCONCLUSIVE"}
+    frame.loc[3, "nonfinite_steps"] = 2  # a diverged seed still fails, crash or not
+    assert _verdicts(frame)["bf16"] == "FAIL"
+
+
+def test_without_two_fp32_runs_there_is_no_band() -> None:
+    frame = _frame([1.00, 1.01, 1.02], [1.01, 1.01, 1.01])
+    frame["error"] = None
+    frame.loc[[0, 1], "error"] = "RuntimeError: boom"
+    assert set(_verdicts(frame).values()) == {"INCONCLUSIVE"}
+
+
 def test_steps_to_target_is_first_sample_at_or_below_fp32_final_train_loss() -> None:
     frame = _frame([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
     frame.at[3, "curve"] = [(10, 1.5), (20, 0.9), (30, 0.8)]
@@ -153,3 +169,41 @@ def test_real_parity_run_passes_mixed_precision_and_fails_broken(tmp_path) -> No
     assert list(curves.columns) == list(parity.CURVE_COLUMNS)
     assert curves[curves["precision"] == "fp16"]["scale"].notna().all()
     assert curves[curves["precision"] == "fp32"]["scale"].isna().all()
+
+
+def test_a_crash_is_recorded_and_finished_runs_are_reused(tmp_path, monkeypatch) -> None:
+    real = parity.train_one
+    calls = []
+
+    def crash_bf16_seed_1(model, name, seed, *args, **kwargs):
+        calls.append((name, seed))
+        if (name, seed) == ("bf16", 1):
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return real(model, name, seed, *args, **kwargs)
+
+    monkeypatch.setattr(parity, "train_one", crash_bf16_seed_1)
+    run = dict(models=["gpt2-tiny"], precisions=["fp32", "bf16"], steps=3, seeds=2,
+               device="cpu")
+    frame = pd.read_csv(parity.run_parity(tmp_path, **run))
+    assert len(frame) == 4 and len(calls) == 4
+    bf16 = frame[frame["precision"] == "bf16"].set_index("seed")
+    assert "CUDA out of memory (pretend)" in bf16.loc[1, "error"]
+    assert math.isnan(bf16.loc[1, "eval_loss"]) and math.isfinite(bf16.loc[0, "eval_loss"])
+    assert set(bf16["verdict"]) == {"INCONCLUSIVE"}
+
+    # Again into the same directory: only the crashed run trains again.
+    def counted(model, name, seed, *args, **kwargs):
+        calls.append((name, seed))
+        return real(model, name, seed, *args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(parity, "train_one", counted)
+    again = pd.read_csv(parity.run_parity(tmp_path, **run))
+    assert calls == [("bf16", 1)]
+    assert again["error"].isna().all()
+    kept = frame[frame["precision"] == "fp32"]["eval_loss"].tolist()
+    assert again[again["precision"] == "fp32"]["eval_loss"].tolist() == kept
+    # Another setup (more steps) is another experiment: nothing is reused.
+    calls.clear()
+    parity.run_parity(tmp_path, **{**run, "steps": 4})
+    assert len(calls) == 4
