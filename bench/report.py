@@ -205,19 +205,25 @@ def _parity(path: Path) -> pd.DataFrame | None:
         return None
     rows = []
     for (model, precision), group in frame.groupby(["model", "precision"], sort=False):
+        def numbers(column: str, group: pd.DataFrame = group) -> pd.Series:
+            """The column as numbers; all NaN where an older parity.csv lacks it."""
+            return pd.to_numeric(group[column], errors="coerce") if column in group \
+                else pd.Series(math.nan, index=group.index)
+
         verdicts = {str(v).strip().upper() for v in group.get("verdict", pd.Series()).dropna()}
-        loss = pd.to_numeric(group.get("eval_loss"), errors="coerce")
-        accuracy = pd.to_numeric(group.get("eval_accuracy"), errors="coerce")
-        nonfinite = pd.to_numeric(group.get("nonfinite_steps"), errors="coerce")
         rows.append({
             "model": str(model), "precision": str(precision),
             "verdict": next((v for v in _PARITY_ORDER if v in verdicts), ""),
             "seeds": len(group),
-            "eval_loss": loss.mean() if loss is not None else math.nan,
-            "eval_accuracy": accuracy.mean() if accuracy is not None else math.nan,
+            "eval_loss": numbers("eval_loss").mean(),
+            "eval_accuracy": numbers("eval_accuracy").mean(),
             "delta": _first_number(group.get("delta")),
             "tolerance": _first_number(group.get("tolerance")),
-            "nonfinite_steps": nonfinite.sum() if nonfinite is not None else math.nan,
+            "nonfinite_steps": numbers("nonfinite_steps").sum(min_count=1),
+            "optimal_loss": _first_number(group.get("optimal_loss")),
+            "scaler_skipped_steps": numbers("scaler_skipped_steps").sum(min_count=1),
+            "underflow_frac": numbers("underflow_frac").mean(),
+            "crashed": int(group["error"].notna().sum()) if "error" in group else 0,
         })
     return pd.DataFrame(rows)
 
@@ -603,6 +609,16 @@ def _parity_table(run: Run, name: str) -> str | None:
             if _is_num(r["eval_accuracy"]) else ""),
         row("non-finite steps", lambda r: _fmt_int(r["nonfinite_steps"])),
     ]
+    if rows["optimal_loss"].notna().any():  # a source whose entropy rate is known exactly
+        body.insert(2, row("achievable optimum (entropy rate)", number("optimal_loss", ".4g")))
+    if rows["scaler_skipped_steps"].notna().any():
+        body.append(row("loss-scaler skipped steps", lambda r: _fmt_int(r["scaler_skipped_steps"])))
+    if rows["underflow_frac"].notna().any():
+        # Measured on FP32 gradients: what FP16 without loss scaling would flush to zero.
+        body.append(row("FP32 gradients below FP16's range", lambda r: f"{r['underflow_frac']:.2%}"
+                        if _is_num(r["underflow_frac"]) else ""))
+    if rows["crashed"].any():
+        body.append(row("crashed runs (see parity.csv)", lambda r: _fmt_int(r["crashed"])))
     return tabulate(body, headers=["", *policies], tablefmt="github", disable_numparse=True,
                     colalign=["left"] + ["right"] * len(policies))
 
@@ -1155,8 +1171,13 @@ def _loss_plot(plotter: _Plotter) -> list[Path]:
     policies = _ordered(curves["precision"])
     fig, axes = plotter.figure(len(models), "Training loss per policy")
     band_seeds = 0
+    any_optimum = False
     for ax, model_name in zip(axes, models, strict=True):
         rows = curves[curves["model"] == model_name]
+        optimum = _optimum(plotter.run, model_name)
+        if optimum is not None:
+            ax.axhline(optimum, color="#777777", lw=1.2, ls=":", zorder=1)
+            any_optimum = True
         fp32 = rows[rows["precision"] == "fp32"].dropna(subset=["loss"])
         if len(fp32):
             band = fp32.groupby("step")["loss"].agg(["min", "max"])
@@ -1184,8 +1205,21 @@ def _loss_plot(plotter: _Plotter) -> list[Path]:
         ax.set_title(model_name)
     extra = [Patch(color=plotter.colours["fp32"], alpha=0.18,
                    label=f"fp32 seed range\n({band_seeds} seeds)")] if band_seeds else []
+    if any_optimum:
+        from matplotlib.lines import Line2D
+
+        extra.append(Line2D([], [], color="#777777", lw=1.2, ls=":",
+                            label="achievable optimum\n(entropy rate)"))
     plotter.legend(fig, policies, extra)
     return plotter.save(fig, "loss_curves")
+
+
+def _optimum(run: Run, model: str) -> float | None:
+    """The lowest loss any model can reach on the parity task, where it is known exactly."""
+    if run.parity is None:
+        return None
+    values = run.parity.loc[run.parity["model"] == model, "optimal_loss"].dropna()
+    return float(values.iloc[0]) if len(values) else None
 
 
 def _nonfinite_marks(ax: Axes, plotter: _Plotter, rows: pd.DataFrame,

@@ -112,6 +112,30 @@ def test_max_batch_records_and_world_sizes_get_their_own_tables(tmp_path):
     assert "max_batch" in _pngs(path.parent / report.PLOTS)
 
 
+def test_parity_table_shows_the_optimum_and_the_numerics_telemetry(tmp_path):
+    import pandas as pd
+
+    run_dir = _run_dir(tmp_path, [_record(model="gpt2-tiny", image_size=None, seq_len=64)])
+    rows = []
+    for policy, skipped, error in (("fp32", None, None), ("fp16", 3, None),
+                                   ("fp16-noscale", None, "RuntimeError: boom")):
+        for seed in (0, 1):
+            rows.append(dict(model="gpt2-tiny", precision=policy, seed=seed, eval_loss=1.25,
+                             eval_accuracy=0.5, optimal_loss=1.086, nonfinite_steps=0,
+                             scaler_skipped_steps=skipped, underflow_frac=0.0123,
+                             delta=0.0, tolerance=0.03, verdict="PASS",
+                             error=error if seed == 1 else None))
+    pd.DataFrame(rows).to_csv(run_dir / report.PARITY, index=False)
+    text = report.render(report.load(run_dir))
+    table = {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ")
+             for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert table[""] == ["fp32", "fp16", "fp16-noscale"]
+    assert table["achievable optimum (entropy rate)"] == ["1.086"] * 3
+    assert table["loss-scaler skipped steps"] == ["", "6", ""]  # summed over seeds
+    assert table["FP32 gradients below FP16's range"] == ["1.23%"] * 3
+    assert table["crashed runs (see parity.csv)"] == ["0", "0", "1"]
+
+
 def test_unknown_status_is_bad_input(tmp_path):
     run_dir = _run_dir(tmp_path, [_record(status="exploded")])
     with pytest.raises(BadInput, match="unknown status 'exploded'"):
