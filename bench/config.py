@@ -168,7 +168,7 @@ def cpu() -> Matrix:
             ModelAxis("gpt2-tiny", (4, 8), 64),
         ),
         precisions=precision.NAMES,
-        device="cpu", warmup=2, steps=8, timeout_s=300.0, parity=True,
+        device="cpu", warmup=5, steps=30, timeout_s=300.0, parity=True,
     )
 
 
