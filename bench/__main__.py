@@ -38,6 +38,16 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not value > 0:  # NaN included
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -60,8 +70,10 @@ def _add_cell(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, default=20, help="timed steps")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak-tflops", type=float, help="override the device's dense peak TFLOP/s")
-    p.add_argument("--power-interval-ms", type=float, default=50.0, help="NVML sampling period")
+    p.add_argument("--peak-tflops", type=_positive_float,
+                   help="override the device's dense peak TFLOP/s")
+    p.add_argument("--power-interval-ms", type=_positive_float, default=50.0,
+                   help="NVML sampling period")
     p.add_argument("--out", help="write the JSON record here (default: stdout)")
     p.add_argument("--run-id", default="", help=argparse.SUPPRESS)
     p.add_argument("--cell-id", default="", help=argparse.SUPPRESS)
@@ -89,7 +101,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
                    help="multi-node: where the torchruns meet (default this host:29500)")
     p.add_argument("--device", help="cpu | cuda (default: what the preset says)")
-    p.add_argument("--timeout", type=float, help="seconds per cell before it is killed")
+    p.add_argument("--timeout", type=_positive_float, help="seconds per cell before it is killed")
     p.add_argument("--find-max-batch", action="store_true",
                    help="search the largest batch that fits")
     p.add_argument("--no-parity", action="store_true", help="skip the accuracy-parity stage")

@@ -475,11 +475,11 @@ def summarize(records: Iterable[dict[str, Any]]) -> str:
 
 
 def _resolve_device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
+    """The device every child gets, checked here: a bad one is one line, not a failed sweep."""
+    from bench.cell import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(name)  # BadInput for a name it does not know or a missing GPU
+    return "cuda" if device.type == "cuda" and name in ("auto", "cuda") else str(device)
 
 
 def _choose_matrix(args: argparse.Namespace) -> tuple[Matrix, Path | None, dict[str, Any]]:
@@ -541,6 +541,9 @@ def main(args: argparse.Namespace) -> int:
     matrix.index(cells)
     launcher, rdzv_endpoint = _multi_node(args, mx)
     device = _resolve_device(mx.device)
+    if ":" in device and any(c.num_processes > 1 for c in cells):
+        raise BadInput(f"device '{device}': a cell on several processes gives each rank the GPU "
+                       "of its local rank; use --device cuda")
 
     from bench.env import cpu_model, fingerprint
 

@@ -123,7 +123,9 @@ def test_cell_record_carries_the_overridden_peak_and_its_mfu(tmp_path):
 def test_cell_rejects_a_peak_that_is_not_positive(value, capsys):
     from bench.__main__ import main
 
-    code = main(["cell", "--model", "gpt2-tiny", "--precision", "bf16", "--batch-size", "1",
-                 "--peak-tflops", value])
-    assert code == 2
-    assert "--peak-tflops must be above 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # argparse's own exit, one line
+        main(["cell", "--model", "gpt2-tiny", "--precision", "bf16", "--batch-size", "1",
+              "--peak-tflops", value])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --peak-tflops: must be above 0, got {value}" in err and err.count("\n") == 1

@@ -6,6 +6,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 
 from bench import runner, store
 from bench.__main__ import main
@@ -151,3 +152,14 @@ def test_resume_needs_a_run_directory(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path / "nope")]) == 2
     assert "not a run directory" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_bad_device_or_timeout_is_one_line_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *FAST, "--device", "tpu", "--out", str(out)]) == 2
+    assert "unknown device 'tpu'; valid: cpu, cuda" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", *FAST, "--timeout", "-1", "--out", str(out)])
+    assert stopped.value.code == 2
+    assert "argument --timeout: must be above 0, got -1" in capsys.readouterr().err
+    assert not out.exists()
