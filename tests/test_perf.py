@@ -52,7 +52,9 @@ def test_train_step(benchmark, model: str, policy: str, device: str) -> None:
 
     # Group by device and model so a comparison table puts the policies side by side.
     benchmark.group = f"{device} {model} b={BATCH_SIZE}"
-    monitor = PowerMonitor(dev.index or 0 if dev.type == "cuda" else None)
+    # By UUID, as the cell does: torch's cuda:N need not be NVML's GPU N.
+    gpu = str(torch.cuda.get_device_properties(dev).uuid) if dev.type == "cuda" else None
+    monitor = PowerMonitor(gpu)
     monitor.measure_idle()
     with monitor:
         benchmark.pedantic(one_step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
