@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,18 +53,6 @@ def _torchrun(*args: str) -> list[str]:
             "2", *args]
 
 
-def _leftovers(marker: str) -> list[str]:
-    """Processes whose command line mentions ``marker`` (a test's own tmp path)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
-
 
 def test_ddp_keeps_replicas_identical_under_every_policy(tmp_path, cli_env):
     script, out = tmp_path / "sync_check.py", tmp_path / "found.json"
@@ -97,7 +84,8 @@ def test_two_process_cell_reports_global_throughput(tmp_path, capsys):
     assert "**Scaling efficiency vs world size 1**" in text
 
 
-def test_a_crash_in_rank_1_is_an_error_record_and_nothing_keeps_running(tmp_path, monkeypatch):
+def test_a_crash_in_rank_1_is_an_error_record_and_nothing_keeps_running(
+        tmp_path, monkeypatch, processes_mentioning):
     monkeypatch.setenv("AMPBENCH_FAULT", "gpt2-tiny:fp32:2@1=raise")
     out = tmp_path / "run"
     assert main(["run", *FAST, "--precisions", "fp32", "--world-size", "2",
@@ -107,10 +95,11 @@ def test_a_crash_in_rank_1_is_an_error_record_and_nothing_keeps_running(tmp_path
     # The failed rank's own stderr, not torchrun's summary of it.
     assert record["error"].startswith("rank 1: exit code 1")
     assert "RuntimeError: injected fault in gpt2-tiny:fp32:2 rank 1" in record["error"]
-    assert not _leftovers(str(out))
+    assert not processes_mentioning(str(out))
 
 
-def test_a_hang_in_rank_1_times_out_and_every_rank_is_killed(tmp_path, monkeypatch):
+def test_a_hang_in_rank_1_times_out_and_every_rank_is_killed(
+        tmp_path, monkeypatch, processes_mentioning):
     monkeypatch.setenv("AMPBENCH_FAULT", "gpt2-tiny:fp32:2@1=hang")
     out = tmp_path / "run"
     assert main(["run", *FAST, "--precisions", "fp32", "--world-size", "2", "--timeout", "15",
@@ -118,7 +107,7 @@ def test_a_hang_in_rank_1_times_out_and_every_rank_is_killed(tmp_path, monkeypat
     [record] = store.load_records(out)
     assert record["status"] == "timeout"
     # torchrun starts every rank in a session of its own: a group kill alone would miss them.
-    assert not _leftovers(str(out))
+    assert not processes_mentioning(str(out))
 
 
 FAKE_SRUN = """#!/usr/bin/env bash

@@ -105,7 +105,7 @@ def test_resume_after_the_parent_is_killed(tmp_path, cli_env):
     assert len(pd.read_csv(out / store.RESULTS)) == 3
 
 
-def test_ctrl_c_kills_the_child_and_says_how_to_resume(tmp_path, cli_env):
+def test_ctrl_c_kills_the_child_and_says_how_to_resume(tmp_path, cli_env, processes_mentioning):
     out = tmp_path / "run"
     env = {**cli_env, "AMPBENCH_FAULT": "gpt2-tiny:fp32:1=hang"}
     parent = subprocess.Popen([sys.executable, "-m", "bench", "run", *FAST, "--precisions",
@@ -120,19 +120,8 @@ def test_ctrl_c_kills_the_child_and_says_how_to_resume(tmp_path, cli_env):
     assert parent.returncode == 130
     assert f"resume with: python -m bench run --resume {out}" in err
     assert store.load_records(out) == []
-    assert not _processes_mentioning(str(out)), "the hanging child outlived Ctrl-C"
+    assert not processes_mentioning(str(out)), "the hanging child outlived Ctrl-C"
 
-
-def _processes_mentioning(text):
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
 
 
 def test_find_max_batch_under_an_injected_memory_ceiling(tmp_path, monkeypatch):
