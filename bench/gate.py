@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from bench import BadInput, store
+from bench import BadInput, parity, store
 
 KEY = store.KEY
 # A key field left empty in a hand-written CSV means its default, so it still matches.
@@ -81,7 +81,6 @@ _TIME_DERIVED = frozenset({"step_ms_median", "step_ms_min", "samples_per_s", "to
 _FALLBACK = {"peak_mem_reserved_gib": "peak_rss_gib", "peak_mem_allocated_gib": "peak_rss_gib"}
 
 _FAILED_STATUS = frozenset({"oom", "timeout", "error"})
-_PARITY_ORDER = ("FAIL", "INCONCLUSIVE", "PASS")  # worst first
 
 BASELINES = Path("results") / "baselines"
 PARITY = "parity.csv"
@@ -264,8 +263,7 @@ def _cells(frame: pd.DataFrame, with_device: bool) -> dict[tuple[str, ...], _Cel
     for key, rows in frame.groupby(keys, sort=True):
         statuses = list(rows["status"])
         # The worst repeat speaks for the cell: one OOM among repeats is still an OOM.
-        status = next((s for s in ("error", "timeout", "oom", "unsupported", "skipped")
-                       if s in statuses), "ok")
+        status = next((s for s in store.FAILED if s in statuses), "ok")
         throttled = "throttled" in rows and any(store.truthy(v) for v in rows["throttled"])
         label = _label(dict(zip(columns, key, strict=True)))
         if with_device and len(set(frame["device_name"])) > 1:
@@ -315,11 +313,11 @@ def _parity(source: Path) -> dict[tuple[str, str], str] | None:
     verdicts: dict[tuple[str, str], str] = {}
     for (model, precision), rows in frame.groupby(["model", "precision"]):
         seen = {str(v).strip().upper() for v in rows["verdict"].dropna()}
-        unknown = seen - set(_PARITY_ORDER) - {""}
+        unknown = seen - set(parity.VERDICTS) - {""}
         if unknown:
             raise BadInput(f"{path}: unknown verdict '{sorted(unknown)[0]}' "
-                           f"(valid: {', '.join(_PARITY_ORDER)})")
-        worst = next((v for v in _PARITY_ORDER if v in seen), None)
+                           f"(valid: {', '.join(parity.VERDICTS)})")
+        worst = parity.worst_verdict(seen)
         if worst:  # the FP32 reference rows may carry no verdict
             verdicts[(str(model), str(precision))] = worst
     return verdicts

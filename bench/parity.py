@@ -63,7 +63,7 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,6 +87,7 @@ EXTRA_COLUMNS = ("scaler_first_skip_step", "scaler_scale_final", "initial_eval_l
                  "final_train_loss", "error")
 CURVE_COLUMNS = ("model", "precision", "seed", "step", "loss", "scale")
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
+_WORST_FIRST = ("FAIL", "INCONCLUSIVE", "PASS")
 RUNS = "parity_runs.jsonl"  # one finished (model, precision, seed) run per line
 
 BROKEN = "broken"  # parity-only sabotaged policy, see the module docstring
@@ -435,6 +436,12 @@ def judge(frame: Any) -> Any:
                 for idx in ran.index:
                     frame.at[idx, "steps_to_target"] = _steps_to(frame.at[idx, "curve"], target)
     return frame
+
+
+def worst_verdict(verdicts: Iterable[str]) -> str | None:
+    """The verdict that speaks for several seeds: FAIL over INCONCLUSIVE over PASS."""
+    seen = set(verdicts)
+    return next((v for v in _WORST_FIRST if v in seen), None)
 
 
 def _verdict(delta: float, tolerance: float, cannot_judge: bool, nonfinite: bool) -> str:

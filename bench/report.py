@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from tabulate import tabulate
 
-from bench import BadInput, store
+from bench import BadInput, parity, store
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -59,8 +59,6 @@ METRICS = (
     "energy_j", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
 )
 # The worst status speaks for a cell none of whose repeats ran.
-_FAILED_ORDER = ("error", "timeout", "oom", "unsupported", "skipped")
-_PARITY_ORDER = ("FAIL", "INCONCLUSIVE", "PASS")
 THROTTLED_MARK = "†"
 
 # One colour and marker per policy, the same in every plot of every report.
@@ -169,7 +167,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, Any] = {k: first[k] for k in KEY}
         statuses = set(group["status"])
         row["status"] = "ok" if len(ok) else next(
-            (s for s in _FAILED_ORDER if s in statuses), sorted(statuses)[0])
+            (s for s in store.FAILED if s in statuses), sorted(statuses)[0])
         for column in METRICS:
             row[column] = ok[column].median()  # NaN when no repeat ran ok
         reasons = sorted({r.strip() for v in ok["throttle_reasons"].dropna()
@@ -213,7 +211,7 @@ def _parity(path: Path) -> pd.DataFrame | None:
         verdicts = {str(v).strip().upper() for v in group.get("verdict", pd.Series()).dropna()}
         rows.append({
             "model": str(model), "precision": str(precision),
-            "verdict": next((v for v in _PARITY_ORDER if v in verdicts), ""),
+            "verdict": parity.worst_verdict(verdicts) or "",
             "seeds": len(group),
             "eval_loss": numbers("eval_loss").mean(),
             "eval_accuracy": numbers("eval_accuracy").mean(),
@@ -360,11 +358,17 @@ def _grid(model: _Model) -> tuple[list[tuple[Any, ...]], dict[tuple[Any, ...], p
     return rows, lookup
 
 
+def _matching(cells: pd.DataFrame, cell: pd.Series, **changes: Any) -> pd.DataFrame:
+    """The rows of ``cells`` whose key is ``cell``'s with ``changes`` (NaN matches NaN)."""
+    for k in KEY:
+        want = changes.get(k, cell[k])
+        cells = cells[cells[k].isna()] if pd.isna(want) else cells[cells[k] == want]
+    return cells
+
+
 def _same_key(model: _Model, cell: pd.Series, policy: str) -> pd.Series | None:
     """The same cell (same key) under another policy, whatever its status."""
-    other = model.cells[model.cells["precision"] == policy]
-    for k in KEY[2:]:
-        other = other[other[k].isna()] if pd.isna(cell[k]) else other[other[k] == cell[k]]
+    other = _matching(model.cells, cell, precision=policy)
     return other.iloc[0] if len(other) else None
 
 
@@ -563,12 +567,8 @@ def _scaling_table(model: _Model) -> str | None:
     def efficiency(cell: pd.Series) -> str | None:
         if cell["world_size"] == 1:
             return None
-        single = model.cells
-        for k in KEY:
-            if k == "world_size":
-                continue
-            single = single[single[k].isna()] if pd.isna(cell[k]) else single[single[k] == cell[k]]
-        single = single[(single["world_size"] == 1) & (single["status"] == "ok")]
+        single = _matching(model.cells, cell, world_size=1)
+        single = single[single["status"] == "ok"]
         if single.empty:
             return None
         ratio = _ratio(cell["samples_per_s"],
@@ -792,7 +792,7 @@ def _summary(run: Run) -> list[str]:
     if failures:
         lines += [f"**Parity FAIL:** {'; '.join(failures)}.", ""]
     counts = run.cells["status"].value_counts()
-    failed = [f"{int(counts[s])} {s}" for s in _FAILED_ORDER if s in counts]
+    failed = [f"{int(counts[s])} {s}" for s in store.FAILED if s in counts]
     lines += [f"{len(run.cells)} cells: {int(counts.get('ok', 0))} ok"
               + (", " + ", ".join(failed) if failed else "") + ".", ""]
     return lines

@@ -51,6 +51,7 @@ KEY = ("model", "precision", "batch_size", "seq_len", "image_size", "grad_accum"
        "world_size")
 
 STATUSES = ("ok", "oom", "timeout", "error", "unsupported", "skipped")
+FAILED = ("error", "timeout", "oom", "unsupported", "skipped")  # worst first
 
 RUNS = Path("results") / "runs"  # scratch run directories (git-ignored)
 RECORDS = "records.jsonl"
