@@ -43,6 +43,9 @@ for ddp in (True, False):
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(found, f)
+# No DDP replica may outlive the process group: one freed at exit, after the group is gone,
+# can abort the process (seen once as SIGABRT, "terminate called without an active exception").
+del trainer
 dist.barrier()
 dist.destroy_process_group()
 """
