@@ -1,67 +1,196 @@
 """Task runner: ``nox -s bench`` runs the benchmark, ``nox -s tests`` the tests.
 
-Every session's virtualenv sees the system site-packages, so a preinstalled torch (the CPU
-build on a laptop or CI, the CUDA build on a GPU box) is reused and never replaced.
-Arguments after ``--`` pass through to the underlying command.
+torch is big, so every session shares one copy instead of installing its own:
+
+1. ``AMPBENCH_TORCH`` set: pip arguments for the torch to install, e.g. ``torch==2.13.0`` or
+   ``torch --index-url https://download.pytorch.org/whl/cu128``.
+2. Otherwise a torch importable where nox runs (nox's own interpreter, or the ``python3`` on
+   PATH, e.g. an activated venv, a GPU box's system Python, an NGC container) is reused as it is.
+3. Otherwise torch is installed once into ``.nox/.cache/torch-pyX.Y``: PyPI's build on a machine
+   with an NVIDIA GPU (or not Linux); without one, a CPU build from this machine's package index
+   when it has one, else from PyTorch's CPU index. No CUDA wheels without a GPU.
+
+Each session's virtualenv sees that torch through a ``.pth`` file, and the project is
+installed with torch pinned to it, so pip never downloads or replaces torch. Arguments after
+``--`` pass through to the underlying command.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import nox
+from packaging.version import InvalidVersion, Version
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-VENV = ["--system-site-packages"]
+TORCH_KNOB = "AMPBENCH_TORCH"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+MIN_TORCH = "2.4"  # as in pyproject.toml
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+_PTH = "_ampbench_torch.pth"
+_STAMP = "ampbench-torch.txt"
+
+
+def _run_text(args: list[str], timeout: float = 120) -> str:
+    """stdout of a helper command, or "" when it fails or is missing."""
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _host_torch() -> Path | None:
+    """The directory holding a torch importable where nox runs, for this Python version."""
+    probe = ("import importlib.util as u, sys; s = u.find_spec('torch'); "
+             "print('%d.%d' % sys.version_info[:2]); print(s.origin if s and s.origin else '')")
+    candidates = [sys.executable, shutil.which("python3"), shutil.which("python")]
+    for python in dict.fromkeys(c for c in candidates if c):
+        lines = _run_text([python, "-c", probe], timeout=60).splitlines()
+        if len(lines) == 2 and lines[0] == PYTHON and lines[1]:
+            return Path(lines[1]).parent.parent  # .../site-packages/torch/__init__.py
+    return None
+
+
+def _has_nvidia_gpu() -> bool:
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir() and any(gpus.iterdir()):
+        return True
+    return "GPU " in _run_text(["nvidia-smi", "-L"], timeout=30)
+
+
+def _default_torch(python: str) -> list[str]:
+    """pip arguments for the torch to install when the user named none."""
+    if _has_nvidia_gpu() or not sys.platform.startswith("linux"):
+        return [f"torch>={MIN_TORCH}"]  # PyPI: CUDA on Linux, CPU (and MPS) elsewhere
+    # No GPU: the newest CPU build this machine's configured index holds, else PyTorch's CPU
+    # index. PyPI's Linux torch is a CUDA build with gigabytes of nvidia-* wheels.
+    listing = _run_text([python, "-m", "pip", "index", "versions", "torch"])
+    for line in listing.splitlines():
+        if line.startswith("Available versions:"):
+            for text in line.split(":", 1)[1].split(","):
+                try:
+                    version = Version(text.strip())
+                except InvalidVersion:
+                    continue
+                if version.local == "cpu" and version >= Version(MIN_TORCH):
+                    return [f"torch=={version}"]
+    return [f"torch>={MIN_TORCH}", "--index-url", CPU_INDEX]
+
+
+def _session_python(session: nox.Session) -> str:
+    return str(Path(session.bin) / ("python.exe" if sys.platform == "win32" else "python"))
+
+
+def _shared_torch(session: nox.Session, spec: str) -> Path:
+    """``.nox/.cache/torch-pyX.Y``, holding torch (and its dependencies) installed once."""
+    target = (session.cache_dir / f"torch-py{PYTHON}").resolve()
+    stamp = target / _STAMP
+    probe = f"import sys; sys.path.insert(0, {str(target)!r}); import torch"
+    if stamp.exists() and stamp.read_text().strip() == spec and (
+            subprocess.run([_session_python(session), "-c", probe],
+                           capture_output=True).returncode == 0):
+        return target
+    args = shlex.split(spec) if spec else _default_torch(_session_python(session))
+    session.log(f"installing {shlex.join(args)} once into {target} (shared by every session)")
+    shutil.rmtree(target, ignore_errors=True)
+    session.install("--target", str(target), *args)
+    stamp.write_text(spec + "\n")
+    return target
+
+
+def _use_torch(session: nox.Session) -> str:
+    """Make one shared torch importable in this session's virtualenv; return its version."""
+    spec = os.environ.get(TORCH_KNOB, "").strip()
+    where = None if spec else _host_torch()
+    if where is None:
+        where = _shared_torch(session, spec)
+    site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                       silent=True, log=False, stderr=subprocess.DEVNULL)
+    (Path(str(site).strip()) / _PTH).write_text(f"{where}\n")
+    # The pin needs the distribution's version: PyPI's CUDA wheels say 2.x.y in their metadata
+    # but 2.x.y+cu130 in torch.__version__.
+    info = session.run("python", "-c", "import importlib.metadata as m, torch; "
+                       "print(m.version('torch'), torch.__version__, torch.version.cuda)",
+                       silent=True, log=False, stderr=subprocess.DEVNULL)
+    version, shown, cuda = str(info).split()[-3:]
+    build = "CPU" if cuda == "None" else f"CUDA {cuda}"
+    session.log(f"torch {shown} ({build} build) from {where}")
+    return version
 
 
 def _install(session: nox.Session, extras: str = "") -> None:
-    session.install("-e", f".[{extras}]" if extras else ".")
+    """The project (editable) over the shared torch, which pip may neither replace nor upgrade."""
+    version = _use_torch(session)
+    pin = Path(session.create_tmp()) / "torch-pin.txt"
+    pin.write_text(f"torch=={version}\n")
+    session.install("-c", str(pin), "-e", f".[{extras}]" if extras else ".")
 
 
-@nox.session(venv_params=VENV)
+@nox.session
 def tests(session: nox.Session) -> None:
     """Unit and integration tests on CPU (GPU tests skip without CUDA)."""
     _install(session, "test")
     session.run("python", "-m", "pytest", *session.posargs)  # pyproject deselects perf
 
 
-@nox.session(venv_params=VENV)
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff check."""
     session.install("ruff")
     session.run("ruff", "check", "bench", "models", "tests", "noxfile.py", *session.posargs)
 
 
-@nox.session(venv_params=VENV)
+@nox.session
 def bench(session: nox.Session) -> None:
     """The benchmark: gpu preset on a CUDA machine, cpu preset elsewhere; ends with the report."""
     _install(session)
     session.run("python", "-m", "bench", "run", *session.posargs)
 
 
-@nox.session(venv_params=VENV)
+@nox.session
+def ampbench(session: nox.Session) -> None:
+    """Any ampbench command: nox -s ampbench -- COMMAND [FLAGS] (no arguments: --help)."""
+    _install(session)
+    session.run("python", "-m", "bench", *(session.posargs or ["--help"]))
+
+
+@nox.session
 def parity(session: nox.Session) -> None:
     """Accuracy parity of every reduced precision against FP32."""
     _install(session)
     session.run("python", "-m", "bench", "parity", *session.posargs)
 
 
-@nox.session(venv_params=VENV)
+@nox.session
 def report(session: nox.Session) -> None:
     """Render report.md and plots for the latest run (or the run directory given)."""
     _install(session)
     session.run("python", "-m", "bench", "report", *session.posargs)
 
 
-@nox.session(venv_params=VENV)
+@nox.session
 def gate(session: nox.Session) -> None:
     """Gate the latest run against this device's baseline."""
     _install(session)
     session.run("python", "-m", "bench", "gate", *session.posargs)
 
 
-@nox.session(venv_params=VENV)
+@nox.session
+def gate_rates(session: nox.Session) -> None:
+    """The gate's false-positive and detection rates here: same-code reruns, a known slowdown."""
+    _install(session)
+    session.run("python", "-m", "bench.rates", *session.posargs)
+
+
+@nox.session
 def perf(session: nox.Session) -> None:
     """pytest-benchmark training-step benchmarks (--benchmark-autosave, --benchmark-compare...)."""
     _install(session, "test")

@@ -75,7 +75,10 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         "device_count": 1,
         "driver_version": None,
         "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
+        # cuda_version is the CUDA the device runs, so only a CUDA device has one; a CUDA build
+        # of torch on a machine without a GPU says so in torch_cuda_build alone.
+        "cuda_version": None,
+        "torch_cuda_build": torch.version.cuda,
         "cudnn_version": None,
         "python_version": platform.python_version(),
         "machine_id": machine_id(),
@@ -87,9 +90,16 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         index = torch.device(device).index or 0
         info["device_name"] = torch.cuda.get_device_name(index)
         info["device_count"] = torch.cuda.device_count()
+        info["cuda_version"] = torch.version.cuda
         info["cudnn_version"] = torch.backends.cudnn.version()
         info["driver_version"] = _driver_version()
     return info
+
+
+def no_gpu_text(torch_cuda_build: Any) -> str | None:
+    """What a CUDA build of torch that ran without a GPU is called, where a device's CUDA would
+    be named; None for a CPU build."""
+    return f"torch built for CUDA {torch_cuda_build}; no GPU" if torch_cuda_build else None
 
 
 def _driver_version() -> str | None:
@@ -282,7 +292,8 @@ def _mhz(now: Any, top: Any) -> str:
 def _render(report: dict[str, Any]) -> str:
     fp, cpu, nvml = report["fingerprint"], report["cpu"], report["nvml"]
     governors = cpu["governors"]
-    rows = [(k, "" if v is None else v) for k, v in fp.items()]
+    shown = dict(fp, cuda_version=fp["cuda_version"] or no_gpu_text(fp["torch_cuda_build"]))
+    rows = [(k, "" if v is None else v) for k, v in shown.items()]
     rows += [("cpu", f"{cpu['model']} ({cpu['cores']} logical cores)"),
              ("cpu governor", ", ".join(f"{g} ({n} cores)" for g, n in governors.items())
               if governors else "not readable")]

@@ -106,3 +106,15 @@ def test_env_main_exits_zero_without_nvml(monkeypatch, capsys, flag):
         assert json.loads(out)["nvml"]["reason"] == "NVML Shared Library Not Found"
     else:
         assert "NVML: not available (NVML Shared Library Not Found)" in out
+
+
+def test_a_cuda_build_of_torch_without_a_gpu_is_not_the_devices_cuda(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fingerprint = env.fingerprint("cpu")
+    assert fingerprint["cuda_version"] is None and fingerprint["torch_cuda_build"] == "13.0"
+    FakeNVML(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND).install(monkeypatch)
+    assert env.main(argparse.Namespace(json=False)) == 0
+    assert "torch built for CUDA 13.0; no GPU" in capsys.readouterr().out

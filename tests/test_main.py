@@ -1,0 +1,31 @@
+"""The command line: every command and flag explains itself in --help."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.__main__ import build_parser
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    (sub,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("command", sorted(_commands()))
+def test_every_command_has_a_description_and_every_flag_a_help(command):
+    parser = _commands()[command]
+    assert parser.description, command
+    for action in parser._actions:
+        if action.help != argparse.SUPPRESS:
+            assert action.help, (command, action.option_strings or action.dest)
+    parser.format_help()  # a stray % in a help text fails here
+
+
+@pytest.mark.parametrize("command", ["run", "cell", "parity"])
+def test_device_help_names_every_device_form(command):
+    (device,) = (a for a in _commands()[command]._actions if "--device" in a.option_strings)
+    for form in ("cpu", "cuda", "cuda:N", "auto"):
+        assert form in device.help, (command, form)
