@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import BadInput
+from bench import BadInput, paths
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,11 +45,33 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
     if not value > 0:  # NaN included
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
 def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got '{text}'")
+    return items
+
+
+def _path_type(check: Callable[[str, str], object]) -> Callable[[str], str]:
+    """An argparse type that checks an output path before any work (bench/paths.py)."""
+    def parse(text: str) -> str:
+        try:
+            check(text, "path")
+        except BadInput as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("path ")) from None
+        return text
+
+    return parse
+
+
+_out_dir = _path_type(paths.output_dir)
+_out_file = _path_type(paths.output_file)
+_out_csv = _path_type(lambda text, flag: paths.output_file(text, flag, make_parents=True))
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -57,7 +79,11 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def _add_cell(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cell", help="train one cell (model x precision x batch), write its record")
+    p = sub.add_parser(
+        "cell", help="train one cell (model x precision x batch), write its record",
+        description="Train one cell (model x precision policy x batch size) in this process: "
+        "warmup steps, then a timed window measuring step time, memory, power and FLOPs. "
+        "Writes one JSON record (also for a failed cell, exit 1); bad input exits 2.")
     p.add_argument("--model", required=True, help="model name (see `ampbench models`)")
     p.add_argument("--precision", required=True, help="fp32 | tf32 | fp16 | bf16 | fp16-noscale")
     p.add_argument("--batch-size", type=_positive_int, required=True,
@@ -69,12 +95,13 @@ def _add_cell(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed warmup steps")
     p.add_argument("--steps", type=_positive_int, default=20, help="timed steps")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the initial weights and the synthetic batches (default 0)")
     p.add_argument("--peak-tflops", type=_positive_float,
                    help="override the device's dense peak TFLOP/s")
     p.add_argument("--power-interval-ms", type=_positive_float, default=50.0,
                    help="NVML sampling period")
-    p.add_argument("--out", help="write the JSON record here (default: stdout)")
+    p.add_argument("--out", type=_out_file, help="write the JSON record here (default: stdout)")
     p.add_argument("--run-id", default="", help=argparse.SUPPRESS)
     p.add_argument("--cell-id", default="", help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=_non_negative_int, default=0, help=argparse.SUPPRESS)
@@ -82,25 +109,35 @@ def _add_cell(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a whole matrix, one child process per cell (resumable)")
+    p = sub.add_parser(
+        "run", help="run a whole matrix, one child process per cell (resumable)",
+        description="Run a matrix of cells (a preset, a TOML file or the flags below), each "
+        "in a child process of its own under a timeout, then accuracy parity and the report. "
+        "Records go to RUN_DIR/records.jsonl and results.csv; running again into the same "
+        "directory finishes only the missing or failed cells.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, help="gpu | cpu | quick | auto (default)")
     src.add_argument("--matrix", help="a matrix TOML file")
     src.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run directory")
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default results/runs/<run_id>)")
+    p.add_argument("--out", metavar="RUN_DIR", type=_out_dir,
+                   help="run directory (default results/runs/<run_id>)")
     p.add_argument("--models", type=_csv, help="comma-separated model names")
     p.add_argument("--precisions", type=_csv, help="comma-separated policies")
     p.add_argument("--batch-sizes", type=_csv_ints, help="comma-separated batch sizes")
     p.add_argument("--steps", type=_positive_int, help="timed steps per cell")
     p.add_argument("--warmup", type=_non_negative_int, help="warmup steps per cell")
     p.add_argument("--repeats", type=_positive_int, help="repeats per cell")
+    p.add_argument("--calibration", type=_non_negative_int, metavar="N",
+                   help="extra processes of a calibration cell that measure between-process "
+                        "noise when repeats < 3 (default 4; 0: none)")
     p.add_argument("--world-size", type=_csv_ints, help="processes per node (comma-separated)")
     p.add_argument("--nnodes", type=_positive_int, help="nodes each multi-process cell spans")
     p.add_argument("--launcher", help="multi-node: command that starts one torchrun per node "
                    "(default in a SLURM allocation: srun --nodes=N --ntasks-per-node=1)")
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
                    help="multi-node: where the torchruns meet (default this host:29500)")
-    p.add_argument("--device", help="cpu | cuda (default: what the preset says)")
+    p.add_argument("--device",
+                   help="cpu | cuda | cuda:N | auto (default: what the preset or matrix says)")
     p.add_argument("--timeout", type=_positive_float, help="seconds per cell before it is killed")
     p.add_argument("--find-max-batch", action="store_true",
                    help="search the largest batch that fits")
@@ -110,51 +147,85 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_parity(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("parity", help="check each reduced precision reaches FP32's accuracy")
+    p = sub.add_parser(
+        "parity", help="check each reduced precision reaches FP32's accuracy",
+        description="Train each model on a learnable synthetic task under every policy, FP32 "
+        "over several seeds for its seed-to-seed band, and judge each policy's final eval "
+        "loss against it: PASS, FAIL or INCONCLUSIVE. Writes parity.csv and prints the "
+        "verdict table; exit 1 when a policy fails.")
     p.add_argument("--models", type=_csv, help="comma-separated model names")
     p.add_argument("--precisions", type=_csv, help="comma-separated policies")
     p.add_argument("--steps", type=_positive_int, help="training steps per run")
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per policy (default 3)")
-    p.add_argument("--device", default="auto", help="cpu | cuda | auto (default)")
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory for parity.csv")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
+    p.add_argument("--out", metavar="RUN_DIR", type=_out_dir, help="run directory for parity.csv")
     p.set_defaults(handler="bench.parity:main")
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write report.md and plots for a run directory")
+    p = sub.add_parser(
+        "report", help="write report.md and plots for a run directory",
+        description="Read a run directory's results.csv (and parity.csv) and write report.md "
+        "with its tables and plots/; needs no torch.")
     p.add_argument("run_dir", nargs="?", help="run directory (default: the latest run)")
-    p.add_argument("--out", help="output directory (default: the run directory)")
+    p.add_argument("--out", type=_out_dir, help="output directory (default: the run directory)")
     p.set_defaults(handler="bench.report:main")
 
-    p = sub.add_parser("publish", help="copy a run into results/<device>/<date>/ and index it")
+    p = sub.add_parser(
+        "publish", help="copy a run into results/<device>/<date>/ and index it",
+        description="Copy a finished run (results, parity, report, plots, meta) into "
+        "results/<device>/<date>/ for committing, and regenerate the index results/README.md.")
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--results", default="results", type=_out_dir,
+                   help="results directory (default: results)")
     p.set_defaults(handler="bench.report:publish_main")
 
 
 def _add_gate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("gate", help="compare a run against a baseline; exit 1 on regression")
+    p = sub.add_parser(
+        "gate", help="compare a run against a baseline; exit 1 on regression",
+        description="Match the current run's cells to a baseline's on the same device and "
+        "apply each check; a change fails only when it is beyond its threshold and beyond "
+        "the measured noise. Exit 0 pass, 1 regression, 2 bad input.")
     p.add_argument("--baseline", help="baseline CSV or run directory (default: this device's)")
     p.add_argument("--current", help="current run directory or CSV (default: the latest run)")
-    p.add_argument("--check", action="append", default=None, help="e.g. samples_per_s:-5%%")
-    p.add_argument("--allow-device-mismatch", action="store_true")
-    p.add_argument("--fail-on-throttled", action="store_true")
+    p.add_argument("--check", action="append", default=None,
+                   help="METRIC:CHANGE, e.g. samples_per_s:-5%%; repeat for several (default: "
+                        "samples/s -5%%, step time, reserved memory and J/sample +5%%)")
+    p.add_argument("--allow-device-mismatch", action="store_true",
+                   help="gate against a baseline from another device, matching cells "
+                        "without the device")
+    p.add_argument("--fail-on-throttled", action="store_true",
+                   help="fail a regression in a throttled cell too (default: a warning)")
+    p.add_argument("--fail-on-noisy", action="store_true",
+                   help="exit 1 when a check is too noisy to judge (default: reported, exit 0)")
     p.set_defaults(handler="bench.gate:main")
 
-    p = sub.add_parser("baseline", help="promote a run to results/baselines/<device>.csv")
+    p = sub.add_parser(
+        "baseline", help="promote a run to results/baselines/<device>.csv",
+        description="Copy a run's results (and parity) to the device's baseline, the one "
+        "`gate` compares later runs against by default.")
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--out", help="baseline CSV path (default results/baselines/<device>.csv)")
+    p.add_argument("--out", type=_out_csv,
+                   help="baseline CSV path (default results/baselines/<device>.csv)")
     p.set_defaults(handler="bench.gate:promote_main")
 
 
 def _add_env(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("env", help="environment fingerprint and GPU state, with noise warnings")
+    p = sub.add_parser(
+        "env", help="environment fingerprint and GPU state, with noise warnings",
+        description="Print what a number would be measured on: device, driver, CUDA, torch, "
+        "Python, CPU and git state, NVML's view of each GPU (clocks, power limit, "
+        "persistence, other processes), and a warning for each thing that makes numbers noisy.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler="bench.env:main")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the reference models")
+    p = sub.add_parser(
+        "models", help="list the reference models",
+        description="List the reference models with their parameters, training FLOPs per "
+        "sample, unit and default batch and size.")
     p.set_defaults(handler="models:main")
 
 
@@ -165,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_run, _add_cell, _add_parity, _add_report, _add_gate, _add_env, _add_models):
         add(sub)
     return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one command (``run``, ``cell`` ...): what its flags are."""
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
 
 
 def _resolve(target: str) -> Callable[[argparse.Namespace], int]:

@@ -18,6 +18,7 @@ record to ``--out`` unless another rank's failure got there first, and exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, precision, store
+from bench import BadInput, config, paths, precision, procs, store
 from bench.env import fingerprint
 from bench.flops import count_training_flops, mfu_fields
 from bench.measure import StepTimer, peak_memory, reset_peak_memory, summarize
@@ -291,6 +292,7 @@ def _train_and_measure(
 
     losses = [trainer.step() for _ in range(args.warmup)]
     trainer.sync()
+    step = _slowed(trainer)
     reset_peak_memory(device)
 
     # By UUID: torch's cuda:N is not NVML's GPU N under CUDA_VISIBLE_DEVICES.
@@ -302,7 +304,7 @@ def _train_and_measure(
     with monitor:
         for i in range(args.steps):  # the timed window: no host sync in here
             timer.start(i)
-            losses.append(trainer.step())
+            losses.append(step())
             timer.stop(i)
         trainer.sync()
 
@@ -328,6 +330,31 @@ def _train_and_measure(
         "scaler_scale_final": float(trainer.scaler.get_scale()) if scaling else None,
         "scaler_skipped_steps": (len(losses) - trainer.optimizer_steps()) if scaling else None,
     }
+
+
+def _slowed(trainer: Trainer) -> Any:
+    """``trainer.step``, or with AMPBENCH_SLOWDOWN=F (test-only, CPU) that step followed by
+    busy work of F times its own time, measured on three untimed steps: a regression of a
+    known size, real work on the core rather than an edited number, for measuring what the
+    gate detects."""
+    factor = float(os.environ.get("AMPBENCH_SLOWDOWN") or 0)
+    if factor <= 0:
+        return trainer.step
+    started = time.perf_counter()
+    for _ in range(3):
+        trainer.step()
+    trainer.sync()
+    extra_s = factor * (time.perf_counter() - started) / 3
+
+    def step() -> Any:
+        loss = trainer.step()
+        trainer.sync()  # the step's own work first, then the injected work
+        until = time.perf_counter() + extra_s
+        while time.perf_counter() < until:
+            pass
+        return loss
+
+    return step
 
 
 def _combine_ranks(per_rank: list[dict[str, Any]], num_samples: int) -> dict[str, Any]:
@@ -371,16 +398,15 @@ def write_record(record: dict[str, Any], out: str | None, *, exclusive: bool = F
         return
     path = Path(out)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    if not exclusive:
-        os.replace(tmp, path)
-        return
     try:
-        os.link(tmp, path)  # atomic, and fails if the file exists
-    except FileExistsError:
-        pass
+        tmp.write_text(text + "\n", encoding="utf-8")
+        if not exclusive:
+            os.replace(tmp, path)
+            return
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)  # atomic, and fails if the file exists
     finally:
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)  # never left behind, whatever failed
 
 
 def _inject_fault(args: argparse.Namespace, ranks: Ranks | None) -> None:
@@ -413,10 +439,23 @@ def _inject_fault(args: argparse.Namespace, ranks: Ranks | None) -> None:
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected fault in {here})")
 
 
+def _check_limits(args: argparse.Namespace) -> None:
+    """Counts past config.LIMITS (a billion steps) are bad input, before anything is built."""
+    for key in ("steps", "warmup", "batch_size", "grad_accum", "seq_len", "image_size"):
+        value = getattr(args, key, None)
+        if value is not None:
+            config.check_limit(key, value, "command line")
+    if not -(2**63) <= args.seed < 2**63:
+        raise BadInput(f"--seed {args.seed}: must fit in 64 bits")
+
+
 def main(args: argparse.Namespace) -> int:
     """`ampbench cell`: exit 0 when the cell is ok, 1 when it failed (its record says why)."""
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        raise BadInput(f"--out {args.out}: directory does not exist")
+    # First: a cell never outlives its runner or its timeout, even a hung one.
+    procs.watch_from_env()
+    if args.out:
+        paths.output_file(args.out)  # before the cell trains, not after
+    _check_limits(args)
     ranks = Ranks.from_env()
     _inject_fault(args, ranks)
     record = run_cell(args, ranks)

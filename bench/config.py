@@ -16,6 +16,7 @@ A TOML matrix::
     warmup = 2
     steps = 10
     repeats = 1
+    calibration = 4         # extra processes measuring between-process noise (repeats < 3)
     device = "cpu"          # cpu | cuda | cuda:N | auto
     timeout_s = 300
     grad_accum = [1]
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, precision
+from bench import BadInput, noise, precision
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,6 +82,9 @@ class Matrix:
     world_size: tuple[int, ...] = (1,)
     nnodes: int = 1
     repeats: int = 1
+    # Extra processes of a calibration cell that measure the machine's between-process noise
+    # when repeats are too few to (bench/noise.py); 0: none.
+    calibration: int = noise.CALIBRATION_PROCESSES
     warmup: int = 5
     steps: int = 20
     device: str = "auto"
@@ -178,7 +183,7 @@ def quick() -> Matrix:
         name="quick",
         models=(ModelAxis("gpt2-tiny", (2,), 64), ModelAxis("resnet-tiny", (2,), 32)),
         precisions=("fp32", "bf16"),
-        device="cpu", warmup=1, steps=3, timeout_s=120.0, parity=False,
+        device="cpu", warmup=1, steps=3, timeout_s=120.0, parity=False, calibration=0,
     )
 
 
@@ -204,6 +209,23 @@ def preset(name: str) -> Matrix:
 
 _MODEL_KEYS = ("batch_sizes", "seq_len", "image_size")
 
+# Upper bounds of counts and sizes: past these a value is a typo that would exhaust memory
+# (a billion repeats) or never end, not a measurement. Keyed by the last part of the key.
+LIMITS: dict[str, float] = {
+    "repeats": 1000, "calibration": 1000, "warmup": 1_000_000, "steps": 1_000_000,
+    "batch_sizes": 1 << 20, "batch_size": 1 << 20, "grad_accum": 65536, "world_size": 4096,
+    "nnodes": 4096, "timeout_s": 7 * 24 * 3600.0, "seq_len": 1 << 20, "image_size": 16384,
+    "seeds": 1000,
+}
+MAX_PROCESSES = 100_000  # cell processes in one sweep (cells x repeats)
+
+
+def check_limit(key: str, value: float, source: str) -> None:
+    """BadInput when ``value`` is past the limit for ``key`` (LIMITS)."""
+    limit = LIMITS.get(key.rsplit(".", 1)[-1])
+    if limit is not None and value > limit:
+        raise BadInput(f"{source}: '{key}' must be at most {limit:g}, got {value}")
+
 
 def _check(value: Any, kind: str, key: str, source: str) -> Any:
     """``value`` converted to ``kind`` (int, pos-int, float, bool, str, list[...]) or BadInput."""
@@ -221,10 +243,13 @@ def _check(value: Any, kind: str, key: str, source: str) -> Any:
         low = 1 if kind == "pos-int" else 0
         if value < low:
             raise bad(f"at least {low}")
+        check_limit(key, value, source)
         return value
     if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and value > 0):
             raise bad("a positive number")
+        check_limit(key, value, source)
         return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
@@ -240,7 +265,8 @@ def _check(value: Any, kind: str, key: str, source: str) -> Any:
 _TOP: dict[str, str] = {
     "name": "str", "precisions": "list[str]", "grad_accum": "list[pos-int]",
     "compile": "list[bool]", "world_size": "list[pos-int]", "nnodes": "pos-int",
-    "repeats": "pos-int", "warmup": "int", "steps": "pos-int", "device": "str",
+    "repeats": "pos-int", "calibration": "int", "warmup": "int", "steps": "pos-int",
+    "device": "str",
     "timeout_s": "float", "parity": "bool",
 }
 
@@ -273,6 +299,8 @@ def _model_axis(name: str, table: Any, source: str) -> ModelAxis:
 
 def from_dict(data: dict[str, Any], source: str = "matrix") -> Matrix:
     """Validate a TOML-shaped dict field by field and build the Matrix (BadInput on any error)."""
+    if not isinstance(data, dict):
+        raise BadInput(f"{source}: a matrix must be a table, got {type(data).__name__}")
     for key in data:
         if key != "models" and key not in _TOP:
             raise BadInput(f"{source}: unknown key '{key}'; valid: models, {', '.join(_TOP)}")
@@ -290,16 +318,30 @@ def from_dict(data: dict[str, Any], source: str = "matrix") -> Matrix:
         if name not in precision.NAMES:
             raise BadInput(f"{source}: precisions: unknown precision '{name}'; "
                            f"valid: {', '.join(precision.NAMES)}")
-    return Matrix(**values)
+    return _check_size(Matrix(**values), source)
+
+
+def _check_size(matrix: Matrix, source: str) -> Matrix:
+    """``matrix`` unless its sweep would start more than MAX_PROCESSES cell processes."""
+    num_cells = (sum(len(axis.batch_sizes) for axis in matrix.models) * len(matrix.precisions)
+                 * len(matrix.grad_accum) * len(matrix.compile) * len(matrix.world_size))
+    num_processes = num_cells * matrix.repeats + matrix.calibration
+    if num_processes > MAX_PROCESSES:
+        raise BadInput(f"{source}: {num_cells} cells x {matrix.repeats} repeat(s) is "
+                       f"{num_processes} processes; at most {MAX_PROCESSES} in one run")
+    return matrix
 
 
 def load(path: str | Path) -> Matrix:
     """Read a matrix TOML file; a missing, malformed or invalid file raises BadInput."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise BadInput(f"{path}: cannot read matrix file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise BadInput(f"{path}: line {line}: not UTF-8 text (TOML is UTF-8)") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -322,8 +364,12 @@ def override(
 
     ``models_`` keeps a listed model's axis from the matrix or adds it with its default size;
     ``batch_sizes`` replaces every model's batch sizes; ``scalars`` are Matrix fields
-    (steps, warmup, repeats, device, timeout_s, world_size, nnodes).
+    (steps, warmup, repeats, calibration, device, timeout_s, world_size, nnodes).
     """
+    for flag, given in (("--models", models_), ("--precisions", precisions),
+                        ("--batch-sizes", batch_sizes)):
+        if given is not None and not given:
+            raise BadInput(f"{flag}: an empty list; name at least one")
     axes = {axis.name: axis for axis in matrix.models}
     if models_ is not None:
         chosen = []
@@ -350,7 +396,13 @@ def override(
     unknown = set(changes) - known
     if unknown:
         raise ValueError(f"not Matrix fields: {sorted(unknown)}")
-    return replace(matrix, **changes)
+    for key, value in changes.items():
+        for number in value if isinstance(value, tuple) else (value,):
+            if isinstance(number, int | float) and not isinstance(number, bool):
+                check_limit(key, number, "command line")
+    for size in batch_sizes or ():
+        check_limit("batch_sizes", size, "command line")
+    return _check_size(replace(matrix, **changes), "command line")
 
 
 __all__ = ["PRESETS", "Cell", "Matrix", "ModelAxis", "from_dict", "load", "override", "preset"]

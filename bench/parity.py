@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, precision, store
+from bench import BadInput, config, paths, precision, store
 
 ABS_FLOOR = 0.03  # nats: eval-loss differences below this are never a failure
 K_SIGMA = 3.0  # band half-width in FP32 seed-to-seed standard deviations
@@ -508,18 +508,26 @@ def run_parity(
     Also writes parity_curves.csv; returns the parity.csv path. Policies a device cannot run
     are skipped with a note on stderr; runs already in run_dir's parity_runs.jsonl are reused.
     """
+    from bench.cell import resolve_device
+
+    model_names, chosen = _validate(models, precisions, steps, seeds)
+    config.check_limit("steps", steps or 0, "command line")
+    config.check_limit("seeds", seeds, "command line")
+    dev = resolve_device(device)
+    model_names = model_names or default_models(dev)
+    run_dir = paths.output_dir(run_dir, "parity run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with paths.lock(run_dir, "ampbench parity"):  # re-entrant: a runner may hold it already
+        return _run_all(run_dir, model_names, chosen, seeds, steps, dev)
+
+
+def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], seeds: int,
+             steps: int | None, dev: Any) -> Path:
     import sys
 
     import pandas as pd
     import torch
 
-    from bench.cell import resolve_device
-
-    model_names, chosen = _validate(models, precisions, steps, seeds)
-    dev = resolve_device(device)
-    model_names = model_names or default_models(dev)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if dev.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(min(4, os.cpu_count() or 1))  # tiny models gain nothing past ~4
 
@@ -587,19 +595,32 @@ def _crashed(model: str, precision_name: str, seed: int, setup: Setup,
 
 
 def _load_runs(run_dir: Path) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Finished runs of an earlier parity stage in run_dir (a crashed run is tried again)."""
-    path = run_dir / RUNS
+    """Finished runs of an earlier parity stage in run_dir (a crashed run is tried again); a
+    damaged line is a warning and skipped (its run is trained again)."""
     runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
-    if not path.exists():
-        return runs
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the torn last line of a killed stage
+    for entry in store.load_jsonl(run_dir / RUNS, _run_problem):
         if entry["row"].get("error") is None:
             runs[entry["key"]] = (entry["row"], entry["curve"])
     return runs
+
+
+def _run_problem(entry: Any) -> str | None:
+    """Why a line of parity_runs.jsonl cannot be reused (None when it can)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+        return "not a parity run (no key)"
+    row, curve = entry.get("row"), entry.get("curve")
+    if not isinstance(row, dict) or not isinstance(curve, list):
+        return "not a parity run (no row or curve)"
+    for column in ("eval_loss", "eval_accuracy"):
+        value = row.get(column)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"{column} {value!r} is not a number"
+    for point in curve:
+        if not isinstance(point, dict) or not all(
+                isinstance(point.get(k), int | float) and not isinstance(point.get(k), bool)
+                for k in ("step", "loss")):
+            return "a curve point without a numeric step and loss"
+    return None
 
 
 def _spec(name: str) -> models.ModelSpec:
@@ -620,6 +641,15 @@ def summarize(frame: Any) -> str:
     return tabulate(agg, headers="keys", showindex=False, floatfmt=".4g", tablefmt="github")
 
 
+def verdict_table(path: Path | str) -> str:
+    """parity.csv's verdicts under a title: the end of `ampbench parity` and of the parity
+    stage of `ampbench run`."""
+    import pandas as pd
+
+    return ("Accuracy parity against fp32 (means over seeds; PASS within tolerance):\n"
+            + summarize(pd.read_csv(path)))
+
+
 def main(args: argparse.Namespace) -> int:
     """`ampbench parity`: exit 0 when every policy passes or is inconclusive, 1 on any FAIL."""
     import pandas as pd
@@ -629,6 +659,6 @@ def main(args: argparse.Namespace) -> int:
     path = run_parity(out, models=args.models, precisions=args.precisions, steps=args.steps,
                       seeds=args.seeds, device=args.device)
     frame = pd.read_csv(path)
-    print(summarize(frame))
+    print(verdict_table(path))
     print(f"\nwrote {path} and {path.with_name('parity_curves.csv')}")
     return 1 if (frame["verdict"] == "FAIL").any() else 0

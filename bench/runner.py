@@ -9,9 +9,13 @@ group) under a timeout; a cell with world_size > 1 runs under torchrun
 (``python -m torch.distributed.run``), standalone on one node. Its record is appended to
 records.jsonl (flush + fsync) and results.csv is derived after every cell. A child that dies
 without a record becomes a record too (oom | timeout | error); a timeout or Ctrl-C kills the
-child's whole process tree. Running again into the same directory runs only the cells that
-are missing or failed. After the sweep: accuracy parity (bench.parity) and the report
-(bench.report); a failure there is reported and the sweep's records stay.
+child's whole process tree. SIGTERM and SIGHUP stop the run like Ctrl-C (children killed,
+temporary directories removed, the resume command printed, exit 128+N), and a child polices
+itself too (bench/procs.py): it dies with this runner, however it dies, and at its own
+timeout. One runner per run directory (bench/paths.py's lock). Running again into the same
+directory runs only the cells that are missing or failed. After the sweep: accuracy parity
+(bench.parity) and the report (bench.report); a failure there is reported and the sweep's
+records stay.
 
 Several nodes (``--nnodes N``): this one runner starts each cell through a launcher that runs
 one torchrun on every node (``--launcher "srun --nodes=2 --ntasks-per-node=1"``, the default
@@ -28,12 +32,12 @@ import contextlib
 import datetime as _dt
 import itertools
 import json
+import math
 import os
 import re
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import BadInput, config, matrix, store
+from bench import BadInput, config, load, matrix, noise, paths, procs, store
 from bench.config import Cell, Matrix
 
 DONE = ("ok", "unsupported", "skipped")  # statuses a resumed run does not repeat
@@ -158,56 +162,20 @@ def classify_torchrun(stderr: str, logs: Path) -> tuple[str, str]:
     return status, f"rank {rank}: {error}"
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (empty where there is no /proc)."""
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", encoding="utf-8") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the child's process group and every descendant, then SIGKILL what is left.
 
     Descendants too, not only the group: torchrun starts each rank in a session of its own,
     so a group kill alone would leave the ranks (and the GPU memory they hold) behind.
     """
-    pids = _descendants(proc.pid)  # before any dies: an orphan no longer shows its lineage
-
-    def signal_all(sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-
-    signal_all(signal.SIGTERM)
+    pids = procs.descendants(proc.pid)  # before any dies: an orphan no longer shows its lineage
+    procs.signal_tree(pids, signal.SIGTERM, group=proc.pid)
     deadline = time.monotonic() + _KILL_GRACE_S
-    while time.monotonic() < deadline and (proc.poll() is None or any(map(_alive, pids))):
+    while time.monotonic() < deadline and (proc.poll() is None or any(map(procs.alive, pids))):
         time.sleep(0.05)
-    signal_all(signal.SIGKILL)
+    # Late children too: a rank that torchrun started while it was being told to stop.
+    procs.signal_tree(pids + procs.descendants(proc.pid), signal.SIGKILL, group=proc.pid)
     proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
-    except (OSError, IndexError):
-        return False
 
 
 @dataclass
@@ -231,9 +199,12 @@ def launch(cell: Cell, settings: Settings, repeat: int, workdir: Path, slot: int
     timed_out = False
     with open(err_path, "wb") as err:
         # stderr to a file, not a pipe: a chatty child can never block on a full pipe.
+        # The child polices itself too (bench/procs.py): it dies with this process, and at
+        # its own deadline, a little after this one, should this process be gone by then.
+        env = {**os.environ, **procs.runner_env(settings.timeout_s + _KILL_GRACE_S)}
         proc = subprocess.Popen(cell_argv(cell, settings, repeat, out, logs, slot),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         try:
             proc.wait(timeout=settings.timeout_s)
         except subprocess.TimeoutExpired:
@@ -246,8 +217,10 @@ def launch(cell: Cell, settings: Settings, repeat: int, workdir: Path, slot: int
     # A record means the measurement finished, even when the launcher then hung on its way
     # out and the timeout had to kill it.
     if out.exists():
-        with contextlib.suppress(json.JSONDecodeError):
+        with contextlib.suppress(ValueError):  # bad JSON or not UTF-8: no record
             record = json.loads(out.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            record = None
     stderr = err_path.read_text(encoding="utf-8", errors="replace")
     return Child(timed_out, proc.returncode, stderr, record, logs)
 
@@ -300,9 +273,12 @@ def _oom_limits(records: Iterable[dict[str, Any]], cells: dict[str, Cell]) -> di
 
 
 def _progress(total: int, initial: int) -> Any:
+    """A progress bar on a terminal; nothing where stderr is a file or a pipe (CI logs), where
+    the one plain line per finished cell is the progress."""
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, file=sys.stderr, unit="cell", dynamic_ncols=True,
+                disable=not sys.stderr.isatty(),
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
 
 
@@ -314,35 +290,80 @@ def _workdir(state: Sweep, cells: list[Cell]) -> Any:
                                        dir=shared)
 
 
-def sweep(state: Sweep, cells: list[Cell], repeats: int) -> None:
-    """Run every cell and repeat that is not done yet; OOM at b skips larger batches."""
+def plan(cells: list[Cell], repeats: int, calibration: int = noise.CALIBRATION_PROCESSES,
+         ) -> list[tuple[Cell, int, bool]]:
+    """Every (cell, repeat, calibration) in the order they run.
+
+    Repeats are separate processes interleaved across cells (a, b, c, a, b, c), so drift hits
+    every cell alike. With fewer than ``noise.MIN_OWN`` repeats a cell cannot measure its own
+    between-process noise, so a calibration cell (the first single-process cell) gets
+    ``calibration`` extra processes, half before the sweep and half after: their spread is the
+    run's band for every cell (bench/noise.py).
+    """
+    tasks = [(cell, r, False) for r in range(repeats) for cell in cells]
+    first = next((c for c in cells if c.num_processes == 1), None)
+    if first is None or repeats >= noise.MIN_OWN or calibration < 1:
+        return tasks
+    extra = [(first, repeats + i, True) for i in range(calibration)]
+    half = len(extra) // 2
+    return extra[:half] + tasks + extra[half:]
+
+
+def sweep(state: Sweep, cells: list[Cell], repeats: int,
+          calibration: int = noise.CALIBRATION_PROCESSES) -> None:
+    """Run every planned process that is not done yet; OOM at b skips larger batches. Records
+    the machine's load around it in meta.json (warnings included)."""
     from tqdm import tqdm
 
     from bench.cell import summary_line
 
-    tasks = [(cell, r) for cell in cells for r in range(repeats)]
-    todo = [(c, r) for c, r in tasks if not state.done(c.cell_id, r)]
+    tasks = plan(cells, repeats, calibration)
+    todo = [(c, r, cal) for c, r, cal in tasks if not state.done(c.cell_id, r)]
     by_id = matrix.index(cells)
     limits = _oom_limits(state.records.values(), by_id)
     bar = _progress(len(tasks), len(tasks) - len(todo))
+    num_done = len(tasks) - len(todo)
+    machine = load.before_sweep()
+    start = load.snapshot()
+    for warning in load.warnings(machine):
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         with _workdir(state, cells) as tmp:
-            for slot, (cell, repeat) in enumerate(todo):
-                bar.set_postfix_str(cell.label() + (f" #{repeat}" if repeats > 1 else ""))
+            for slot, (cell, repeat, is_calibration) in enumerate(todo):
+                tag = " (calibration)" if is_calibration else (
+                    f" #{repeat}" if repeats > 1 else "")
+                bar.set_postfix_str(cell.label() + tag)
                 limit = limits.get(cell.group)
                 if limit is not None and cell.batch_size > limit:
                     record = failure_record(cell, state.settings, repeat, "skipped",
                                             f"batch {limit} already ran out of memory")
                 else:
                     record = run_child(cell, state.settings, repeat, Path(tmp), slot)
+                record["calibration"] = is_calibration
                 state.save(record)
                 if record["status"] == "oom":
                     limits[cell.group] = min(limits.get(cell.group, cell.batch_size),
                                              cell.batch_size)
-                tqdm.write(summary_line(record), file=sys.stderr)
+                num_done += 1
+                tqdm.write(f"[{num_done}/{len(tasks)}] {summary_line(record)}{tag}",
+                           file=sys.stderr)
                 bar.update(1)
-    finally:
+    finally:  # also on a stop: the load so far is worth keeping, but never worth a crash
         bar.close()
+        with contextlib.suppress(Exception):
+            during = load.during(start, load.snapshot())
+            for warning in load.warnings(during):
+                print(f"warning: {warning}", file=sys.stderr)
+            _record_load(state.run_dir, {**machine, **during})
+
+
+def _record_load(run_dir: Path, machine: dict[str, Any]) -> None:
+    """The machine's load into meta.json, with its warnings (the report shows them); a
+    resumed run's replace the earlier ones."""
+    meta = store.read_meta(run_dir)
+    kept = [w for w in meta.get("warnings") or [] if not w.startswith("busy ")]
+    store.write_meta(run_dir, {**meta, "machine_load": machine,
+                               "warnings": kept + load.warnings(machine)})
 
 
 def find_max_batch(state: Sweep, cells: list[Cell]) -> None:
@@ -430,40 +451,44 @@ def _column_label(column: tuple[Any, ...], show_size: bool) -> str:
 
 def summarize(records: Iterable[dict[str, Any]]) -> str:
     """Per model: policies x cells (batch size, world size ...), median samples/s of the ok
-    repeats with the speedup over fp32 in the same column."""
+    processes with the speedup over fp32 in the same column and its noise interval."""
     from tabulate import tabulate
 
     records = list(records)
     cells = [r for r in records if not r.get("max_batch_search")]
     searched = [r for r in records if r.get("max_batch_search")]
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in cells:
+        if r.get("status") == "ok":
+            groups.setdefault((r["model"], r["precision"], _column(r)), []).append(r)
+    estimates, band = noise.cell_estimates(groups, "samples_per_s")
     blocks = []
     for model in dict.fromkeys(r["model"] for r in cells):
         rows = [r for r in cells if r["model"] == model]
         columns = sorted({_column(r) for r in rows}, key=lambda c: (c[4], c[2], c[3], c[1], c[0]))
         show_size = len({c[1] for c in columns}) > 1
-        speeds: dict[tuple[str, tuple[Any, ...]], float] = {}
-        statuses: dict[tuple[str, tuple[Any, ...]], str] = {}
-        for policy in dict.fromkeys(r["precision"] for r in rows):
-            for column in columns:
-                group = [r for r in rows if r["precision"] == policy and _column(r) == column]
-                ok = [r["samples_per_s"] for r in group if r["status"] == "ok"]
-                if ok:
-                    speeds[policy, column] = statistics.median(ok)
-                elif group:
-                    statuses[policy, column] = group[-1]["status"]
         body = []
         for policy in dict.fromkeys(r["precision"] for r in rows):
             line = [policy]
             for column in columns:
-                value, base = speeds.get((policy, column)), speeds.get(("fp32", column))
-                text = statuses.get((policy, column), "")
+                value = estimates.get((model, policy, column))
+                base = estimates.get((model, "fp32", column))
+                group = [r for r in rows if r["precision"] == policy and _column(r) == column]
+                text = group[-1]["status"] if group else ""
                 if value is not None:
-                    text = f"{value:,.1f}" + (f" ({value / base:.2f}x)" if base else "")
+                    text = f"{value.value:,.1f}"
+                    if base is not None and policy != "fp32":
+                        ratio = value.ratio(base)
+                        width = (f" ±{ratio.half_width:.2f}" if math.isfinite(ratio.half_width)
+                                 else "")
+                        text += f" ({ratio.value:.2f}x{width}{'*' if ratio.beyond_noise else ''})"
                 line.append(text)
             body.append(line)
         headers = ["policy", *(_column_label(c, show_size) for c in columns)]
-        blocks.append(f"{model}: samples/s (speedup over fp32)\n"
+        blocks.append(f"{model}: samples/s (speedup over fp32; * beyond the noise)\n"
                       + tabulate(body, headers=headers, tablefmt="github"))
+    if estimates:
+        blocks.append(f"noise: {noise.describe(band)}")
     if searched:
         body = [[r["model"], r["precision"], r["max_batch"]] for r in searched]
         blocks.append("largest batch that fits\n" + tabulate(
@@ -484,19 +509,125 @@ def _resolve_device(name: str) -> str:
 
 def _choose_matrix(args: argparse.Namespace) -> tuple[Matrix, Path | None, dict[str, Any]]:
     """(matrix before overrides, run directory if known, its meta) from the flags."""
-    run_dir = Path(args.resume or args.out) if (args.resume or args.out) else None
+    run_dir = None
+    if args.resume or args.out:
+        run_dir = paths.output_dir(args.resume or args.out, "--resume" if args.resume else "--out")
     meta: dict[str, Any] = {}
     if args.resume and not (run_dir / store.META).is_file():
         raise BadInput(f"--resume {args.resume}: not a run directory (no {store.META})")
     if run_dir is not None and (run_dir / store.META).is_file():
-        meta = store.read_meta(run_dir)
+        meta = store.read_meta(run_dir)  # {} with a warning when damaged
     if args.matrix:
         return config.load(args.matrix), run_dir, meta
     if args.preset:
         return config.preset(args.preset), run_dir, meta
     if meta.get("matrix"):
         return config.from_dict(meta["matrix"], str(run_dir / store.META)), run_dir, meta
+    if args.resume:
+        raise BadInput(f"--resume {args.resume}: {store.META} holds no matrix; finish the run "
+                       f"with --out {args.resume} and the --preset or --matrix it ran")
     return config.preset("auto"), run_dir, meta
+
+
+def _known_run_id(meta: dict[str, Any], run_dir: Path | None) -> str | None:
+    """The run id of a run directory: meta.json's, else its records' (meta.json damaged)."""
+    candidates = [meta.get("run_id")]
+    if run_dir is not None and not _valid_run_id(meta.get("run_id")):
+        candidates += [r.get("run_id") for r in store.load_records(run_dir)]
+    return next((c for c in candidates if _valid_run_id(c)), None)
+
+
+def _valid_run_id(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}", value) \
+        is not None
+
+
+def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that finishes ``run_dir``: every flag this run was started with, the
+    matrix taken from its meta.json (so --preset, --matrix and --out give way to --resume)."""
+    from bench.__main__ import command_parser
+
+    argv = ["python", "-m", "bench", "run", "--resume", str(run_dir)]
+    for action in command_parser("run")._actions:
+        if not action.option_strings or action.dest in ("help", "preset", "matrix", "resume",
+                                                        "out"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value is False or value == action.default:
+            continue
+        argv.append(action.option_strings[-1])
+        if value is not True:
+            argv.append(",".join(map(str, value)) if isinstance(value, list | tuple)
+                        else str(value))
+    return shlex.join(argv)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the runner is, so that it stops like on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                      if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise Stopped once; later ones wait for the cleanup that the
+    first one started (children killed, temporary directories removed)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def later(signum: int, frame: Any) -> None:
+        print(f"ampbench run: {signal.Signals(signum).name}: still cleaning up",
+              file=sys.stderr)
+
+    def first(signum: int, frame: Any) -> None:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, later)
+        raise Stopped(signum)
+
+    before = {sig: signal.signal(sig, first) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class _Session:
+    """What `ampbench run` holds while it runs: the run directory's lock, and enough to say
+    how to resume when it is stopped."""
+
+    args: argparse.Namespace
+    hold: contextlib.ExitStack
+    run_dir: Path | None = None
+    state: Sweep | None = None
+
+    def lock(self, run_dir: Path) -> None:
+        self.hold.enter_context(paths.lock(run_dir, "ampbench run"))
+        self.run_dir = run_dir
+
+    def stopped(self, signum: int) -> int:
+        """Say what was kept and how to resume; the exit code for being stopped by signum."""
+        name = signal.Signals(signum).name
+        if self.run_dir is None or not (self.run_dir / store.META).exists():
+            print(f"\nampbench run: stopped by {name} before the sweep began; nothing written",
+                  file=sys.stderr)
+        else:
+            records = self.state.records.values() if self.state else []
+            done = sum(1 for r in records if r.get("status") in DONE)
+            print(f"\nampbench run: stopped by {name}; {done} finished cell(s) kept in "
+                  f"{self.run_dir}\nresume with: {resume_command(self.args, self.run_dir)}",
+                  file=sys.stderr)
+        return 128 + signum
 
 
 def _multi_node(args: argparse.Namespace, mx: Matrix) -> tuple[tuple[str, ...], str]:
@@ -530,11 +661,24 @@ def _after_sweep(stage: str, call: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`ampbench run`: sweep the matrix into a run directory; exit 0 when the sweep finished."""
+    """`ampbench run`: sweep the matrix into a run directory; exit 0 when the sweep finished,
+    128+N when stopped by signal N (Ctrl-C, SIGTERM, SIGHUP) with the resume command printed."""
+    with contextlib.ExitStack() as hold, _stop_on_signals():
+        session = _Session(args, hold)
+        try:
+            return _run(args, session)
+        except Stopped as stop:
+            return session.stopped(stop.signum)
+        except KeyboardInterrupt:  # SIGINT that arrived before the handlers were in place
+            return session.stopped(signal.SIGINT)
+
+
+def _run(args: argparse.Namespace, session: _Session) -> int:
     base, run_dir, meta = _choose_matrix(args)
     mx = config.override(
         base, models_=args.models, precisions=args.precisions, batch_sizes=args.batch_sizes,
-        steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=args.device,
+        steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+        calibration=args.calibration, device=args.device,
         timeout_s=args.timeout, world_size=args.world_size, nnodes=args.nnodes,
     )
     cells = matrix.expand(mx)
@@ -550,9 +694,10 @@ def main(args: argparse.Namespace) -> int:
     env = fingerprint(device)
     stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
     slug = store.device_slug(env["device_name"])[:24].rstrip("-")
-    run_id = meta.get("run_id") or f"{stamp}-{slug}"
-    run_dir = run_dir or store.RUNS / run_id
+    run_id = _known_run_id(meta, run_dir) or f"{stamp}-{slug}"
+    run_dir = run_dir or paths.output_dir(store.RUNS / run_id, "run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
+    session.lock(run_dir)  # one runner per run directory; before anything is read or written
     store.write_meta(run_dir, {
         "run_id": run_id, "created": meta.get("created") or env["timestamp"],
         "updated": env["timestamp"], **env, "cpu_model": cpu_model(),
@@ -562,18 +707,13 @@ def main(args: argparse.Namespace) -> int:
                         rdzv_endpoint)
     state = Sweep(run_dir, settings, {(r.get("cell_id"), r.get("repeat")): r
                                       for r in store.load_records(run_dir)})
+    session.state = state
     print(f"ampbench run: {len(cells)} cells x {mx.repeats} repeat(s) of matrix '{mx.name}' "
           f"on {device} -> {run_dir}", file=sys.stderr)
-    try:
-        if args.find_max_batch:
-            find_max_batch(state, cells)
-        else:
-            sweep(state, cells, mx.repeats)
-    except KeyboardInterrupt:
-        done = sum(1 for r in state.records.values() if r.get("status") in DONE)
-        print(f"\nampbench run: interrupted; {done} finished cell(s) kept in {run_dir}\n"
-              f"resume with: python -m bench run --resume {run_dir}", file=sys.stderr)
-        return 130
+    if args.find_max_batch:
+        find_max_batch(state, cells)
+    else:
+        sweep(state, cells, mx.repeats, mx.calibration)
     store.write_csv(run_dir, state.records.values())
     print(summarize(state.records.values()))
 
@@ -581,9 +721,9 @@ def main(args: argparse.Namespace) -> int:
         from bench import parity
 
         print("ampbench run: accuracy parity ...", file=sys.stderr)
-        _after_sweep("parity", lambda: parity.run_parity(
+        _after_sweep("parity", lambda: print(parity.verdict_table(parity.run_parity(
             run_dir, models=[a.name for a in mx.models], precisions=list(mx.precisions),
-            device=device))
+            device=device))))
     if not args.no_report:
         from bench import report
 

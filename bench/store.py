@@ -7,20 +7,24 @@ torch-free: analysis (report, gate) reads these files on any machine.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench import BadInput
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: calibration; results.csv gained the per-cell noise columns
 
 IDENTITY = (
     "schema", "run_id", "cell_id", "model", "precision", "batch_size", "seq_len", "image_size",
-    "grad_accum", "compile", "world_size", "repeat",
+    "grad_accum", "compile", "world_size", "repeat", "calibration",
 )
 STATUS = ("status", "error")
 TIMING = (
@@ -39,11 +43,19 @@ NUMERICS = (
 )
 ENVIRONMENT = (
     "device", "device_name", "device_count", "driver_version", "torch_version", "cuda_version",
-    "cudnn_version", "python_version", "machine_id", "git_sha", "git_dirty", "timestamp",
+    "torch_cuda_build", "cudnn_version", "python_version", "machine_id", "git_sha", "git_dirty",
+    "timestamp",
 )
 FIELDS: tuple[str, ...] = (
     IDENTITY + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + ENVIRONMENT
 )
+
+# Derived into results.csv from all of a cell's processes (the same on each of its rows): the
+# cell's throughput (median over its ok processes), that value's relative standard error, the
+# spread between its processes and the per-process noise used, with where that came from
+# (bench/noise.py).
+CELL_NOISE = ("num_processes", "cell_samples_per_s", "cell_samples_per_s_err_pct",
+              "process_spread_pct", "noise_pct", "noise_source")
 
 # What identifies a cell across runs: a cell's repeats share these, and the report and the
 # gate match cells on them.
@@ -87,24 +99,84 @@ def append(run_dir: Path, record: dict[str, Any], name: str = RECORDS) -> None:
         os.fsync(f.fileno())
 
 
-def load_records(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete record; for a repeated (cell_id, repeat) the last one wins."""
-    path = Path(run_dir) / RECORDS
-    if not path.exists():
+def warn(path: Path | str, line: int | str, why: str) -> None:
+    """One line on stderr about a damaged entry of a file that is skipped, not fatal."""
+    print(f"warning: {path}: line {line}: {why}; skipped", file=sys.stderr)
+
+
+def load_jsonl(path: Path, problem: Callable[[Any], str | None]) -> list[Any]:
+    """The entries of a JSON-lines file that ``problem`` finds nothing wrong with (it returns
+    why an entry is damaged, or None); every damaged line is a warning naming it and skipped.
+    A torn last line (no newline: a writer killed mid-line) is skipped silently."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read it ({exc.strerror})") from None
+    entries = []
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines[:-1], 1):  # the last piece has no newline: torn
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            warn(path, number, "not UTF-8 text")
+            continue
+        except ValueError:
+            warn(path, number, "not valid JSON")
+            continue
+        why = problem(entry)
+        if why:
+            warn(path, number, why)
+            continue
+        entries.append(entry)
+    return entries
+
+
+# Record fields that hold numbers (or null) and whole numbers of at least 0 or 1: a record
+# read back with anything else in them is damaged.
+_RECORD_INTS = {"repeat": 0, "batch_size": 0, "seq_len": 1, "image_size": 1, "grad_accum": 1,
+                "world_size": 1, "warmup_steps": 0, "timed_steps": 0}
+_RECORD_NUMBERS = TIMING + MEMORY + COMPUTE + NUMERICS + (
+    "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "energy_check_pct",
+    "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def record_problem(record: Any) -> str | None:
+    """Why ``record`` is not a usable record (None when it is): what a resumed run, the
+    summary and results.csv need of it."""
+    if not isinstance(record, dict):
+        return f"not a record but {type(record).__name__} {str(record)[:40]}"
+    for field in ("cell_id", "model", "precision"):
+        if not isinstance(record.get(field), str) or not record[field]:
+            return f"no {field}"
+    if record.get("status") not in STATUSES:
+        return f"status {record.get('status')!r} is not one of {', '.join(STATUSES)}"
+    for field, low in _RECORD_INTS.items():
+        value = record.get(field)
+        required = field in ("repeat", "batch_size")
+        if (value is not None or required) and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            return f"{field} {value!r} is not a whole number of at least {low}"
+    for field in _RECORD_NUMBERS:
+        value = record.get(field)
+        if value is not None and not _is_number(value):
+            return f"{field} {value!r} is not a number"
+    return None
+
+
+def load_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete record; for a repeated (cell_id, repeat) the last one wins. A damaged
+    line is a warning and skipped (a resumed run runs its cell again)."""
     latest: dict[tuple[Any, Any], dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn tail of a killed writer
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn line that a later append ended
-            latest[(record.get("cell_id"), record.get("repeat"))] = record
+    for record in load_jsonl(Path(run_dir) / RECORDS, record_problem):
+        latest[(record["cell_id"], record["repeat"])] = record
     return list(latest.values())
 
 
@@ -118,60 +190,240 @@ def write_csv(run_dir: Path, records: Iterable[dict[str, Any]] | None = None) ->
     for field in FIELDS:
         if field not in frame.columns:
             frame[field] = None
-    extra = [c for c in frame.columns if c not in FIELDS]
-    frame = frame[list(FIELDS) + extra]
+    frame = _with_cell_noise(frame)
+    extra = [c for c in frame.columns if c not in FIELDS + CELL_NOISE]
+    frame = frame[list(FIELDS + CELL_NOISE) + extra]
     if "throttle_reasons" in frame.columns:
         frame["throttle_reasons"] = frame["throttle_reasons"].map(
             lambda v: ";".join(v) if isinstance(v, list) else v
         )
     path = run_dir / RESULTS
     tmp = path.with_suffix(".csv.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a runner stopped mid-write leaves no stray file
     return path
+
+
+def _with_cell_noise(frame: Any) -> Any:
+    """``frame`` with the CELL_NOISE columns: each cell's samples/s over all its processes."""
+    import pandas as pd
+
+    from bench import noise
+
+    frame = frame.copy()
+    for column in CELL_NOISE:
+        frame[column] = None
+    if frame.empty:
+        return frame
+    ok = frame[frame["status"] == "ok"]
+    cells = {tuple(rows.index): rows.to_dict("records")
+             for _, rows in ok.groupby(list(KEY), dropna=False, sort=False)}
+    estimates, _ = noise.cell_estimates(cells, "samples_per_s")
+    for index, est in estimates.items():
+        spread = noise.own_spread(noise.finite(r["samples_per_s"] for r in cells[index]))
+        frame.loc[list(index), list(CELL_NOISE)] = [
+            est.n, est.value, _finite_or_none(est.error * 100),
+            None if spread is None else spread * 100, _finite_or_none(est.spread * 100),
+            est.source]
+    return frame.astype({c: "object" for c in CELL_NOISE}).where(pd.notna(frame), None)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # unknown noise: an empty cell, not inf
 
 
 def write_meta(run_dir: Path, meta: dict[str, Any]) -> Path:
     """Write meta.json atomically."""
     path = Path(run_dir) / META
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a runner stopped mid-write leaves no stray file
     return path
 
 
 def read_meta(run_dir: Path) -> dict[str, Any]:
-    """meta.json of a run directory, or {} when it has none."""
+    """meta.json of a run directory, or {} when it has none or it is damaged (a warning)."""
     path = Path(run_dir) / META
-    if not path.exists():
+    if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        warn(path, path.read_bytes()[:exc.start].count(b"\n") + 1, "not UTF-8 text")
+        return {}
     except json.JSONDecodeError as exc:
-        raise BadInput(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        warn(path, exc.lineno, f"not valid JSON ({exc.msg})")
+        return {}
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read it ({exc.strerror})") from None
+    if not isinstance(meta, dict):
+        warn(path, 1, f"not a JSON object but {type(meta).__name__}")
+        return {}
+    return meta
 
 
-def load_results(source: Path | str) -> Any:
-    """results.csv as a DataFrame, from a run directory or a CSV path; bad input raises BadInput."""
+# What results.csv's columns may hold, beyond text. Whole numbers with their least value;
+# numbers that cannot be negative; numbers of either sign. Empty (NaN) is allowed everywhere
+# but in REQUIRED: a failed cell has no measurements, and what a missing one means is the
+# reader's caller's to say (the gate fails it).
+REQUIRED = ("model", "precision", "batch_size", "status")
+WHOLE = {"batch_size": 0, "seq_len": 1, "image_size": 1, "grad_accum": 1, "world_size": 1,
+         "repeat": 0, "warmup_steps": 0, "timed_steps": 0, "device_count": 0,
+         "nonfinite_steps": 0, "scaler_skipped_steps": 0, "max_batch": 0, "num_processes": 0}
+NON_NEGATIVE = (
+    "step_ms_median", "step_ms_iqr", "step_ms_min", "samples_per_s", "tokens_per_s",
+    "startup_s", *MEMORY, "flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct",
+    "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "joules_per_sample",
+    "sm_clock_mhz_avg", "scaler_scale_final", "cell_samples_per_s",
+    "cell_samples_per_s_err_pct", "process_spread_pct", "noise_pct",
+)
+SIGNED = ("loss_first", "loss_last", "energy_check_pct", "temp_max_c")
+
+
+def _parse_number(value: Any) -> float | None:
+    """``value`` as a float (NaN for empty), or None when it is not a number."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value).strip()
+    if not text:
+        return math.nan
+    if "_" in text:  # float() takes 1_000, pandas and a spreadsheet do not
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _records_of(path: Path, strict: bool) -> tuple[list[str], list[list[str]], list[int]]:
+    """(header, rows, first line of each row) of a CSV file; a row whose field count is not
+    the header's is damaged: BadInput when ``strict``, else a warning and skipped."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise BadInput(f"{path}: line {line}: not UTF-8 text") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read it ({exc.strerror})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    last = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # pragma: no cover - the lenient reader rarely refuses
+            raise BadInput(f"{path}: line {reader.line_num}: not a readable CSV ({exc})") from None
+        first, last = last + 1, reader.line_num
+        if not row:
+            continue
+        if header is None:
+            header = row
+            continue
+        why = None
+        if len(row) != len(header):
+            why = f"{len(row)} fields, the header has {len(header)}"
+        elif any("\0" in field for field in row):
+            why = "a NUL character"
+        if why:
+            where = f"{first}" if first == last else f"{first}-{last}"
+            if strict:
+                raise BadInput(f"{path}: not a readable CSV (Error tokenizing data at line "
+                               f"{where}: {why})")
+            warn(path, where, why)
+            continue
+        rows.append(row)
+        lines.append(first)
+    if header is None:
+        raise BadInput(f"{path}: empty, not a CSV with a header")
+    return header, rows, lines
+
+
+def read_csv(path: Path | str, required: Sequence[str] = (), whole: dict[str, int] | None = None,
+             non_negative: Sequence[str] = (), signed: Sequence[str] = (),
+             strict: bool = True) -> Any:
+    """A CSV file as a DataFrame, checked: BadInput naming the file, line and column for a
+    missing column, an empty required value, text in a number column (``whole``: column ->
+    least value; ``non_negative``; ``signed``) or a negative value where none can be. A
+    damaged line (wrong number of fields) is BadInput when ``strict``, else a warning and
+    skipped. Numbers may be empty (NaN) or infinite; what that means is the caller's call."""
     import pandas as pd
 
-    path = Path(source)
-    if path.is_dir():
-        csv = path / RESULTS
-        if not csv.exists() and (path / RECORDS).exists():
-            write_csv(path)
-        path = csv
-    if not path.exists():
-        raise BadInput(f"{source}: no such run directory or results CSV")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        reason = str(exc).strip().splitlines()[-1]
-        raise BadInput(f"{path}: not a readable CSV ({reason})") from None
-    required = ("model", "precision", "batch_size", "status")
-    missing = [c for c in required if c not in frame.columns]
+    path = Path(path)
+    header, rows, lines = _records_of(path, strict)
+    missing = [c for c in required if c not in header]
     if missing:
         raise BadInput(f"{path}: missing column(s) {', '.join(missing)}")
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    try:
+        frame = pd.read_csv(io.StringIO(buffer.getvalue()))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{path}: not a readable CSV ({reason})") from None
+
+    def bad(row: int, column: str, why: str) -> BadInput:
+        return BadInput(f"{path}: line {lines[row]}: column {column} {why}")
+
+    for column in required:
+        empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+        if empty.any():
+            raise bad(int(empty.to_numpy().argmax()), column, "is empty")
+    whole = whole or {}
+    for column in [*whole, *non_negative, *signed]:
+        if column not in frame.columns:
+            continue
+        values = []
+        for row, value in enumerate(frame[column]):
+            number = _parse_number(value)
+            if number is None:
+                raise bad(row, column, f"holds '{value}', not a number")
+            if column in whole and not math.isnan(number) and not number.is_integer():
+                raise bad(row, column, f"holds '{value}', not a whole number")
+            least = whole.get(column, 0 if column in non_negative else None)
+            if least is not None and number < least:
+                raise bad(row, column, f"holds {value}, below {least}")
+            values.append(number)
+        if frame[column].dtype == object and column not in whole:
+            frame[column] = values
+    frame.attrs["lines"] = lines  # the file's line of each row, for messages
+    return frame
+
+
+def load_results(source: Path | str, strict: bool = True) -> Any:
+    """results.csv (or a baseline) as a DataFrame, from a run directory or a CSV path: the one
+    reader that decides such a file is malformed (BadInput naming file, line and column; see
+    ``read_csv``). ``strict=False``: a damaged line is a warning and skipped instead. Status
+    values come back stripped and lower-case."""
+    path = Path(source)
+    if path.is_dir():
+        csv_path = path / RESULTS
+        if not csv_path.exists() and (path / RECORDS).exists():
+            write_csv(path)
+        path = csv_path
+    if not path.is_file():
+        raise BadInput(f"{source}: no such run directory or results CSV")
+    frame = read_csv(path, REQUIRED, WHOLE, NON_NEGATIVE, SIGNED, strict=strict)
+    status = frame["status"].astype(str).str.strip().str.lower()
+    unknown = ~status.isin(STATUSES)
+    if unknown.any():
+        row = int(unknown.to_numpy().argmax())
+        raise BadInput(f"{path}: line {frame.attrs['lines'][row]}: unknown status "
+                       f"'{frame['status'].iloc[row]}' (valid: {', '.join(STATUSES)})")
+    frame["status"] = status
     return frame
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -105,6 +106,43 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, cli_env, args, message):
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("{tmp}", "a directory, not a file"),
+    ("{tmp}/missing/r.json", "does not exist"),
+    ("{tmp}/file/r.json", "is a file, not a directory"),
+    ("{tmp}/" + "r" * 300 + ".json", "too long"),
+])
+def test_a_bad_out_path_is_one_line_before_the_cell_trains(tmp_path, capsys, monkeypatch, out,
+                                                           message):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr("bench.cell.run_cell", lambda *a: pytest.fail("the cell trained"))
+    with pytest.raises(SystemExit) as stopped:
+        main(["cell", "--model", "gpt2-tiny", "--precision", "bf16", "--batch-size", "2",
+              "--out", out.format(tmp=tmp_path)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # no stray temporary file
+
+
+def test_a_record_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from bench.cell import write_record
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.replace", refuse)
+    with pytest.raises(OSError, match="No space"):
+        write_record({"status": "ok"}, str(tmp_path / "r.json"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_cell_over_the_limits_is_bad_input(capsys):
+    assert main(["cell", "--model", "gpt2-tiny", "--precision", "bf16", "--batch-size", "2",
+                 "--steps", "99999999", "--device", "cpu"]) == 2
+    assert "'steps' must be at most 1e+06, got 99999999" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

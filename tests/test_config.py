@@ -73,6 +73,13 @@ def test_bad_toml_is_one_line_exit_2_and_nothing_written(name, message, tmp_path
     ({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "steps": True}, "'steps' must be"),
     ({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "compile": "yes"}, "'compile' must be"),
     ({"precisions": ["fp32"]}, "missing 'models'"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "repeats": 10**9},
+     "'repeats' must be at most 1000, got 1000000000"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": [2**30]}}}, "'models.gpt2-tiny.batch_sizes' must"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "timeout_s": float("inf")}, "positive"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "timeout_s": float("nan")}, "positive"),
+    ({"models": {"gpt2-tiny": {"batch_sizes": list(range(1, 1001))}}, "repeats": 200},
+     "processes; at most 100000 in one run"),
 ])
 def test_invalid_values_name_the_key(data, message):
     with pytest.raises(BadInput, match=message):
@@ -93,3 +100,24 @@ def test_cli_overrides_replace_axes():
         config.override(m, precisions=["fp4"])
     with pytest.raises(BadInput, match="unknown model 'llama'"):
         config.override(m, models_=["llama"])
+
+
+def test_a_matrix_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    path = tmp_path / "m.toml"
+    path.write_bytes(b'name = "x"\n\xff = 1\n')
+    assert main(["run", "--matrix", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ampbench run: error: {path}: line 2: not UTF-8 text (TOML is UTF-8)\n"
+    with pytest.raises(BadInput, match="a matrix must be a table, got list"):
+        config.from_dict([1, 2], "meta.json")  # type: ignore[arg-type]
+
+
+def test_overrides_refuse_empty_lists_and_absurd_counts():
+    m = config.quick()
+    for axis in ("models_", "precisions", "batch_sizes"):
+        with pytest.raises(BadInput, match="an empty list"):
+            config.override(m, **{axis: []})
+    with pytest.raises(BadInput, match="'repeats' must be at most 1000"):
+        config.override(m, repeats=1001)
+    with pytest.raises(BadInput, match="'batch_sizes' must be at most"):
+        config.override(m, batch_sizes=[2**21])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -207,3 +208,39 @@ def test_a_crash_is_recorded_and_finished_runs_are_reused(tmp_path, monkeypatch)
     calls.clear()
     parity.run_parity(tmp_path, **{**run, "steps": 4})
     assert len(calls) == 4
+
+
+def test_parity_command_ends_with_the_verdict_table(tmp_path, monkeypatch, capsys) -> None:
+    from bench.__main__ import main
+
+    rows = pd.DataFrame({
+        "model": ["gpt2-tiny"] * 2, "precision": ["fp32", "broken"], "seed": [0, 0],
+        "eval_loss": [2.0, 3.0], "eval_accuracy": [0.3, 0.1], "optimal_loss": [1.9, 1.9],
+        "delta": [0.0, 1.0], "tolerance": [0.03, 0.03], "scaler_skipped_steps": [None, None],
+        "underflow_frac": [0.1, 0.1], "verdict": ["PASS", "FAIL"]})
+
+    def fake_run_parity(out, **kwargs):
+        rows.to_csv(tmp_path / "parity.csv", index=False)
+        return tmp_path / "parity.csv"
+
+    monkeypatch.setattr(parity, "run_parity", fake_run_parity)
+    assert main(["parity", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("Accuracy parity against fp32")
+    fp32, broken = (line for line in out.splitlines() if line.startswith("| gpt2-tiny"))
+    assert fp32.rstrip(" |").endswith("PASS") and broken.rstrip(" |").endswith("FAIL")
+
+
+def test_damaged_parity_runs_are_warnings_and_trained_again(tmp_path, capsys) -> None:
+    good = {"key": "k1", "row": {"eval_loss": 1.0, "error": None},
+            "curve": [{"step": 1, "loss": 2.0}]}
+    lines = [json.dumps(good), "42", '{"key": "k2"}',
+             json.dumps({**good, "key": "k3", "row": {"eval_loss": "low"}}),
+             json.dumps({**good, "key": "k4", "curve": [{"step": 1}]}), '{"key": "k5", "ro']
+    (tmp_path / parity.RUNS).write_text("\n".join(lines) + "\n")
+    assert list(parity._load_runs(tmp_path)) == ["k1"]
+    err = capsys.readouterr().err
+    path = tmp_path / parity.RUNS
+    for line in (2, 3, 4, 5, 6):
+        assert f"warning: {path}: line {line}: " in err
+    assert "Traceback" not in err

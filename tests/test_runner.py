@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_failures_are_data_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     assert meta["matrix"]["precisions"] == ["fp32", "bf16"] and meta["machine_id"]
     captured = capsys.readouterr()
     assert "gpt2-tiny bf16 b=2 T=64: oom" in captured.err
-    assert "gpt2-tiny: samples/s (speedup over fp32)" in captured.out
+    assert "gpt2-tiny: samples/s (speedup over fp32; * beyond the noise)" in captured.out
 
     # Running again into the same directory repeats only the failed cells.
     monkeypatch.setenv("AMPBENCH_FAULT", "")
@@ -143,6 +144,154 @@ def test_resume_needs_a_run_directory(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def _start_runner(tmp_path, cli_env, fault, *extra, out=None):
+    """A runner in a session of its own (its group can be killed), children's files and so
+    their command lines under tmp_path."""
+    out = out or tmp_path / "run"
+    env = {**cli_env, "TMPDIR": str(tmp_path), "AMPBENCH_FAULT": fault}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", *FAST, "--out", str(out),
+                             *extra], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, out
+
+
+def _wait_for_cell(proc, tmp_path, processes_mentioning, records=0, out=None):
+    """Until the runner's child (a hanging cell) is running, after ``records`` records."""
+    out = out or tmp_path / "run"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = len(_lines(out)) if (out / store.RECORDS).exists() else 0
+        if done >= records and processes_mentioning(str(tmp_path / "ampbench-cells-")):
+            time.sleep(0.5)  # past its start-up: it hangs now
+            return
+        time.sleep(0.05)
+    raise AssertionError("the runner never started its hanging cell")
+
+
+def _gone(find, text, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not find(text):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_killing_the_runners_group_leaves_no_cell_behind(tmp_path, cli_env,
+                                                         processes_mentioning):
+    proc, out = _start_runner(tmp_path, cli_env, "gpt2-tiny:fp32:1=hang", "--precisions",
+                              "fp32", "--batch-sizes", "1", "--timeout", "60")
+    _wait_for_cell(proc, tmp_path, processes_mentioning)
+    os.killpg(proc.pid, signal.SIGKILL)  # what kill -9 -PGID, an OOM killer or a CI kill does
+    proc.communicate()
+    assert _gone(processes_mentioning, str(tmp_path)), "a cell outlived its killed runner"
+    assert store.load_records(out) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_the_run_like_ctrl_c(tmp_path, cli_env, processes_mentioning,
+                                                     sig):
+    out = tmp_path / "my run"  # the resume command quotes it
+    proc, _ = _start_runner(tmp_path, cli_env, "gpt2-tiny:fp32:2=hang", "--precisions", "fp32",
+                            "--batch-sizes", "1,2", "--timeout", "60", out=out)
+    _wait_for_cell(proc, tmp_path, processes_mentioning, records=1, out=out)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig
+    command = err.split("resume with: ", 1)[1].strip()
+    assert shlex.split(command) == [
+        "python", "-m", "bench", "run", "--resume", str(out), "--models", "gpt2-tiny",
+        "--precisions", "fp32", "--batch-sizes", "1,2", "--steps", "1", "--warmup", "0",
+        "--timeout", "60.0", "--no-parity", "--no-report"]
+    assert f"stopped by {sig.name}; 1 finished cell(s) kept" in err
+    assert not processes_mentioning(str(tmp_path)), "a cell outlived its stopped runner"
+    assert not list(tmp_path.glob("ampbench-cells-*")), "the children's directory stayed"
+    assert [r["batch_size"] for r in store.load_records(out)] == [1]
+
+
+def test_one_runner_per_run_directory(tmp_path, cli_env, processes_mentioning, capsys):
+    proc, out = _start_runner(tmp_path, cli_env, "gpt2-tiny:fp32:1=hang", "--precisions",
+                              "fp32", "--batch-sizes", "1", "--timeout", "60")
+    try:
+        _wait_for_cell(proc, tmp_path, processes_mentioning)
+        in_use = f"{out} is in use by another ampbench process (pid {proc.pid}, ampbench run)"
+        for argv in (["run", *FAST, "--out", str(out)], ["run", "--resume", str(out)],
+                     ["parity", "--out", str(out), "--device", "cpu"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert in_use in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    # The killed runner's lock is stale: a resume takes it over and finishes the run.
+    assert main(["run", "--resume", str(out), "--no-parity", "--no-report"]) == 0
+    assert [r["status"] for r in store.load_records(out)] == ["ok"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--models", ""], "argument --models: expected a comma-separated list, got ''"),
+    (["--batch-sizes", ""], "argument --batch-sizes: expected a comma-separated list"),
+    (["--precisions", ","], "argument --precisions: expected a comma-separated list, got ','"),
+    (["--repeats", "1000000000"], "'repeats' must be at most 1000, got 1000000000"),
+    (["--steps", "99999999"], "'steps' must be at most 1e+06"),
+    (["--batch-sizes", "1,99999999"], "'batch_sizes' must be at most"),
+    (["--world-size", "100000"], "'world_size' must be at most 4096"),
+    (["--timeout", "inf"], "argument --timeout: must be a finite number"),
+    (["--timeout", "1e9"], "'timeout_s' must be at most 604800"),
+    (["--batch-sizes", ",".join(map(str, range(1, 61))), "--repeats", "1000"],
+     "120 cells x 1000 repeat(s) is 120000 processes; at most 100000 in one run"),
+])
+def test_empty_lists_and_absurd_counts_are_one_line_before_anything_runs(tmp_path, capsys,
+                                                                        flags, message):
+    out = tmp_path / "run"
+    try:
+        code = main(["run", *FAST, "--out", str(out), *flags])
+    except SystemExit as exc:  # argparse's own: usage errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_damaged_records_are_warnings_and_their_cells_run_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", *FAST, "--precisions", "fp32", "--batch-sizes", "1,2", "--out", str(out)]
+    assert main(argv) == 0
+    one, two = _lines(out)
+    (out / store.RECORDS).write_text("\n".join(
+        [one, "42", '{"foo": 1}', two[:50], one.replace('"ok"', '"fast"'), ""]))
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out), "--no-parity", "--no-report"]) == 0
+    err = capsys.readouterr().err
+    path = out / store.RECORDS
+    assert f"warning: {path}: line 2: not a record but int 42; skipped" in err
+    assert f"warning: {path}: line 3: no cell_id; skipped" in err
+    assert f"warning: {path}: line 4: not valid JSON; skipped" in err
+    assert f"warning: {path}: line 5: status 'fast' is not one of" in err
+    assert "Traceback" not in err
+    assert sorted(r["batch_size"] for r in store.load_records(out)) == [1, 2]
+    assert len(_lines(out)) == 5 + 1  # the lost cell ran again, nothing else
+
+
+def test_damaged_meta_is_a_warning_and_one_line_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *FAST, "--precisions", "fp32", "--batch-sizes", "1", "--out",
+                 str(out)]) == 0
+    run_id = store.load_records(out)[0]["run_id"]
+    (out / store.META).write_text("[1, 2]")
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"warning: {out / store.META}: line 1: not a JSON object but list; skipped" in err
+    assert "meta.json holds no matrix; finish the run with --out" in err
+    # With the matrix named again it finishes, under the run id its records carry.
+    assert main(["run", *FAST, "--precisions", "fp32", "--batch-sizes", "1", "--out",
+                 str(out)]) == 0
+    assert json.loads((out / store.META).read_text())["run_id"] == run_id
+    assert len(_lines(out)) == 1
+
+
 def test_a_bad_device_or_timeout_is_one_line_before_anything_runs(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", *FAST, "--device", "tpu", "--out", str(out)]) == 2
@@ -152,3 +301,35 @@ def test_a_bad_device_or_timeout_is_one_line_before_anything_runs(tmp_path, caps
     assert stopped.value.code == 2
     assert "argument --timeout: must be above 0, got -1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_repeats_interleave_and_a_calibration_cell_brackets_the_sweep():
+    from bench.config import Cell
+
+    a, b = Cell("gpt2-tiny", "fp32", 1), Cell("gpt2-tiny", "bf16", 1)
+    assert [(c.precision, r, cal) for c, r, cal in runner.plan([a, b], 3)] == [
+        ("fp32", 0, False), ("bf16", 0, False), ("fp32", 1, False), ("bf16", 1, False),
+        ("fp32", 2, False), ("bf16", 2, False)]  # enough repeats: no calibration
+    assert [(c.precision, r, cal) for c, r, cal in runner.plan([a, b], 1, calibration=4)] == [
+        ("fp32", 1, True), ("fp32", 2, True), ("fp32", 0, False), ("bf16", 0, False),
+        ("fp32", 3, True), ("fp32", 4, True)]
+    assert len(runner.plan([a, b], 1, calibration=0)) == 2
+
+
+def test_a_single_repeat_run_measures_its_noise_on_a_calibration_cell(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *FAST, "--precisions", "fp32,bf16", "--batch-sizes", "1",
+                 "--calibration", "2", "--out", str(out)]) == 0
+    csv = pd.read_csv(out / store.RESULTS)
+    calibration = csv[csv["calibration"]]
+    assert len(csv) == 4 and len(calibration) == 2
+    assert set(calibration["precision"]) == {"fp32"}
+    fp32 = csv[csv["precision"] == "fp32"]
+    assert set(fp32["num_processes"]) == {3} and fp32["process_spread_pct"].notna().all()
+    bf16 = csv[csv["precision"] == "bf16"].iloc[0]
+    assert bf16["num_processes"] == 1 and bf16["noise_source"] == "calibration"
+    assert bf16["noise_pct"] == pytest.approx(fp32["process_spread_pct"].iloc[0])
+    meta = json.loads((out / store.META).read_text())
+    assert {"cores", "others_cpu_pct", "steal_pct"} <= set(meta["machine_load"])
+    err = capsys.readouterr().err
+    assert "[1/4] gpt2-tiny fp32 b=1 T=64: ok" in err and "(calibration)" in err

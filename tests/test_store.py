@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -40,9 +41,31 @@ def test_results_csv_is_derived_with_the_schema_columns_first(tmp_path):
     store.append(tmp_path, {**_record(1), "max_batch": 4})
     store.append(tmp_path, _record(2, throttle_reasons=["sw_power_cap", "hw_slowdown"]))
     frame = pd.read_csv(store.write_csv(tmp_path))
-    assert list(frame.columns) == [*store.FIELDS, "max_batch"]
+    assert list(frame.columns) == [*store.FIELDS, *store.CELL_NOISE, "max_batch"]
     assert frame["throttle_reasons"].tolist()[1] == "sw_power_cap;hw_slowdown"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _timed(batch_size: int, repeat: int, samples_per_s: float, **fields: object) -> dict:
+    return {**_record(batch_size, samples_per_s=samples_per_s, step_ms_median=10.0,
+                      step_ms_iqr=0.0, timed_steps=30, **fields), "repeat": repeat}
+
+
+def test_results_csv_states_each_cells_value_and_noise_across_its_processes(tmp_path):
+    # Cell 1 in three processes (1% apart); cell 2 in one: it gets the run's band.
+    for repeat, value in enumerate([100.0, 101.0, 99.0]):
+        store.append(tmp_path, _timed(1, repeat, value))
+    store.append(tmp_path, _timed(2, 0, 50.0))
+    frame = pd.read_csv(store.write_csv(tmp_path))
+    one, two = frame[frame["batch_size"] == 1].iloc[0], frame[frame["batch_size"] == 2].iloc[0]
+    assert (one["num_processes"], one["cell_samples_per_s"]) == (3, 100.0)
+    assert one["process_spread_pct"] == pytest.approx(1.0)
+    assert one["cell_samples_per_s_err_pct"] == pytest.approx(1.0 / np.sqrt(3))
+    assert one["noise_source"] == "repeats"
+    assert (two["num_processes"], two["cell_samples_per_s"]) == (1, 50.0)
+    assert np.isnan(two["process_spread_pct"])  # its own: unknown
+    assert two["noise_pct"] == pytest.approx(1.0)  # the run's band, from cell 1
+    assert two["noise_source"] == "repeats"
 
 
 def test_empty_record_refuses_unknown_fields():
@@ -83,3 +106,88 @@ def test_truthy_reads_flags_back_from_json_and_csv(value, expected):
 ])
 def test_device_slug(name, slug):
     assert store.device_slug(name) == slug
+
+
+def _csv(tmp_path, text: str):
+    path = tmp_path / "results.csv"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+HEADER = "model,precision,batch_size,status,samples_per_s,error\n"
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ("gpt2-tiny,fp32,1,ok,fast,", "line 3: column samples_per_s holds 'fast', not a number"),
+    ("gpt2-tiny,fp32,two,ok,1.0,", "line 3: column batch_size holds 'two', not a number"),
+    ("gpt2-tiny,fp32,1.5,ok,1.0,", "line 3: column batch_size holds '1.5', not a whole number"),
+    ("gpt2-tiny,fp32,1,ok,-1,", "line 3: column samples_per_s holds -1.0, below 0"),
+    ("gpt2-tiny,fp32,1,ok,1_000,", "line 3: column samples_per_s holds '1_000', not a number"),
+    ("gpt2-tiny,fp32,1,exploded,1.0,", "line 3: unknown status 'exploded'"),
+    (",fp32,1,ok,1.0,", "line 3: column model is empty"),
+])
+def test_the_results_reader_names_file_line_and_column_of_a_bad_value(tmp_path, row, message):
+    path = _csv(tmp_path, HEADER + "gpt2-tiny,fp32,1,ok,1.0,\n" + row + "\n")
+    with pytest.raises(BadInput, match=f"{path}: {re.escape(message)}"):
+        store.load_results(path)
+
+
+def test_the_results_reader_keeps_empty_and_infinite_measurements_for_the_caller(tmp_path):
+    path = _csv(tmp_path, HEADER + 'gpt2-tiny,fp32,1, OK ,,"multi\nline"\n'
+                "gpt2-tiny,bf16,2,ok,inf,\n")
+    frame = store.load_results(path)
+    assert frame["status"].tolist() == ["ok", "ok"]
+    assert np.isnan(frame["samples_per_s"][0]) and np.isinf(frame["samples_per_s"][1])
+
+
+def test_a_damaged_line_is_bad_input_or_a_warning_and_skipped(tmp_path, capsys):
+    path = _csv(tmp_path, HEADER + "gpt2-tiny,fp32,1,ok,1.0,\n"
+                "gpt2-tiny,fp32,2,ok,1.0,,extra\n" + "gpt2-tiny,bf16,1,ok,2.0,\n")
+    with pytest.raises(BadInput, match="line 3: 7 fields, the header has 6"):
+        store.load_results(path)
+    frame = store.load_results(path, strict=False)
+    assert frame["precision"].tolist() == ["fp32", "bf16"]
+    err = capsys.readouterr().err
+    assert f"warning: {path}: line 3: 7 fields, the header has 6; skipped" in err
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"model,precision,batch_size,status\n\xff,fp32,1,ok\n", "line 2: not UTF-8 text"),
+    (b"", "empty, not a CSV with a header"),
+    (b"model,precision\n", "missing column(s) batch_size, status"),
+])
+def test_an_unreadable_results_file_is_one_line(tmp_path, data, message):
+    path = _csv(tmp_path, data)
+    with pytest.raises(BadInput, match=re.escape(message)):
+        store.load_results(path)
+
+
+def test_damaged_record_lines_are_warnings_and_skipped(tmp_path, capsys):
+    store.append(tmp_path, _record(1))
+    with open(tmp_path / store.RECORDS, "ab") as f:
+        f.write(b'42\n{"foo": 1}\n{"cell_id": \n\xff\xfe\n')
+        f.write(json.dumps(_record(2, samples_per_s="fast")).encode() + b"\n")
+        f.write(json.dumps({**_record(3), "repeat": True}).encode() + b"\n")
+    store.append(tmp_path, _record(4))
+    assert [r["batch_size"] for r in store.load_records(tmp_path)] == [1, 4]
+    err = capsys.readouterr().err.splitlines()
+    path = tmp_path / store.RECORDS
+    assert err == [
+        f"warning: {path}: line 2: not a record but int 42; skipped",
+        f"warning: {path}: line 3: no cell_id; skipped",
+        f"warning: {path}: line 4: not valid JSON; skipped",
+        f"warning: {path}: line 5: not UTF-8 text; skipped",
+        f"warning: {path}: line 6: samples_per_s 'fast' is not a number; skipped",
+        f"warning: {path}: line 7: repeat True is not a whole number of at least 0; skipped",
+    ]
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    (b"[1, 2]", "line 1: not a JSON object but list"),
+    (b'{"run_id": \n', "line 2: not valid JSON"),
+    (b'{"a": "\xff"}', "line 1: not UTF-8 text"),
+])
+def test_damaged_meta_is_a_warning_and_empty(tmp_path, capsys, text, why):
+    (tmp_path / store.META).write_bytes(text)
+    assert store.read_meta(tmp_path) == {}
+    assert f"warning: {tmp_path / store.META}: {why}" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""Output paths checked before any work, and one process per run directory.
+
+Every command that writes checks its output paths first (``output_dir``, ``output_file``): a
+file where a directory is wanted or the reverse, a path under a file or a missing directory,
+one that is not writable or too long is one line of BadInput, before a model is built.
+
+``lock`` holds a run directory for one process: ``flock`` on ``RUN_DIR/.lock`` (the kernel
+drops it when the holder dies, however it dies, so a lock left by a killed runner is simply
+taken over), with the holder's pid written inside for the message of the one refused.
+torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench import BadInput
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking
+    fcntl = None  # type: ignore[assignment]
+
+LOCK = ".lock"
+_NAME_MAX = 255  # bytes in one path component (ext4, xfs, btrfs, tmpfs)
+_PATH_MAX = 4096  # bytes in a whole path (Linux)
+_INSIDE = 64  # room for the files a run directory holds (RUN_DIR/parity_curves.csv ...)
+_held: dict[str, tuple[int, int]] = {}  # run directory -> (fd, depth) held by this process
+
+
+def _limits(path: Path) -> tuple[int, int]:
+    """(longest name, longest path) where ``path`` would be created."""
+    for parent in (path, *path.parents):
+        if os.path.isdir(parent):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                return (os.pathconf(parent, "PC_NAME_MAX"), os.pathconf(parent, "PC_PATH_MAX"))
+            break
+    return _NAME_MAX, _PATH_MAX
+
+
+def _check_text(text: str | os.PathLike[str], flag: str, inside: int = 0) -> Path:
+    raw = os.fspath(text)
+    if not raw:
+        raise BadInput(f"{flag}: empty path")
+    if "\0" in raw:
+        raise BadInput(f"{flag} {raw!r}: a path cannot hold a NUL character")
+    path = Path(raw)
+    try:
+        absolute = os.fsencode(os.path.abspath(raw))
+    except (UnicodeError, ValueError):
+        raise BadInput(f"{flag} {raw!r}: not a valid path") from None
+    name_max, path_max = _limits(path)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise BadInput(f"{flag} {raw[:40]}...: a name of {size} bytes is too long "
+                           f"(at most {name_max})")
+    if len(absolute) + inside >= path_max:
+        raise BadInput(f"{flag} {raw[:40]}...: path too long ({len(absolute)} bytes, "
+                       f"at most {path_max - inside - 1})")
+    return path
+
+
+def _existing_ancestor(path: Path, flag: str) -> Path:
+    """The nearest existing ancestor of ``path``; BadInput when it is not a directory."""
+    for parent in Path(os.path.abspath(path)).parents:
+        if os.path.lexists(parent):
+            if not os.path.isdir(parent):
+                raise BadInput(f"{flag} {path}: {parent} is a file, not a directory")
+            return parent
+    return Path("/")
+
+
+def _stat_problem(path: Path, flag: str) -> None:
+    """BadInput for a path that cannot even be looked at (a dangling link, a link loop)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):  # missing, or under a file: said later
+        if os.path.islink(path):
+            raise BadInput(f"{flag} {path}: a dangling symbolic link") from None
+    except OSError as exc:
+        raise BadInput(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+def output_dir(text: str | os.PathLike[str], flag: str = "--out", inside: int = _INSIDE) -> Path:
+    """A directory the command will write into (created with its parents if missing)."""
+    path = _check_text(text, flag, inside)
+    _stat_problem(path, flag)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise BadInput(f"{flag} {path}: a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise BadInput(f"{flag} {path}: directory not writable")
+        return path
+    parent = _existing_ancestor(path, flag)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {path}: cannot create it, {parent} is not writable")
+    return path
+
+
+def output_file(text: str | os.PathLike[str], flag: str = "--out",
+                make_parents: bool = False) -> Path:
+    """A file the command will (re)write; its directory must exist unless ``make_parents``."""
+    path = _check_text(text, flag)
+    raw = os.fspath(text)
+    if raw.endswith(os.sep) or path.name in ("", ".", ".."):
+        raise BadInput(f"{flag} {raw}: names a directory, not a file")
+    _stat_problem(path, flag)
+    if os.path.isdir(path):
+        raise BadInput(f"{flag} {path}: a directory, not a file")
+    # The file is written next to itself and renamed: its directory must be writable.
+    parent = Path(os.path.abspath(path)).parent
+    if not os.path.lexists(parent):
+        if not make_parents:
+            raise BadInput(f"{flag} {path}: directory {parent} does not exist")
+        parent = _existing_ancestor(path, flag)
+    elif not os.path.isdir(parent):
+        raise BadInput(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {path}: directory {parent} not writable")
+    return path
+
+
+def _holder(lock_path: Path) -> str:
+    with contextlib.suppress(OSError, UnicodeError):
+        text = lock_path.read_text(encoding="utf-8").strip()
+        if text:
+            return text
+    return "pid unknown"
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path | str, what: str = "ampbench") -> Iterator[Path]:
+    """Hold ``run_dir`` for this process; BadInput naming the holder when another has it.
+
+    Re-entrant within one process (the runner holds its directory while parity runs in it).
+    ``run_dir`` must exist.
+    """
+    run_dir = Path(run_dir)
+    key = os.path.realpath(run_dir)
+    if key in _held:
+        fd, depth = _held[key]
+        _held[key] = (fd, depth + 1)
+        try:
+            yield run_dir
+        finally:
+            fd, depth = _held[key]
+            _held[key] = (fd, depth - 1)
+        return
+    lock_path = run_dir / LOCK
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise BadInput(f"{run_dir}: cannot create its lock file ({exc.strerror})") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BadInput(f"{run_dir} is in use by another ampbench process "
+                               f"({_holder(lock_path)}); wait for it to end or stop it"
+                               ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, {what}\n".encode())
+        _held[key] = (fd, 1)
+        try:
+            yield run_dir
+        finally:
+            del _held[key]
+            # Emptied, not removed: removing would let a third process lock a new file
+            # while a second still waits on this one.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
