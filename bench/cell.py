@@ -292,7 +292,7 @@ def _train_and_measure(
 
     losses = [trainer.step() for _ in range(args.warmup)]
     trainer.sync()
-    step = _slowed(trainer)
+    step = _slowed(trainer, losses)
     reset_peak_memory(device)
 
     # By UUID: torch's cuda:N is not NVML's GPU N under CUDA_VISIBLE_DEVICES.
@@ -332,17 +332,16 @@ def _train_and_measure(
     }
 
 
-def _slowed(trainer: Trainer) -> Any:
+def _slowed(trainer: Trainer, losses: list[Any]) -> Any:
     """``trainer.step``, or with AMPBENCH_SLOWDOWN=F (test-only, CPU) that step followed by
-    busy work of F times its own time, measured on three untimed steps: a regression of a
-    known size, real work on the core rather than an edited number, for measuring what the
-    gate detects."""
+    busy work of F times its own time, measured on three more untimed steps (their losses go
+    to ``losses``, as the warmup's do): a regression of a known size, real work on the core
+    rather than an edited number, for measuring what the gate detects."""
     factor = float(os.environ.get("AMPBENCH_SLOWDOWN") or 0)
     if factor <= 0:
         return trainer.step
     started = time.perf_counter()
-    for _ in range(3):
-        trainer.step()
+    losses.extend(trainer.step() for _ in range(3))
     trainer.sync()
     extra_s = factor * (time.perf_counter() - started) / 3
 

@@ -17,22 +17,27 @@ Defaults: ``samples_per_s:-5% step_ms_median:+5% peak_mem_reserved_gib:+5% joule
 A memory check on a cell with no reserved/allocated memory (CPU) falls back to ``peak_rss_gib``;
 a metric empty on either side (no NVML: no joules) is reported as n/a.
 
-Noise rule. Each side of a cell gets a value, the median over its ``ok`` repeats, and a noise
-band ``value * (1 ± spread)`` whose relative half-width ``spread`` is the larger of
-  - the spread across repeats, ``(max - min) / (2 * median)`` (0 with one repeat), and
-  - for metrics derived from the step time (samples/s, tokens/s, step times, TFLOP/s, MFU,
-    joules per sample): the within-run step-time spread, ``step_ms_iqr / (2 * step_ms_median)``
-    (median over repeats). Other metrics (memory, power) have no within-run spread.
-A check fails only when the change of the values is beyond its threshold in the bad direction
-AND the two bands do not overlap (the current band lies wholly on the bad side of the
-baseline's). Beyond the threshold but inside the noise is reported as ``noise``, not failed.
+Noise rule (bench/noise.py). Each side of a cell gets a value, the median over its ``ok``
+processes, and a standard error from the noise between processes: the cell's own spread (three
+processes or more), the run's band (the median spread of its cells with several processes, or
+of its calibration cell) and, for time-derived metrics, the within-process floor, whichever is
+largest; the same cell on the same machine has one per-process noise, so each side takes the
+larger of the two sides' (a current run of one process inherits its baseline's spread). A check
+fails only when the change is beyond its threshold in the bad direction AND beyond ``noise.Z``
+standard errors of the difference. When ``Z`` standard errors are wider than the threshold, a
+change of the threshold's size could not have been seen: the check is ``too noisy`` (a warning;
+a failure with ``--fail-on-noisy``). Unknown noise is unbounded: such a check is too noisy.
 
 Other verdicts. Status ok -> oom/timeout/error fails (ok -> unsupported/skipped warns). A cell
-that was ok in the baseline and is absent from the current run fails. Metric checks on a
-throttled cell (either side) are reported as ``throttled``, not failed, unless
-``--fail-on-throttled``. Parity: a run directory's ``parity.csv``, or for a baseline CSV
-``X.csv`` its sibling ``X.parity.csv``; a (model, precision) whose verdict goes PASS -> FAIL
-fails (any FAIL among its seeds makes the verdict FAIL); other changes and a missing side warn.
+that was ok in the baseline and is absent from the current run fails, and so does a measurement
+the baseline has and the current run lost (empty, NaN, inf). A baseline holding inf, or an ok
+cell without its step times or throughput, is bad input. Metric checks on a throttled cell
+(either side) are reported as ``throttled``, not failed, unless ``--fail-on-throttled``; those
+of a contended cell (other processes used more than 10% of the run's cores while one of its
+processes ran: ``others_cpu_pct``) as ``contended``. Parity: a run directory's ``parity.csv``,
+or for a baseline CSV ``X.csv`` its sibling ``X.parity.csv``; a (model, precision) whose
+verdict goes PASS -> FAIL fails (any FAIL among its seeds makes the verdict FAIL); other changes
+and a missing side warn.
 
 Output: a table on stdout, markdown appended to ``$GITHUB_STEP_SUMMARY`` when it is set.
 Exit 0 pass, 1 regression, 2 bad input. torch-free.
@@ -55,7 +60,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from bench import BadInput, parity, store
+from bench import BadInput, load, noise, parity, paths, store
 
 KEY = store.KEY
 # A key field left empty in a hand-written CSV means its default, so it still matches.
@@ -74,9 +79,8 @@ CHECKABLE = (
 )
 _HIGHER_IS_BETTER = frozenset({"samples_per_s", "tokens_per_s", "achieved_tflops", "mfu_pct",
                                "sm_clock_mhz_avg"})
-# These scale with (or inversely to) the step time, so its within-run spread is their noise too.
-_TIME_DERIVED = frozenset({"step_ms_median", "step_ms_min", "samples_per_s", "tokens_per_s",
-                           "achieved_tflops", "mfu_pct", "joules_per_sample"})
+# Every ok cell measures these: a baseline without them is damaged, a current run lost them.
+_ALWAYS = ("step_ms_median", "step_ms_iqr", "samples_per_s")
 # CUDA memory columns are empty on CPU, where the child's peak RSS is the measure.
 _FALLBACK = {"peak_mem_reserved_gib": "peak_rss_gib", "peak_mem_allocated_gib": "peak_rss_gib"}
 
@@ -85,19 +89,7 @@ _FAILED_STATUS = frozenset({"oom", "timeout", "error"})
 BASELINES = Path("results") / "baselines"
 PARITY = "parity.csv"
 
-PASS, FAIL, WARN = "pass", "FAIL", "warn"
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """One side of a comparison: the median over ok repeats and its relative noise half-width."""
-
-    value: float
-    spread: float = 0.0
-
-    def band(self) -> tuple[float, float]:
-        half = abs(self.value) * self.spread
-        return self.value - half, self.value + half
+PASS, FAIL, WARN, NOISY = "pass", "FAIL", "warn", "too noisy"
 
 
 _CHECK_RE = re.compile(r"^\s*([a-z_]+)\s*:\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
@@ -139,18 +131,26 @@ class Check:
             return 0.0 if current == 0 else math.copysign(math.inf, current)
         return (current - baseline) / abs(baseline) * 100.0
 
-    def beyond_threshold(self, baseline: Estimate, current: Estimate) -> bool:
-        return self.change(baseline.value, current.value) * self.worse > self.threshold
+    def judge(self, baseline: noise.Estimate, current: noise.Estimate) -> str:
+        """PASS, FAIL (beyond the threshold and beyond the noise of both sides) or NOISY (no
+        regression seen, but the noise is too wide to have seen one of the threshold's size)."""
+        change = self.change(baseline.value, current.value)
+        sigma = self.sigma(baseline, current)
+        if change * self.worse > self.threshold and change * self.worse > noise.Z * sigma:
+            return FAIL
+        if noise.Z * sigma > self.threshold:
+            return NOISY
+        return PASS
 
-    def beyond_noise(self, baseline: Estimate, current: Estimate) -> bool:
-        """True when the current band lies wholly on the bad side of the baseline band."""
-        base_lo, base_hi = baseline.band()
-        cur_lo, cur_hi = current.band()
-        return cur_lo > base_hi if self.worse > 0 else cur_hi < base_lo
+    def sigma(self, baseline: noise.Estimate, current: noise.Estimate) -> float:
+        """The standard error of ``change``, in its unit (percent or the metric's)."""
+        if self.percent:
+            return math.hypot(baseline.error, current.error) * 100.0
+        return math.hypot(baseline.error * baseline.value, current.error * current.value)
 
-    def fails(self, baseline: Estimate, current: Estimate) -> bool:
+    def fails(self, baseline: noise.Estimate, current: noise.Estimate) -> bool:
         """A regression: beyond the threshold and beyond the noise of both sides."""
-        return self.beyond_threshold(baseline, current) and self.beyond_noise(baseline, current)
+        return self.judge(baseline, current) == FAIL
 
 
 def parse_checks(texts: Iterable[str] | None) -> list[Check]:
@@ -165,6 +165,33 @@ class _Cell:
     status: str
     throttled: bool
     ok: pd.DataFrame  # the ok repeats
+    contended: bool = False  # others used the run's cores while a process of it ran
+
+
+@dataclass
+class _Side:
+    """One side of the comparison: its cells and, per metric, their estimates and the band."""
+
+    cells: dict[tuple[str, ...], _Cell]
+    _estimates: dict[str, tuple[dict[tuple[str, ...], noise.Estimate], noise.Band]] = field(
+        default_factory=dict)
+
+    def _of(self, metric: str) -> tuple[dict[tuple[str, ...], noise.Estimate], noise.Band]:
+        if metric not in self._estimates:
+            self._estimates[metric] = noise.cell_estimates(
+                {key: cell.ok.to_dict("records") for key, cell in self.cells.items()}, metric)
+        return self._estimates[metric]
+
+    def band(self, metric: str) -> noise.Band:
+        return self._of(metric)[1]
+
+    def estimate(self, cell: _Cell, metric: str) -> noise.Estimate | None:
+        """The cell's value and noise for ``metric``; None when no ok process measured it."""
+        return self._of(metric)[0].get(cell.key)
+
+    def lost(self, cell: _Cell, metric: str) -> bool:
+        """Some ok process of the cell has no finite value for ``metric``."""
+        return metric not in cell.ok or len(noise.finite(cell.ok[metric])) < len(cell.ok)
 
 
 @dataclass
@@ -181,7 +208,8 @@ class Finding:
 class _Row:
     cell: _Cell | None
     base: _Cell | None
-    cells: dict[str, str] = field(default_factory=dict)
+    cells: dict[str, str] = field(default_factory=dict)  # column -> table text
+    verdicts: dict[str, str] = field(default_factory=dict)  # check -> its verdict
     result: str = PASS
 
 
@@ -212,8 +240,24 @@ def _canon(value: Any, column: str = "") -> str:
 
 
 
+def _validate_baseline(frame: pd.DataFrame, checks: Sequence[Check], source: Path) -> None:
+    """A baseline is the reference: an infinite value, or an ok cell without the measurements
+    every ok cell has, means the file is damaged (bad input), not that nothing can be checked."""
+    ok = frame[frame["status"] == "ok"]
+    for column in dict.fromkeys([*(c.metric for c in checks), *_ALWAYS]):
+        if column not in ok:
+            continue
+        values = pd.to_numeric(ok[column], errors="coerce")
+        bad = values.map(lambda v: math.isinf(v)) | (values.isna() & (column in _ALWAYS))
+        if bad.any():
+            row = frame.attrs["lines"][frame.index.get_loc(bad.idxmax())] \
+                if "lines" in frame.attrs else int(bad.idxmax()) + 2  # after the header
+            raise BadInput(f"{source}: line {row}: ok cell with {column}="
+                           f"{ok[column][bad].iloc[0]}; a baseline needs finite measurements")
+
+
 def _load(source: Path | str, checks: Sequence[Check]) -> pd.DataFrame:
-    """results.csv of a run dir or a CSV, validated for what the gate reads."""
+    """results.csv of a run dir or a CSV (store's one reader), with the columns the gate reads."""
     frame = store.load_results(source)
     needed = [*KEY, "status", "device_name"]
     for check in checks:
@@ -221,20 +265,7 @@ def _load(source: Path | str, checks: Sequence[Check]) -> pd.DataFrame:
     missing = [c for c in dict.fromkeys(needed) if c not in frame.columns]
     if missing:
         raise BadInput(f"{source}: missing column(s) {', '.join(missing)}")
-    status = frame["status"].fillna("").astype(str).str.strip()
-    bad = sorted(set(status) - set(store.STATUSES))
-    if bad:
-        raise BadInput(f"{source}: unknown status '{bad[0]}' (valid: {', '.join(store.STATUSES)})")
-    frame["status"] = status
-    numeric = {c for check in checks for c in (check.metric, _FALLBACK.get(check.metric))}
-    numeric |= {"step_ms_median", "step_ms_iqr"}
-    for column in sorted(c for c in numeric if c and c in frame.columns):
-        try:
-            frame[column] = pd.to_numeric(frame[column])
-        except (ValueError, TypeError):
-            values = pd.to_numeric(frame[column], errors="coerce")
-            bad_value = frame[column][values.isna() & frame[column].notna()].iloc[0]
-            raise BadInput(f"{source}: column {column} holds '{bad_value}', not a number") from None
+    # store.load_results has refused unknown statuses and text where numbers belong.
     frame["device_name"] = frame["device_name"].map(lambda v: _canon(v) or "unknown device")
     return frame
 
@@ -268,23 +299,10 @@ def _cells(frame: pd.DataFrame, with_device: bool) -> dict[tuple[str, ...], _Cel
         label = _label(dict(zip(columns, key, strict=True)))
         if with_device and len(set(frame["device_name"])) > 1:
             label += f" [{key[-1]}]"
-        cells[key] = _Cell(key, label, status, throttled, rows[rows["status"] == "ok"])
+        ok = rows[rows["status"] == "ok"]
+        contended = "others_cpu_pct" in ok and any(map(load.contended, ok["others_cpu_pct"]))
+        cells[key] = _Cell(key, label, status, throttled, ok, contended)
     return cells
-
-
-def _estimate(rows: pd.DataFrame, metric: str) -> Estimate | None:
-    values = rows[metric].dropna() if metric in rows else pd.Series(dtype=float)
-    if values.empty:
-        return None
-    value = float(values.median())
-    spread = 0.0
-    if len(values) > 1 and value != 0:
-        spread = float(values.max() - values.min()) / (2 * abs(value))
-    if metric in _TIME_DERIVED and {"step_ms_iqr", "step_ms_median"} <= set(rows.columns):
-        within = (rows["step_ms_iqr"] / (2 * rows["step_ms_median"])).dropna()
-        if not within.empty:
-            spread = max(spread, float(within.median()))
-    return Estimate(value, spread)
 
 
 def _parity_path(source: Path) -> Path | None:
@@ -334,56 +352,82 @@ class Outcome:
     rows: list[_Row]
     findings: list[Finding]
     parity: list[tuple[str, str, str, str, str]]
+    bands: tuple[noise.Band, noise.Band] = (noise.Band(None, noise.NONE),) * 2
+    fail_on_noisy: bool = False
 
     @property
     def failed(self) -> bool:
-        return any(f.verdict == FAIL for f in self.findings)
+        bad = {FAIL, NOISY} if self.fail_on_noisy else {FAIL}
+        return any(f.verdict in bad for f in self.findings)
 
 
 def _fmt_change(check: Check, change: float) -> str:
     return f"{change:+.1f}%" if check.percent else f"{change:+.3g}"
 
 
-def _fmt_estimate(est: Estimate) -> str:
-    return f"{est.value:.4g} ±{est.spread * 100:.1f}%"
+def _fmt_estimate(est: noise.Estimate) -> str:
+    width = f"±{noise.Z * est.error * 100:.1f}%" if math.isfinite(est.error) else \
+        "noise unknown"
+    return f"{est.value:.4g} {width} (n={est.n}, {est.source})"
 
 
-def _compare_metric(check: Check, base: _Cell, cur: _Cell, fail_on_throttled: bool,
-                    findings: list[Finding]) -> tuple[str, str]:
+def _compare_metric(check: Check, base: tuple[_Side, _Cell], cur: tuple[_Side, _Cell],
+                    fail_on_throttled: bool, findings: list[Finding]) -> tuple[str, str]:
     """(table text, verdict) for one check on one matched cell."""
+    (base_side, base_cell), (cur_side, cur_cell) = base, cur
     metric = check.metric
-    b, c = _estimate(base.ok, metric), _estimate(cur.ok, metric)
-    if (b is None or c is None) and metric in _FALLBACK:
+    b, c = base_side.estimate(base_cell, metric), cur_side.estimate(cur_cell, metric)
+    if b is None and c is None and metric in _FALLBACK:
         metric = _FALLBACK[metric]
-        b, c = _estimate(base.ok, metric), _estimate(cur.ok, metric)
-    if b is None or c is None:
-        return "n/a", PASS
-    text = _fmt_change(check, check.change(b.value, c.value))
+        b, c = base_side.estimate(base_cell, metric), cur_side.estimate(cur_cell, metric)
+    if b is None:
+        return "n/a", PASS  # the baseline never measured it (no NVML: no joules)
+    if c is None or cur_side.lost(cur_cell, metric):
+        findings.append(Finding(cur_cell.label, metric, FAIL,
+                                f"{metric}: the baseline measured it, the current run has no "
+                                f"finite value (lost)"))
+        return "lost FAIL", FAIL
+    b, c = noise.shared(b, c)
+    change = check.change(b.value, c.value)
+    width = noise.Z * check.sigma(b, c)
+    text = f"{_fmt_change(check, change)} ±{width:.1f}" if math.isfinite(width) else \
+        _fmt_change(check, change)
     if metric != check.metric:
         text += f" ({metric})"
-    detail = (f"{metric} {text} (baseline {_fmt_estimate(b)}, current {_fmt_estimate(c)}; "
-              f"limit {check})")
-    if not check.beyond_threshold(b, c):
+    detail = (f"{metric} {_fmt_change(check, change)} (baseline {_fmt_estimate(b)}, current "
+              f"{_fmt_estimate(c)}; limit {check})")
+    verdict = check.judge(b, c)
+    if verdict == PASS:
         return text, PASS
-    if not check.beyond_noise(b, c):
-        return f"{text} noise", PASS
-    if (base.throttled or cur.throttled) and not fail_on_throttled:
-        findings.append(Finding(cur.label, metric, WARN, f"{detail}; throttled, not failed"))
+    if verdict == NOISY:
+        findings.append(Finding(cur_cell.label, metric, NOISY,
+                                f"{detail}; the noise ({text.partition(' ')[2] or 'unknown'}) "
+                                f"is wider than the threshold: cannot judge"))
+        return f"{text} too noisy", NOISY
+    if (base_cell.throttled or cur_cell.throttled) and not fail_on_throttled:
+        findings.append(Finding(cur_cell.label, metric, WARN, f"{detail}; throttled, not failed"))
         return f"{text} throttled", WARN
-    findings.append(Finding(cur.label, metric, FAIL, detail))
+    if base_cell.contended or cur_cell.contended:
+        findings.append(Finding(cur_cell.label, metric, WARN,
+                                f"{detail}; other processes used the cores while it ran "
+                                f"(contended), not failed: rerun it on an idle machine"))
+        return f"{text} contended", WARN
+    findings.append(Finding(cur_cell.label, metric, FAIL, detail))
     return f"{text} FAIL", FAIL
 
 
 def _worst(*verdicts: str) -> str:
-    return FAIL if FAIL in verdicts else WARN if WARN in verdicts else PASS
+    return next((v for v in (FAIL, WARN, NOISY) if v in verdicts), PASS)
 
 
 def compare(baseline: pd.DataFrame, current: pd.DataFrame, checks: Sequence[Check], *,
             with_device: bool = True, fail_on_throttled: bool = False,
+            fail_on_noisy: bool = False,
             parity: tuple[dict | None, dict | None] = (None, None)) -> Outcome:
     """Match cells of two results frames and apply the checks; nothing is printed."""
-    base_cells = _cells(baseline, with_device)
-    cur_cells = _cells(current, with_device)
+    base_side = _Side(_cells(baseline, with_device))
+    cur_side = _Side(_cells(current, with_device))
+    base_cells, cur_cells = base_side.cells, cur_side.cells
     findings: list[Finding] = []
     rows: list[_Row] = []
     for key in sorted(set(base_cells) | set(cur_cells)):
@@ -407,6 +451,10 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame, checks: Sequence[Chec
             side = "both" if base.throttled and cur.throttled else (
                 "baseline" if base.throttled else "current")
             row.cells["status"] += f" (throttled: {side})"
+        if base.contended or cur.contended:
+            side = "both" if base.contended and cur.contended else (
+                "baseline" if base.contended else "current")
+            row.cells["status"] += f" (contended: {side})"
         if base.status == "ok" and cur.status != "ok":
             verdict = FAIL if cur.status in _FAILED_STATUS else WARN
             findings.append(Finding(cur.label, "status", verdict,
@@ -417,11 +465,15 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame, checks: Sequence[Chec
             continue  # nothing measured on one side: no metric to compare
         verdicts = []
         for check in checks:
-            text, verdict = _compare_metric(check, base, cur, fail_on_throttled, findings)
+            text, verdict = _compare_metric(check, (base_side, base), (cur_side, cur),
+                                            fail_on_throttled, findings)
             row.cells[str(check)] = text
+            row.verdicts[str(check)] = verdict if text != "n/a" else "n/a"
             verdicts.append(verdict)
         row.result = _worst(*verdicts)
-    return Outcome(list(checks), rows, findings, _compare_parity(*parity, findings))
+    metric = checks[0].metric if checks else "samples_per_s"
+    return Outcome(list(checks), rows, findings, _compare_parity(*parity, findings),
+                   (base_side.band(metric), cur_side.band(metric)), fail_on_noisy)
 
 
 def _compare_parity(base: dict | None, cur: dict | None,
@@ -471,16 +523,27 @@ def render(outcome: Outcome, tablefmt: str = "simple") -> str:
 def _summary_line(outcome: Outcome) -> str:
     num_fail = sum(f.verdict == FAIL for f in outcome.findings)
     num_warn = sum(f.verdict == WARN for f in outcome.findings)
+    num_noisy = sum(f.verdict == NOISY for f in outcome.findings)
     verdict = "FAIL" if outcome.failed else "PASS"
     return (f"gate {verdict}: {len(outcome.rows)} cell(s), {num_fail} regression(s), "
-            f"{num_warn} warning(s)")
+            f"{num_warn} warning(s), {num_noisy} check(s) too noisy to judge")
+
+
+def _noise_lines(outcome: Outcome) -> list[str]:
+    """Which band each side used, and what a too-noisy check needs."""
+    lines = [f"noise, {side}: {noise.describe(band)}"
+             for side, band in zip(("baseline", "current"), outcome.bands, strict=True)]
+    if any(f.verdict == NOISY for f in outcome.findings):
+        lines.append("too noisy: more repeats on both sides (--repeats 3 or more), an idle "
+                     "machine and locked clocks narrow the band; --fail-on-noisy fails on it")
+    return lines
 
 
 def _markdown(outcome: Outcome, baseline: str, current: str) -> str:
     lines = [f"### ampbench {_summary_line(outcome)}", "",
              f"baseline `{baseline}`, current `{current}`, checks "
              + ", ".join(f"`{c}`" for c in outcome.checks), "",
-             render(outcome, "github"), ""]
+             render(outcome, "github"), "", *_noise_lines(outcome), ""]
     for f in outcome.findings:
         lines.append(f"- **{f.verdict}** {f.cell}: {f.detail}")
     return "\n".join(lines) + "\n"
@@ -510,6 +573,26 @@ def baseline_for(current: Path | str, baselines: Path = BASELINES) -> Path:
     return baselines / f"{store.device_slug(_single_device(names.to_frame(), current))}.csv"
 
 
+def judge_runs(baseline: Path, current: Path, checks: Sequence[Check], *,
+               allow_device_mismatch: bool = False, fail_on_throttled: bool = False,
+               fail_on_noisy: bool = False) -> Outcome:
+    """Load both sides (run directories or CSVs), refuse bad input, and compare them."""
+    base_frame = _load(baseline, checks)
+    if base_frame.empty:
+        raise BadInput(f"baseline {baseline} has no rows")
+    _validate_baseline(base_frame, checks, baseline)
+    cur_frame = _load(current, checks)
+    base_devices = set(base_frame["device_name"])
+    cur_devices = set(cur_frame["device_name"])
+    if not cur_devices <= base_devices and not allow_device_mismatch:
+        raise BadInput(f"baseline {baseline} is from {', '.join(sorted(base_devices))} but the "
+                       f"current run is from {', '.join(sorted(cur_devices))}; gate against "
+                       f"that device's baseline or pass --allow-device-mismatch")
+    return compare(base_frame, cur_frame, checks, with_device=not allow_device_mismatch,
+                   fail_on_throttled=fail_on_throttled, fail_on_noisy=fail_on_noisy,
+                   parity=(_parity(baseline), _parity(current)))
+
+
 def main(args: argparse.Namespace) -> int:
     """``ampbench gate``: exit 0 pass, 1 regression (bad input raises BadInput -> 2)."""
     checks = parse_checks(args.check)
@@ -521,24 +604,15 @@ def main(args: argparse.Namespace) -> int:
         if not baseline.exists():
             raise BadInput(f"no baseline {baseline} for this device; promote one with "
                            f"`python -m bench baseline RUN_DIR` or pass --baseline")
-    base_frame = _load(baseline, checks)
-    if base_frame.empty:
-        raise BadInput(f"baseline {baseline} has no rows")
-    cur_frame = _load(current, checks)
-    base_devices = set(base_frame["device_name"])
-    cur_devices = set(cur_frame["device_name"])
-    if not cur_devices <= base_devices and not args.allow_device_mismatch:
-        raise BadInput(f"baseline {baseline} is from {', '.join(sorted(base_devices))} but the "
-                       f"current run is from {', '.join(sorted(cur_devices))}; gate against "
-                       f"that device's baseline or pass --allow-device-mismatch")
-    outcome = compare(base_frame, cur_frame, checks,
-                      with_device=not args.allow_device_mismatch,
-                      fail_on_throttled=args.fail_on_throttled,
-                      parity=(_parity(baseline), _parity(current)))
+    outcome = judge_runs(baseline, current, checks,
+                         allow_device_mismatch=args.allow_device_mismatch,
+                         fail_on_throttled=args.fail_on_throttled,
+                         fail_on_noisy=args.fail_on_noisy)
     print(f"baseline {baseline}  current {current}  checks {' '.join(map(str, checks))}")
     print(render(outcome))
     for f in outcome.findings:
         print(f"{f.verdict:4}  {f.cell}: {f.detail}")
+    print("\n".join(_noise_lines(outcome)))
     print(_summary_line(outcome))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
@@ -549,6 +623,8 @@ def main(args: argparse.Namespace) -> int:
 
 def promote(run_dir: Path | str, out: Path | str | None = None) -> Path:
     """Copy a run's results (and parity verdicts) to a baseline CSV; returns its path."""
+    if out:
+        paths.output_file(out, "--out", make_parents=True)
     frame = store.load_results(run_dir)
     if "device_name" not in frame.columns:
         raise BadInput(f"{run_dir}: missing column(s) device_name")
@@ -556,11 +632,15 @@ def promote(run_dir: Path | str, out: Path | str | None = None) -> Path:
         frame["device_name"].map(lambda v: _canon(v) or "unknown device").to_frame(), run_dir)
     if not (frame["status"] == "ok").any():
         raise BadInput(f"{run_dir}: no cell with status ok; nothing worth a baseline")
-    path = Path(out) if out else BASELINES / f"{store.device_slug(device)}.csv"
+    path = paths.output_file(out or BASELINES / f"{store.device_slug(device)}.csv", "--out",
+                             make_parents=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # never left behind, whatever failed
     # The parity sibling travels with the CSV; a stale one from an older baseline must not stay.
     sibling = path.with_name(f"{path.stem}.parity.csv")
     source_parity = _parity_path(Path(run_dir))

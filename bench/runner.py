@@ -338,7 +338,11 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
                     record = failure_record(cell, state.settings, repeat, "skipped",
                                             f"batch {limit} already ran out of memory")
                 else:
+                    before = load.snapshot()
                     record = run_child(cell, state.settings, repeat, Path(tmp), slot)
+                    # Others' work on this run's cores while the cell ran: a contended cell.
+                    record["others_cpu_pct"] = load.during(before, load.snapshot()).get(
+                        "others_cpu_pct")
                 record["calibration"] = is_calibration
                 state.save(record)
                 if record["status"] == "oom":

@@ -36,7 +36,7 @@ COMPUTE = ("flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct")
 POWER = (
     "power_avg_w", "power_max_w", "power_source", "idle_power_w", "energy_j", "energy_source",
     "energy_check_pct", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
-    "throttle_reasons", "throttled",
+    "throttle_reasons", "throttled", "others_cpu_pct",
 )
 NUMERICS = (
     "loss_first", "loss_last", "nonfinite_steps", "scaler_scale_final", "scaler_skipped_steps",

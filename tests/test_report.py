@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from bench import BadInput, report, store
 from bench.__main__ import main
+from bench.report.plots import _style
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 # resnet50 x fp32/fp16/bf16 x batch 128/256; fp32@256 oom, bf16@256 throttled, fp16@128 twice
@@ -85,9 +87,10 @@ def test_language_models_report_tokens_and_joules_per_token(tmp_path):
     text = report.render(report.load(_run_dir(tmp_path, rows)))
     assert "**Throughput, tokens/s**" in text
     assert "**Energy, J/token (change vs fp32)**" in text
-    assert "|       8 |  0.100 | 0.0500 (-50%) |" in text  # 12.8 J / 128 tokens
+    assert "|       8 |  0.100 | 0.0500 (-50% (noise unknown)) |" in text  # 12.8 J / 128 tokens
+    assert "not judged (noise not measured)" in text and "Wide spread" not in text
     summary = text.split("## Summary")[1].split("##")[0]
-    assert "| gpt2-tiny | 2.50x (bf16, batch 8)" in summary
+    assert "| gpt2-tiny | not judged (noise not measured)" in summary  # one process, no spread
 
 
 def test_max_batch_records_and_world_sizes_get_their_own_tables(tmp_path):
@@ -180,8 +183,8 @@ def test_plots_and_report_for_partial_data(tmp_path):
 
 
 def test_policy_colours_are_fixed():
-    colours, _ = report._style(["bf16", "broken", "fp32"])
-    again, _ = report._style(["fp32"])
+    colours, _ = _style(["bf16", "broken", "fp32"])
+    again, _ = _style(["fp32"])
     assert colours["fp32"] == again["fp32"] and colours["bf16"] != colours["fp32"]
     assert colours["broken"] not in {colours[p] for p in report.POLICY_ORDER}
 
@@ -209,7 +212,7 @@ def test_publish_copies_the_run_and_indexes_it(tmp_path, fixture_report, capsys)
     index = (results / report.INDEX).read_text(encoding="utf-8")
     assert "## NVIDIA H100 80GB HBM3" in index
     assert ("| 2026-01-05 | [20260105-101500-nvidia-h100](nvidia-h100-80gb-hbm3/2026-01-05/"
-            "report.md) | 2.4.0+cu124 | resnet50 | 2.00x (fp16, batch 128)") in index
+            "report.md) | 2.4.0+cu124 | resnet50 | 2.00x ±0.43 (fp16, batch 128)") in index
     assert "| FAIL: bf16 |" in index
 
     # Publishing again changes nothing; another run of the same day gets its own directory.
@@ -255,3 +258,51 @@ def test_default_run_dir_is_the_latest_run(tmp_path, monkeypatch, capsys):
     os.utime(old / store.RESULTS, (1, 1))
     assert main(["report"]) == 0
     assert (new / report.REPORT).exists() and not (old / report.REPORT).exists()
+
+
+@pytest.mark.parametrize("cuda", [
+    {"cuda_version": None, "torch_cuda_build": "13.0"},
+    {"cuda_version": "13.0"},  # a run recorded before torch_cuda_build existed
+])
+def test_a_cuda_build_of_torch_on_a_cpu_is_not_reported_as_the_devices_cuda(tmp_path, cuda):
+    meta = {"device": "cpu", "torch_version": "2.14.1", "python_version": "3.11.7", **cuda}
+    text = report.render(report.load(_run_dir(tmp_path, [_record()], meta)))
+    assert "- **Software:** torch 2.14.1, Python 3.11.7 (torch built for CUDA 13.0; no GPU)" in text
+    assert "CUDA 13.0," not in text
+
+
+def test_a_difference_within_the_noise_is_never_a_headline(tmp_path):
+    # One process per cell and a calibration cell that moved by ~8% between its processes:
+    # a 5% "speedup" and a 2% memory "saving" are noise, a 60% speedup is not.
+    calibration = [_record(repeat=i, samples_per_s=v, calibration=i > 0, step_ms_median=10.0,
+                           step_ms_iqr=0.1)
+                   for i, v in enumerate([100.0, 92.0, 108.0, 100.0, 95.0])]
+    small = [*calibration, _record(precision="bf16", samples_per_s=105.0, peak_rss_gib=0.49)]
+    text = report.render(report.load(_run_dir(tmp_path, small, name="small")))
+    summary = text.split("## Summary")[1].split("##")[0]
+    assert "none beyond noise" in summary and "1.05x" not in summary
+    assert "from a calibration cell run in several processes" in text
+    assert re.search(r"\| 1\.05x ±0\.\d\d \|", text)  # shown, not bold: not a finding
+    big = [*calibration, _record(precision="bf16", samples_per_s=160.0)]
+    summary = report.render(report.load(_run_dir(tmp_path, big, name="big"))).split(
+        "## Summary")[1].split("##")[0]
+    assert re.search(r"1\.60x ±0\.\d\d \(bf16, batch 8\)", summary)
+
+
+def test_a_wide_spread_is_flagged_with_the_advice_that_fixes_it(tmp_path):
+    rows = [_record(repeat=i, samples_per_s=v, step_ms_median=10.0, step_ms_iqr=0.2)
+            for i, v in enumerate([100.0, 60.0, 140.0])]
+    text = report.render(report.load(_run_dir(tmp_path, rows)))
+    assert "Wide spread (over 10%): fp32, batch 8 (between processes 40.0%" in text
+    assert "--repeats 3 or more on an idle machine" in text
+
+
+def test_a_contended_cell_is_marked_and_never_a_headline(tmp_path):
+    calibration = [_record(repeat=i, samples_per_s=v, calibration=i > 0, step_ms_median=10.0,
+                           step_ms_iqr=0.1) for i, v in enumerate([100.0, 99.0, 101.0, 100.0])]
+    rows = [*calibration, _record(precision="bf16", samples_per_s=300.0, others_cpu_pct=40.0)]
+    text = report.render(report.load(_run_dir(tmp_path, rows)))
+    summary = text.split("## Summary")[1].split("##")[0]
+    assert "3.00x" not in summary and "n/a (contended cells left out)" in summary
+    assert "‡ other processes used more than 10% of the run's cores" in text
+    assert re.search(r"\*\*3\.00x\*\* ±0\.\d\d ‡", text)

@@ -5,7 +5,8 @@ import sys
 
 TORCH_FREE = [
     "bench.store", "bench.config", "bench.matrix", "bench.report", "bench.gate", "bench.power",
-    "bench.precision", "models",
+    "bench.precision", "bench.paths", "bench.procs", "bench.noise", "bench.load", "bench.rates",
+    "models",
 ]
 
 

@@ -1,0 +1,221 @@
+"""Measurement noise: how far the same cell moves between processes, and what a run can resolve.
+
+The step-time spread inside one process says little about how much the same cell varies from
+one process to the next (where memory lands, which core, clocks, neighbours), and a speedup or
+a regression is always a comparison of two processes. So, as pyperf and asv do, a cell's value
+is the median over its processes (``repeats``, run interleaved across cells) and its noise is
+the spread between them:
+
+- ``own``: the relative standard deviation of the cell's per-process values (two or more);
+- ``band``: the run's typical between-process spread, the median of ``own`` over every cell
+  with several processes. With ``--repeats 1`` the runner measures it on a calibration cell
+  run in a few extra processes at the start and end of the sweep;
+- ``floor``: the within-process uncertainty of one process's median step time,
+  ``1.2533 * (IQR / 1.349) / sqrt(steps)`` relative (time-derived metrics only).
+
+A cell's per-process noise is the largest of those it has (an estimate from three processes
+can be small by luck; the run's band guards it), and the uncertainty of its value is that over
+the square root of its number of processes. Where neither repeats nor calibration exist, the
+within-process floor is all there is and the source says ``within-run``: a lower bound. With
+nothing at all (``none``) the noise is unbounded: no claim can be made.
+
+Claims use one threshold, ``Z`` standard errors: an interval shown as ``±`` is ``Z`` sigma
+wide, a change is "beyond noise" when the interval excludes no change, and the gate judges a
+check only when a change of its threshold's size would be beyond noise. torch-free.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from bench import store
+
+K = TypeVar("K", bound=Hashable)
+
+Z = 3.0  # standard errors for an interval or a "beyond noise" claim (~99.7% two-sided)
+# Cells need this many processes of their own before their own spread is trusted alone.
+MIN_OWN = 3
+CALIBRATION_PROCESSES = 4  # extra processes of the calibration cell (half first, half last)
+# Metrics that scale with (or inversely to) the step time: the within-process floor applies.
+TIME_DERIVED = frozenset({"step_ms_median", "step_ms_min", "samples_per_s", "tokens_per_s",
+                          "achieved_tflops", "mfu_pct", "joules_per_sample"})
+
+REPEATS, CALIBRATION, WITHIN, NONE = "repeats", "calibration", "within-run", "none"
+
+
+@dataclass(frozen=True)
+class Band:
+    """A run's typical between-process spread of one metric, and where it came from."""
+
+    spread: float | None  # relative standard deviation of one process's value
+    source: str  # repeats | calibration | none
+    num_cells: int = 0  # cells with several processes behind it
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A cell's value (median over its processes) with its noise."""
+
+    value: float
+    spread: float  # relative standard deviation of ONE process's value
+    n: int  # processes behind the value
+    source: str  # repeats | calibration | within-run | none
+
+    @property
+    def error(self) -> float:
+        """Relative standard error of ``value``."""
+        return self.spread / math.sqrt(max(self.n, 1))
+
+    @property
+    def half_width(self) -> float:
+        """Half the ``Z``-sigma interval of ``value``, in its unit."""
+        return Z * self.error * abs(self.value)
+
+    def ratio(self, other: Estimate) -> Ratio:
+        """``self / other`` with both errors combined (relative errors add in quadrature)."""
+        return Ratio(self.value / other.value, math.hypot(self.error, other.error),
+                     _weakest(self.source, other.source))
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio of two estimates (a speedup, a memory ratio) with its relative standard error."""
+
+    value: float
+    error: float  # relative standard error
+    source: str
+
+    @property
+    def half_width(self) -> float:
+        """Half the ``Z``-sigma interval, in the ratio's own unit."""
+        return Z * self.error * abs(self.value)
+
+    @property
+    def beyond_noise(self) -> bool:
+        """True when the interval excludes 1 (no change); never with unknown noise."""
+        return abs(self.value - 1.0) > self.half_width
+
+
+_SOURCE_RANK = {REPEATS: 0, CALIBRATION: 1, WITHIN: 2, NONE: 3}
+
+
+def _weakest(*sources: str) -> str:
+    return max(sources, key=lambda s: _SOURCE_RANK.get(s, 3))
+
+
+def finite(values: Iterable[object]) -> list[float]:
+    """The finite numbers among ``values`` (None, NaN, inf and text dropped)."""
+    out = []
+    for value in values:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            out.append(number)
+    return out
+
+
+def own_spread(values: Sequence[float]) -> float | None:
+    """Relative sample standard deviation of one cell's per-process values; None below two."""
+    if len(values) < 2:
+        return None
+    centre = statistics.median(values)
+    if centre == 0:
+        return None
+    return statistics.stdev(values) / abs(centre)
+
+
+def pooled(spreads: Iterable[float | None], calibration_only: bool = False) -> Band:
+    """The run's band: the median of the cells' own spreads (cells with several processes)."""
+    found = [s for s in spreads if s is not None]
+    if not found:
+        return Band(None, NONE, 0)
+    return Band(statistics.median(found), CALIBRATION if calibration_only else REPEATS,
+                len(found))
+
+
+def within_floor(iqr_ms: Iterable[object], median_ms: Iterable[object],
+                 steps: Iterable[object] | None = None) -> float | None:
+    """Relative standard error of one process's median step time from its own step spread:
+    the median over processes (empty or non-finite entries skipped; unknown steps count 1)."""
+    floors = []
+    counts = steps if steps is not None else itertools.repeat(None)
+    for iqr, median, n in zip(iqr_ms, median_ms, counts, strict=False):
+        iqr_, median_, n_ = finite([iqr]), finite([median]), finite([n]) or [1.0]
+        if iqr_ and median_ and median_[0] > 0 and iqr_[0] >= 0 and n_[0] >= 1:
+            # IQR / 1.349 is sigma for a normal sample; the median's error is 1.2533 sigma/sqrt(n)
+            floors.append(1.2533 * iqr_[0] / 1.349 / median_[0] / math.sqrt(n_[0]))
+    return statistics.median(floors) if floors else None
+
+
+def estimate(values: Sequence[float], band: Band, floor: float | None = None) -> Estimate | None:
+    """A cell's estimate from its per-process values, the run's band and its within floor."""
+    values = finite(values)
+    if not values:
+        return None
+    value = statistics.median(values)
+    own = own_spread(values)
+    candidates = [s for s in (own, band.spread, floor) if s is not None]
+    if own is not None and len(values) >= MIN_OWN:
+        source = REPEATS
+    elif band.spread is not None:
+        source = band.source
+    elif own is not None:
+        source = REPEATS  # two processes: their spread, weakly
+    elif floor is not None:
+        source = WITHIN
+    else:
+        source = NONE  # unknown noise is unbounded noise: nothing can be claimed from it
+    return Estimate(value, max(candidates, default=math.inf), len(values), source)
+
+
+def cell_estimates(cells: Mapping[K, Sequence[Mapping[str, Any]]], metric: str,
+                   ) -> tuple[dict[K, Estimate], Band]:
+    """Every cell's estimate of ``metric`` and the run's band, from each cell's ok processes
+    (rows with ``metric`` and, where known, ``step_ms_iqr``, ``step_ms_median``,
+    ``timed_steps`` and ``calibration``). A cell without a finite value gets no estimate."""
+    values = {key: finite(row.get(metric) for row in rows) for key, rows in cells.items()}
+    spreads = {key: own_spread(v) for key, v in values.items()}
+    band = pooled(spreads.values(), calibration_only=all(
+        any(store.truthy(row.get("calibration")) for row in cells[key])
+        for key, spread in spreads.items() if spread is not None))
+    out = {}
+    for key, rows in cells.items():
+        floor = None
+        if metric in TIME_DERIVED:
+            floor = within_floor([r.get("step_ms_iqr") for r in rows],
+                                 [r.get("step_ms_median") for r in rows],
+                                 [r.get("timed_steps") for r in rows])
+        est = estimate(values[key], band, floor)
+        if est is not None:
+            out[key] = est
+    return out, band
+
+
+def shared(a: Estimate, b: Estimate) -> tuple[Estimate, Estimate]:
+    """Two estimates of the same cell on the same machine, one per-process noise between them:
+    the larger known spread, so a run of one process inherits the spread that the other side
+    (a baseline run with repeats) measured for that very cell."""
+    known = [e for e in (a, b) if math.isfinite(e.spread)]
+    if not known:
+        return a, b
+    spread = max(e.spread for e in known)
+    source = min((e.source for e in known), key=lambda s: _SOURCE_RANK.get(s, 3))
+    return (Estimate(a.value, spread, a.n, source), Estimate(b.value, spread, b.n, source))
+
+
+def describe(band: Band) -> str:
+    """One sentence naming the band a report or the gate used."""
+    if band.source == NONE or band.spread is None:
+        return ("between-process noise not measured (one process per cell, no calibration): "
+                "bands are the within-process step spread only, a lower bound")
+    what = ("a calibration cell run in several processes" if band.source == CALIBRATION
+            else f"the spread across repeats of {band.num_cells} cell(s)")
+    return (f"between-process noise {band.spread * 100:.1f}% per process, from {what}; "
+            f"± is {Z:g} standard errors")

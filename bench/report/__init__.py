@@ -1,0 +1,74 @@
+"""Reports and publishing: report.md and plots for a run directory, and the published-runs index.
+
+    python -m bench report                        # the latest run under results/runs/
+    python -m bench report RUN_DIR --out DIR      # report.md and plots/ into DIR
+    python -m bench publish RUN_DIR               # -> results/<device-slug>/<date>/ + index
+
+Inputs (all files; see bench/store.py): ``results.csv`` (one row per cell and repeat; a cell's
+repeats are folded into the median of its ``ok`` repeats), ``meta.json`` (environment), and when
+present ``parity.csv``, ``parity_curves.csv`` and max-batch records (rows of results.csv with
+``max_batch_search`` set). A cell is one (model, precision, batch_size, seq_len, image_size,
+grad_accum, compile, world_size).
+
+report.md: the environment, a headline summary per model (best speedup, memory and energy
+saving over FP32, parity failures), then per model one table per metric with batch sizes as
+rows and policies as columns. Failed cells show their status (oom, error, ...); cells throttled
+during the timed window carry a dagger. Language models report tokens/s and joules per token.
+
+Plots (PNG and SVG, Agg backend, one fixed colour and marker per policy) go to ``plots/``.
+
+One file per job: ``loading`` (the run directory into one row per cell), ``tables`` (numbers
+and the per-model tables), ``markdown`` (report.md), ``plots`` and ``publishing`` (results/ and
+its index); this module keeps the entry points callers know.
+
+torch-free: the package reads files only, so it runs on a laptop and in CPU CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench import store
+from bench.report.loading import (
+    CURVES,
+    INDEX,
+    METRICS,
+    PARITY,
+    PLOTS,
+    POLICY_ORDER,
+    REPORT,
+    THROTTLED_MARK,
+    Run,
+    aggregate,
+    load,
+)
+from bench.report.markdown import Headline, headline, render, write_report
+from bench.report.plots import plot
+from bench.report.publishing import publish, render_index, write_index
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def main(args: argparse.Namespace) -> int:
+    """``ampbench report [RUN_DIR] [--out DIR]``: write report.md and plots."""
+    run_dir = Path(args.run_dir) if args.run_dir else store.latest_run()
+    path = write_report(run_dir, args.out)
+    plots = path.parent / PLOTS
+    print(f"wrote {path}" + (f" and {plots}/" if plots.is_dir() else ""))
+    return 0
+
+
+def publish_main(args: argparse.Namespace) -> int:
+    """``ampbench publish RUN_DIR [--results DIR]``: copy a run into results/ and index it."""
+    dest = publish(args.run_dir, args.results)
+    print(f"published {args.run_dir} to {dest}; index {Path(args.results) / INDEX}")
+    return 0
+
+
+
+__all__ = [
+    "CURVES", "INDEX", "METRICS", "PARITY", "PLOTS", "POLICY_ORDER", "REPORT", "THROTTLED_MARK",
+    "Headline", "Run", "aggregate", "headline", "load", "main", "plot", "publish", "publish_main",
+    "render", "render_index", "write_index", "write_report",
+]

@@ -1,0 +1,255 @@
+"""Reading a run directory for the report: results.csv folded into one row per cell (with
+each noisy metric's standard error), meta.json, parity.csv and the loss curves. torch-free."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench import BadInput, noise, parity, store
+from bench import load as load_
+
+REPORT = "report.md"
+PLOTS = "plots"
+INDEX = "README.md"
+PARITY = "parity.csv"
+CURVES = "parity_curves.csv"
+
+POLICY_ORDER = ("fp32", "tf32", "fp16", "bf16", "fp16-noscale")
+KEY = store.KEY
+# Key columns besides the batch size that become extra row labels when they vary in a model.
+_SECONDARY = ("seq_len", "image_size", "grad_accum", "compile", "world_size")
+_SECONDARY_HEADERS = {"seq_len": "seq len", "image_size": "image", "grad_accum": "grad accum",
+                      "compile": "compile", "world_size": "world size"}
+_KEY_DEFAULTS: dict[str, Any] = {"grad_accum": 1, "world_size": 1, "compile": False}
+METRICS = (
+    "samples_per_s", "tokens_per_s", "step_ms_median", "step_ms_iqr", "peak_mem_allocated_gib",
+    "peak_mem_reserved_gib", "peak_rss_gib", "achieved_tflops", "mfu_pct", "power_avg_w",
+    "energy_j", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
+)
+# The worst status speaks for a cell none of whose repeats ran.
+THROTTLED_MARK = "†"
+CONTENDED_MARK = "‡"  # other processes used the cores while the cell ran
+
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory, read and folded: what the tables and plots are drawn from."""
+
+    path: Path
+    meta: dict[str, Any]
+    cells: pd.DataFrame  # one row per cell: KEY, status, medians of the ok repeats, flags
+    max_batch: pd.DataFrame  # model, precision, status, max_batch (empty without a search)
+    parity: pd.DataFrame | None  # one row per (model, precision); None without parity.csv
+    curves: pd.DataFrame | None  # model, precision, seed, step, loss
+
+    @property
+    def device_name(self) -> str:
+        names = list(dict.fromkeys(str(n) for n in self.cells["device_name"].dropna()))
+        if self.meta.get("device_name") and len(names) <= 1:
+            return str(self.meta["device_name"])
+        return " + ".join(names) if names else "unknown device"  # a mixed run says so
+
+    @property
+    def run_id(self) -> str:
+        return str(self.meta.get("run_id") or self.path.name)
+
+    @property
+    def policies(self) -> list[str]:
+        seen = list(self.cells["precision"]) + list(self.max_batch["precision"])
+        if self.parity is not None:
+            seen += list(self.parity["precision"])
+        if self.curves is not None:
+            seen += list(self.curves["precision"])
+        return _ordered(seen)
+
+
+def _ordered(policies: Sequence[Any]) -> list[str]:
+    """Known policies in their canonical order, then the others in order of appearance."""
+    unique = list(dict.fromkeys(str(p) for p in policies))
+    return [p for p in POLICY_ORDER if p in unique] + [p for p in unique if p not in POLICY_ORDER]
+
+
+
+
+def _read_csv(path: Path, required: Sequence[str], whole: dict[str, int] | None = None,
+              signed: Sequence[str] = ()) -> pd.DataFrame | None:
+    """A parity CSV through the one checked reader (store.read_csv), None when absent or empty;
+    a damaged line is a warning and skipped, text in a number column is BadInput."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    return store.read_csv(path, required, whole, signed=signed, strict=False)
+
+
+def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
+    """Key columns with one spelling (64.0 == 64, "True" == True), metrics as numbers."""
+    frame = frame.copy()
+    for column in KEY:
+        if column not in frame.columns:
+            frame[column] = None
+    frame["model"] = frame["model"].astype(str)
+    frame["precision"] = frame["precision"].astype(str)
+    frame["status"] = frame["status"].fillna("error").astype(str).str.strip().str.lower()
+    for column in ("batch_size", "seq_len", "image_size", "grad_accum", "world_size"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    for column in ("grad_accum", "world_size"):
+        frame[column] = frame[column].fillna(_KEY_DEFAULTS[column])
+    frame["compile"] = frame["compile"].map(store.truthy)
+    for column in METRICS:
+        values = frame[column] if column in frame.columns else None
+        frame[column] = pd.to_numeric(values, errors="coerce") if values is not None else math.nan
+    for column in ("throttled", "max_batch_search"):
+        frame[column] = frame[column].map(store.truthy) if column in frame.columns else False
+    for column in ("throttle_reasons", "error", "device_name", "max_batch"):
+        if column not in frame.columns:
+            frame[column] = None
+    # A max-batch record is flagged, or at least carries its result.
+    frame["max_batch_search"] |= pd.to_numeric(frame["max_batch"], errors="coerce").notna()
+    return frame
+
+
+# Metrics whose between-process noise the tables state (a ``<metric>_err`` column each).
+_NOISY = ("samples_per_s", "tokens_per_s", "peak_mem_reserved_gib", "peak_rss_gib",
+          "joules_per_sample")
+
+
+def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell key: the median of its ok processes with each noisy metric's relative
+    standard error (``<metric>_err``), its status and throttling."""
+    frame = _normalise(frame)
+    groups = [group for _, group in frame.groupby(list(KEY), dropna=False, sort=False)]
+    noisy = {metric: noise.cell_estimates(
+        {i: g[g["status"] == "ok"].to_dict("records") for i, g in enumerate(groups)}, metric)
+        for metric in _NOISY}
+    rows = []
+    for i, group in enumerate(groups):
+        ok = group[group["status"] == "ok"]
+        first = group.iloc[0]
+        row: dict[str, Any] = {k: first[k] for k in KEY}
+        statuses = set(group["status"])
+        row["status"] = "ok" if len(ok) else next(
+            (s for s in store.FAILED if s in statuses), sorted(statuses)[0])
+        for column in METRICS:
+            row[column] = ok[column].median()  # NaN when no repeat ran ok
+        for column in _NOISY:
+            est = noisy[column][0].get(i)
+            row[f"{column}_err"] = est.error if est else math.nan
+            if column == "samples_per_s":
+                row["noise_pct"] = est.spread * 100 if est else math.nan
+                row["noise_source"] = est.source if est else noise.NONE
+        within = (ok["step_ms_iqr"] / ok["step_ms_median"]).dropna()
+        row["step_spread_pct"] = within.median() * 100 if len(within) else math.nan
+        reasons = sorted({r.strip() for v in ok["throttle_reasons"].dropna()
+                          for r in str(v).split(";") if r.strip()})
+        row["throttled"] = bool(ok["throttled"].any())
+        row["contended"] = "others_cpu_pct" in ok and any(map(load_.contended,
+                                                              ok["others_cpu_pct"]))
+        row["throttle_reasons"] = ";".join(reasons)
+        errors = [str(e).strip() for e in group["error"].dropna() if str(e).strip()]
+        row["error"] = errors[0] if errors else ""
+        row["repeats"] = len(group)
+        row["failed_repeats"] = len(group) - len(ok)
+        row["device_name"] = first["device_name"]
+        rows.append(row)
+    columns = [*KEY, "status", *METRICS, *(f"{m}_err" for m in _NOISY), "noise_pct",
+               "noise_source", "step_spread_pct", "throttled", "contended", "throttle_reasons",
+               "error", "repeats", "failed_repeats", "device_name"]
+    cells = pd.DataFrame(rows, columns=columns)
+    # The run's between-process band, for the report's words.
+    cells.attrs["band"] = noisy["samples_per_s"][1]
+    return cells
+
+
+def _max_batch(frame: pd.DataFrame) -> pd.DataFrame:
+    searched = frame[frame["max_batch_search"]] if len(frame) else frame
+    columns = ["model", "precision", "status", "max_batch", "throttled"]
+    if searched.empty:
+        return pd.DataFrame(columns=columns)
+    out = searched[["model", "precision", "status", "throttled"]].copy()
+    out["max_batch"] = pd.to_numeric(searched["max_batch"], errors="coerce")
+    # A resumed search may have written a group twice; the last record wins.
+    return out.drop_duplicates(["model", "precision"], keep="last")[columns]
+
+
+def _parity(path: Path) -> pd.DataFrame | None:
+    """parity.csv folded to one row per (model, precision), or None when it is absent."""
+    frame = _read_csv(path, ("model", "precision"), {"seed": 0},
+                      ("eval_loss", "eval_accuracy", "delta", "tolerance", "optimal_loss"))
+    if frame is None or frame.empty:
+        return None
+    rows = []
+    for (model, precision), group in frame.groupby(["model", "precision"], sort=False):
+        def numbers(column: str, group: pd.DataFrame = group) -> pd.Series:
+            """The column as numbers; all NaN where an older parity.csv lacks it."""
+            return pd.to_numeric(group[column], errors="coerce") if column in group \
+                else pd.Series(math.nan, index=group.index)
+
+        verdicts = {str(v).strip().upper() for v in group.get("verdict", pd.Series()).dropna()}
+        rows.append({
+            "model": str(model), "precision": str(precision),
+            "verdict": parity.worst_verdict(verdicts) or "",
+            "seeds": len(group),
+            "eval_loss": numbers("eval_loss").mean(),
+            "eval_accuracy": numbers("eval_accuracy").mean(),
+            "delta": _first_number(group.get("delta")),
+            "tolerance": _first_number(group.get("tolerance")),
+            "nonfinite_steps": numbers("nonfinite_steps").sum(min_count=1),
+            "optimal_loss": _first_number(group.get("optimal_loss")),
+            "scaler_skipped_steps": numbers("scaler_skipped_steps").sum(min_count=1),
+            "underflow_frac": numbers("underflow_frac").mean(),
+            "crashed": int(group["error"].notna().sum()) if "error" in group else 0,
+        })
+    return pd.DataFrame(rows)
+
+
+def _first_number(column: pd.Series | None) -> float:
+    if column is None:
+        return math.nan
+    values = pd.to_numeric(column, errors="coerce").dropna()
+    return float(values.iloc[0]) if len(values) else math.nan
+
+
+def _curves(path: Path) -> pd.DataFrame | None:
+    frame = _read_csv(path, ("model", "precision", "step", "loss"), {"step": 0}, ("loss",))
+    if frame is None or frame.empty:
+        return None
+    frame = frame.copy()
+    if "seed" not in frame.columns:
+        frame["seed"] = 0
+    frame["step"] = pd.to_numeric(frame["step"], errors="coerce")
+    # An inf would wreck the axis limits; a non-finite point is simply not drawn.
+    loss = pd.to_numeric(frame["loss"], errors="coerce")
+    frame["loss"] = loss.where(loss.abs() != math.inf)
+    frame["model"] = frame["model"].astype(str)
+    frame["precision"] = frame["precision"].astype(str)
+    return frame.dropna(subset=["step"])
+
+
+def load(run_dir: Path | str) -> Run:
+    """Read a run directory (results.csv, meta.json, parity files) into a Run."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise BadInput(f"{run_dir}: no such run directory")
+    if not (path / store.RESULTS).exists() and not (path / store.RECORDS).exists():
+        raise BadInput(f"{run_dir}: not a run directory (no {store.RESULTS} or {store.RECORDS})")
+    # The reader the gate uses too: both refuse the same files; a damaged line is skipped here.
+    raw = _normalise(store.load_results(path, strict=False))
+    return Run(
+        path=path,
+        meta=store.read_meta(path),
+        cells=aggregate(raw[~raw["max_batch_search"]]),
+        max_batch=_max_batch(raw),
+        parity=_parity(path / PARITY),
+        curves=_curves(path / CURVES),
+    )
+
+

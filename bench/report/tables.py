@@ -1,0 +1,434 @@
+"""Numbers and tables of report.md: formats, the per-model metric tables (speedups and changes
+with their noise intervals), scaling and parity tables, the notes under them. torch-free."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+from bench import noise
+from bench.report.loading import (
+    _SECONDARY,
+    _SECONDARY_HEADERS,
+    CONTENDED_MARK,
+    KEY,
+    THROTTLED_MARK,
+    Run,
+    _ordered,
+)
+
+# ------------------------------------------------------------------------------ numbers
+
+
+def _is_num(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt_rate(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def _fmt_gib(value: float) -> str:
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def _fmt_sig(value: float) -> str:
+    """Three significant digits, trailing zeros kept so a column reads evenly (0.300, 12.0)."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:#.3g}"
+
+
+def _fmt_change(ratio: noise.Ratio) -> str:
+    """'-12% ±3%', bold when beyond noise; never '-0%'."""
+    percent = round((ratio.value - 1) * 100)
+    text = f"{percent:+d}%" if percent else "0%"
+    return (f"**{text}**" if ratio.beyond_noise else text) + _fmt_width(ratio, 100, "%", 0)
+
+
+def _fmt_ratio(ratio: noise.Ratio) -> str:
+    """'1.52x ±0.04', bold when beyond noise."""
+    text = f"{ratio.value:.2f}x"
+    return (f"**{text}**" if ratio.beyond_noise else text) + _fmt_width(ratio, 1, "", 2)
+
+
+def _fmt_width(ratio: noise.Ratio, scale: float, unit: str, digits: int) -> str:
+    """' ±0.04' (the noise interval), or ' (noise unknown)' where none was measured."""
+    if not math.isfinite(ratio.half_width):
+        return " (noise unknown)"
+    return f" ±{ratio.half_width * scale:.{digits}f}{unit}"
+
+
+def _fmt_pct(value: Any) -> str:
+    return f"{float(value):.1f}%" if _is_num(value) else "n/a"
+
+
+def _fmt_int(value: Any) -> str:
+    return f"{int(value)}" if _is_num(value) else ""
+
+
+# A cell whose processes or steps spread wider than this is flagged with the advice to fix it.
+_WIDE_PCT = 10.0
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What a model's tables need: its cells, row keys and units."""
+
+    name: str
+    cells: pd.DataFrame
+    row_keys: list[str]
+    policies: list[str]
+    language: bool  # language models: tokens/s and joules per token
+
+    @property
+    def rate_column(self) -> str:
+        if self.language and self.cells["tokens_per_s"].notna().any():
+            return "tokens_per_s"
+        return "samples_per_s"
+
+    @property
+    def rate_unit(self) -> str:
+        return "tokens/s" if self.rate_column == "tokens_per_s" else "samples/s"
+
+    @property
+    def energy_unit(self) -> str:
+        return "J/token" if self.language else "J/sample"
+
+    def energy(self, cell: pd.Series) -> float:
+        value = cell["joules_per_sample"]
+        if self.language and _is_num(cell["seq_len"]) and cell["seq_len"] > 0:
+            return float(value) / float(cell["seq_len"])
+        return float(value)
+
+
+def _model(run: Run, name: str) -> _Model:
+    cells = run.cells[run.cells["model"] == name]
+    row_keys = ["batch_size"] + [k for k in _SECONDARY if cells[k].nunique(dropna=False) > 1]
+    language = bool(cells["seq_len"].notna().any())
+    return _Model(name, cells, row_keys, _ordered(cells["precision"]), language)
+
+
+def _row_id(cell: pd.Series, keys: Sequence[str]) -> tuple[Any, ...]:
+    return tuple(None if pd.isna(cell[k]) else cell[k] for k in keys)
+
+
+def _grid(model: _Model) -> tuple[list[tuple[Any, ...]], dict[tuple[Any, ...], pd.Series]]:
+    """Sorted row ids, and (row id, policy) -> cell; the row keys are all that vary in a model."""
+    lookup = {(_row_id(cell, model.row_keys), cell["precision"]): cell
+              for _, cell in model.cells.iterrows()}
+    rows = sorted({row for row, _ in lookup}, key=lambda r: tuple((v is None, v) for v in r))
+    return rows, lookup
+
+
+def _matching(cells: pd.DataFrame, cell: pd.Series, **changes: Any) -> pd.DataFrame:
+    """The rows of ``cells`` whose key is ``cell``'s with ``changes`` (NaN matches NaN)."""
+    for k in KEY:
+        want = changes.get(k, cell[k])
+        cells = cells[cells[k].isna()] if pd.isna(want) else cells[cells[k] == want]
+    return cells
+
+
+def _same_key(model: _Model, cell: pd.Series, policy: str) -> pd.Series | None:
+    """The same cell (same key) under another policy, whatever its status."""
+    other = _matching(model.cells, cell, precision=policy)
+    return other.iloc[0] if len(other) else None
+
+
+def _reference(model: _Model, cell: pd.Series, policy: str) -> pd.Series | None:
+    """The same cell (same key) under another policy, when it ran ok."""
+    other = _same_key(model, cell, policy)
+    return other if other is not None and other["status"] == "ok" else None
+
+
+def _ratio(value: float, base: float) -> float | None:
+    if _is_num(value) and _is_num(base) and base != 0:
+        return float(value) / float(base)
+    return None
+
+
+def _estimate(cell: pd.Series, column: str) -> noise.Estimate | None:
+    """An aggregated cell's value with its standard error (``<column>_err``)."""
+    if not _is_num(cell[column]):
+        return None
+    error = cell.get(f"{column}_err")
+    # n=1 with the error as the spread: the estimate's error is the cell's standard error.
+    # An error never measured is unbounded: nothing is claimed from it.
+    return noise.Estimate(float(cell[column]),
+                          float(error) if error is not None and pd.notna(error) else math.inf, 1,
+                          str(cell.get("noise_source") or noise.NONE))
+
+
+def _versus(model: _Model, cell: pd.Series, over: str, column: str) -> noise.Ratio | None:
+    """``column`` of ``cell`` over the same cell under policy ``over``, with its noise."""
+    base = _reference(model, cell, over)
+    value = _estimate(cell, column)
+    reference = _estimate(base, column) if base is not None else None
+    if value is None or reference is None or reference.value == 0:
+        return None
+    return value.ratio(reference)
+
+
+def _speedup(model: _Model, cell: pd.Series, over: str) -> noise.Ratio | None:
+    return _versus(model, cell, over, "samples_per_s")
+
+
+def _memory_column(run: Run) -> tuple[str, str]:
+    """GPU runs report reserved memory; CPU runs the child's peak RSS."""
+    if run.cells["peak_mem_reserved_gib"].notna().any():
+        return "peak_mem_reserved_gib", "peak reserved memory"
+    return "peak_rss_gib", "peak RSS"
+
+
+def _table(model: _Model, text: Any, always: bool = False) -> str | None:
+    """A GitHub table, rows = batch sizes, columns = policies; None when no ok cell has a value
+    (unless ``always``: the statuses alone are worth a table).
+
+    ``text(cell) -> str | None`` formats an ok cell; None means the metric is not available.
+    """
+    rows, lookup = _grid(model)
+    body, any_value = [], False
+    for row in rows:
+        line = [_fmt_int(v) if k != "compile" else ("yes" if v else "no")
+                for k, v in zip(model.row_keys, row, strict=True)]
+        for policy in model.policies:
+            cell = lookup.get((row, policy))
+            if cell is None:
+                line.append("")
+                continue
+            if cell["status"] != "ok":
+                line.append(cell["status"])
+                continue
+            value = text(cell)
+            any_value |= value is not None
+            value = value if value is not None else "n/a"
+            line.append(value + (f" {THROTTLED_MARK}" if cell["throttled"] else "")
+                        + (f" {CONTENDED_MARK}" if cell["contended"] else ""))
+        body.append(line)
+    if not any_value and not always:
+        return None
+    headers = [("batch" if k == "batch_size" else _SECONDARY_HEADERS[k]) for k in model.row_keys]
+    return tabulate(body, headers=headers + model.policies, tablefmt="github",
+                    colalign=["right"] * (len(headers) + len(model.policies)),
+                    disable_numparse=True)
+
+
+def _model_section(run: Run, name: str) -> list[str]:
+    model = _model(run, name)
+    lines = [f"## {name}", ""]
+    shape = _shape(model)
+    if shape:
+        lines += [shape, ""]
+    mem_column, mem_label = _memory_column(run)
+    has_tf32 = "tf32" in model.policies
+
+    def rate(cell: pd.Series) -> str | None:
+        value = cell[model.rate_column]
+        return _fmt_rate(value) if _is_num(value) else None
+
+    def speedup(cell: pd.Series) -> str | None:
+        if cell["precision"] == "fp32":
+            return "1x (reference)"
+        over32 = _speedup(model, cell, "fp32")
+        if over32 is None:
+            fp32 = _same_key(model, cell, "fp32")
+            return f"n/a (fp32 {fp32['status']})" if fp32 is not None else None
+        text = _fmt_ratio(over32)
+        if has_tf32 and cell["precision"] not in ("fp32", "tf32"):
+            over_tf32 = _speedup(model, cell, "tf32")
+            text += f" ({_fmt_ratio(over_tf32)})" if over_tf32 is not None else " (n/a)"
+        return text
+
+    def change(cell: pd.Series, column: str, text: str) -> str:
+        ratio = _versus(model, cell, "fp32", column)
+        if ratio is not None and cell["precision"] != "fp32":
+            text += f" ({_fmt_change(ratio)})"
+        return text
+
+    def memory(cell: pd.Series) -> str | None:
+        if not _is_num(cell[mem_column]):
+            return None
+        return change(cell, mem_column, _fmt_gib(cell[mem_column]))
+
+    def energy(cell: pd.Series) -> str | None:
+        if not _is_num(cell["joules_per_sample"]):
+            return None
+        return change(cell, "joules_per_sample", _fmt_sig(model.energy(cell)))
+
+    def mfu(cell: pd.Series) -> str | None:
+        return f"{cell['mfu_pct']:.1f}%" if _is_num(cell["mfu_pct"]) else None
+
+    over = "over fp32 (over tf32)" if has_tf32 else "over fp32"
+    sections = [
+        (f"Throughput, {model.rate_unit}", rate, None),
+        (f"Speedup {over}", speedup, "no fp32 cell ran ok: no speedup"),
+        (f"{mem_label[0].upper()}{mem_label[1:]}, GiB (change vs fp32)", memory,
+         "peak memory: not measured"),
+        (f"Energy, {model.energy_unit} (change vs fp32)", energy,
+         "energy: not measured (no NVML power readings)"),
+        ("MFU (model FLOPs utilisation)", mfu, "MFU: no peak FLOP/s known for this device"),
+    ]
+    skipped = []
+    any_ok = bool((model.cells["status"] == "ok").any())
+    for title, text, missing in sections:
+        table = _table(model, text, always=missing is None)
+        if table is None:
+            if any_ok:  # with nothing ok, the statuses in the first table say it all
+                skipped.append(missing)
+            continue
+        lines += [f"**{title}**", "", table, ""]
+    scaling = _scaling_table(model)
+    if scaling:
+        lines += ["**Scaling efficiency vs world size 1** (samples/s(ws) / (ws x samples/s(1)))",
+                  "", scaling, ""]
+    parity = _parity_table(run, name)
+    if parity:
+        lines += ["**Accuracy parity** (final eval loss against the FP32 seed band)", "",
+                  parity, ""]
+    elif run.parity is None:
+        skipped.append("parity: not run")
+    notes = _notes(model)
+    if skipped:
+        notes.append("Not shown: " + "; ".join(skipped) + ".")
+    if notes:
+        lines += [*(f"- {n}" for n in notes), ""]
+    return lines
+
+
+def _shape(model: _Model) -> str:
+    parts = []
+    for column, unit in (("seq_len", "tokens per sequence"), ("image_size", "px images")):
+        values = model.cells[column].dropna().unique()
+        if len(values) == 1:
+            parts.append(f"{int(values[0])} {unit}")
+    grad = model.cells["grad_accum"].dropna().unique()
+    if len(grad) == 1 and grad[0] != 1:
+        parts.append(f"{int(grad[0])} micro-batches per step")
+    if model.cells["compile"].nunique() == 1 and bool(model.cells["compile"].iloc[0]):
+        parts.append("torch.compile")
+    return ", ".join(parts).capitalize() + "." if parts else ""
+
+
+def _label(cell: pd.Series, row_keys: Sequence[str]) -> str:
+    parts = [str(cell["precision"]), f"batch {int(cell['batch_size'])}"]
+    for key in row_keys[1:]:
+        parts.append(f"{_SECONDARY_HEADERS[key]} {cell[key]}")
+    return ", ".join(parts)
+
+
+def _notes(model: _Model) -> list[str]:
+    notes = []
+    throttled = model.cells[model.cells["throttled"]]
+    if len(throttled):
+        items = []
+        for _, cell in throttled.iterrows():
+            reasons = cell["throttle_reasons"].replace(";", ", ")
+            items.append(_label(cell, model.row_keys) + (f" ({reasons})" if reasons else ""))
+        notes.append(f"{THROTTLED_MARK} throttled during the timed window, numbers understate "
+                     f"the device: {'; '.join(items)}.")
+    contended = model.cells[model.cells["contended"]]
+    if len(contended):
+        notes.append(f"{CONTENDED_MARK} other processes used more than 10% of the run's cores "
+                     f"while it ran, so its numbers measure them too (not claimed in the "
+                     f"summary; rerun on an idle machine): "
+                     f"{'; '.join(_label(c, model.row_keys) for _, c in contended.iterrows())}.")
+    ok = model.cells[model.cells["status"] == "ok"]
+    spreads = ok[["noise_pct", "step_spread_pct"]].where(
+        ok[["noise_pct", "step_spread_pct"]].abs() < math.inf)  # unknown is not wide
+    wide = ok[(spreads > _WIDE_PCT).any(axis=1)]
+    if len(wide):
+        items = [f"{_label(cell, model.row_keys)} (between processes "
+                 f"{_fmt_pct(cell['noise_pct'])}, step IQR {_fmt_pct(cell['step_spread_pct'])})"
+                 for _, cell in wide.iterrows()]
+        notes.append(f"Wide spread (over {_WIDE_PCT:g}%): {'; '.join(items)}. Their numbers "
+                     "cannot show small differences: rerun with --repeats 3 or more on an idle "
+                     "machine, with GPU clocks locked (nvidia-smi --lock-gpu-clocks) where there "
+                     "is a GPU.")
+    for _, cell in model.cells.iterrows():
+        label = _label(cell, model.row_keys)
+        if cell["status"] in ("error", "timeout") and cell["error"]:
+            message = " ".join(str(cell["error"]).split())
+            message = message if len(message) <= 120 else message[:117] + "..."
+            notes.append(f"{label}: {cell['status']}: {message}")
+        elif cell["status"] == "ok" and cell["failed_repeats"]:
+            notes.append(f"{label}: {cell['failed_repeats']} of {cell['repeats']} repeats "
+                         f"failed; the median is over the ok ones.")
+    return notes
+
+
+def _scaling_table(model: _Model) -> str | None:
+    """Efficiency = samples/s(ws) / (ws * samples/s(1)), when the model ran at several sizes."""
+    sizes = sorted(int(v) for v in model.cells["world_size"].dropna().unique())
+    if len(sizes) < 2 or 1 not in sizes:
+        return None
+
+    def efficiency(cell: pd.Series) -> str | None:
+        if cell["world_size"] == 1:
+            return None
+        single = _matching(model.cells, cell, world_size=1)
+        single = single[single["status"] == "ok"]
+        if single.empty:
+            return None
+        ratio = _ratio(cell["samples_per_s"],
+                       float(cell["world_size"]) * float(single.iloc[0]["samples_per_s"]))
+        return f"{ratio * 100:.0f}%" if ratio is not None else None
+
+    multi = _Model(model.name, model.cells[model.cells["world_size"] != 1],
+                   model.row_keys, model.policies, model.language)
+    return _table(multi, efficiency)
+
+
+def _parity_table(run: Run, name: str) -> str | None:
+    if run.parity is None:
+        return None
+    rows = run.parity[run.parity["model"] == name].set_index("precision")
+    if rows.empty:
+        return None
+    policies = _ordered(list(rows.index))
+
+    def row(label: str, text: Any) -> list[str]:
+        return [label, *(text(rows.loc[p]) for p in policies)]
+
+    def number(column: str, fmt: str) -> Any:
+        return lambda r: format(r[column], fmt) if _is_num(r[column]) else ""
+
+    def delta(r: pd.Series) -> str:
+        if not _is_num(r["delta"]):
+            return ""
+        text = f"{r['delta']:+.3g}" if r["delta"] else "0"
+        return text + (f" (±{r['tolerance']:.3g})" if _is_num(r["tolerance"]) else "")
+
+    seeds = sorted({int(s) for s in rows["seeds"]})
+    body = [
+        row("verdict", lambda r: r["verdict"] or ("reference" if r.name == "fp32" else "")),
+        row(f"eval loss (mean of {'/'.join(map(str, seeds))} seeds)", number("eval_loss", ".4g")),
+        row("change vs fp32 (tolerance)", delta),
+        row("eval accuracy", lambda r: f"{r['eval_accuracy'] * 100:.1f}%"
+            if _is_num(r["eval_accuracy"]) else ""),
+        row("non-finite steps", lambda r: _fmt_int(r["nonfinite_steps"])),
+    ]
+    if rows["optimal_loss"].notna().any():  # a source whose entropy rate is known exactly
+        body.insert(2, row("achievable optimum (entropy rate)", number("optimal_loss", ".4g")))
+    if rows["scaler_skipped_steps"].notna().any():
+        body.append(row("loss-scaler skipped steps", lambda r: _fmt_int(r["scaler_skipped_steps"])))
+    if rows["underflow_frac"].notna().any():
+        # Measured on FP32 gradients: what FP16 without loss scaling would flush to zero.
+        body.append(row("FP32 gradients below FP16's range", lambda r: f"{r['underflow_frac']:.2%}"
+                        if _is_num(r["underflow_frac"]) else ""))
+    if rows["crashed"].any():
+        body.append(row("crashed runs (see parity.csv)", lambda r: _fmt_int(r["crashed"])))
+    return tabulate(body, headers=["", *policies], tablefmt="github", disable_numparse=True,
+                    colalign=["left"] + ["right"] * len(policies))
+
+
