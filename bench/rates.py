@@ -51,11 +51,12 @@ def detection(outcome: gate.Outcome, metric: str = "samples_per_s") -> Counter[s
                    if check.startswith(f"{metric}:") and v != "n/a")
 
 
-def measure(preset: str, reruns: int, repeats: int, slowdown: float, out: Path) -> dict[str, Any]:
+def measure(preset: str, reruns: int, repeats: int, slowdown: float, out: Path,
+            baseline_repeats: int | None = None) -> dict[str, Any]:
     """Run everything and gate it; the figures as a dict (also written to rates.json)."""
     checks = gate.parse_checks(None)
     baseline = out / "run-0"
-    _run(preset, repeats, baseline)
+    _run(preset, baseline_repeats or repeats, baseline)
     same: list[dict[str, Any]] = []
     for i in range(1, reruns + 1):
         _run(preset, repeats, out / f"run-{i}")
@@ -71,7 +72,8 @@ def measure(preset: str, reruns: int, repeats: int, slowdown: float, out: Path) 
     caught = detection(slowed)
     cells = sum(caught.values())
     figures = {
-        "preset": preset, "repeats": repeats, "reruns": reruns, "slowdown": slowdown,
+        "preset": preset, "repeats": repeats, "baseline_repeats": baseline_repeats or repeats,
+        "reruns": reruns, "slowdown": slowdown,
         "device_name": str(store.load_results(baseline)["device_name"].dropna().iloc[0]),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checks": [str(c) for c in checks],
@@ -93,7 +95,8 @@ def render(figures: dict[str, Any]) -> str:
     runs = f"{figures['reruns']} same-code reruns"
     return "\n".join([
         f"# Gate error rates: {figures['device_name']}", "",
-        f"{figures['preset']} preset, {figures['repeats']} repeat(s) per cell, checks "
+        f"{figures['preset']} preset, baseline {figures.get('baseline_repeats', '?')} "
+        f"repeat(s) per cell, reruns {figures['repeats']}, checks "
         + ", ".join(f"`{c}`" for c in figures["checks"]) + f"; {figures['timestamp']}.", "",
         f"- **False positives:** {same['false_positives']} of {same['judged_checks']} checks "
         f"failed over {runs} ({same['too_noisy']} too noisy to judge).",
@@ -107,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         "\n\n")[0])
     parser.add_argument("--preset", default="cpu", help="matrix preset to rerun (default cpu)")
     parser.add_argument("--reruns", type=int, default=3, help="same-code reruns (default 3)")
-    parser.add_argument("--repeats", type=int, default=1, help="processes per cell (default 1)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="processes per cell of the reruns and the slowed run (default 1)")
+    parser.add_argument("--baseline-repeats", type=int, default=None,
+                        help="processes per cell of the baseline (default: --repeats)")
     parser.add_argument("--slowdown", type=float, default=0.2,
                         help="the injected slowdown, a share of the step time (default 0.2)")
     parser.add_argument("--out", type=Path, help="directory for the runs and rates.md "
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reruns and --repeats must be at least 1, --slowdown in (0, 10]")
     stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
     out = args.out or store.RUNS / f"rates-{stamp}"
-    figures = measure(args.preset, args.reruns, args.repeats, args.slowdown, out)
+    figures = measure(args.preset, args.reruns, args.repeats, args.slowdown, out,
+                      args.baseline_repeats)
     print(render(figures))
     print(f"rates: {out / 'rates.md'}")
     return 0

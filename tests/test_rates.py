@@ -25,6 +25,7 @@ def test_tally_counts_every_judged_check_and_detection_counts_cells():
     assert rates.detection(slowed) == {"FAIL": 2}
     text = rates.render({"device_name": "cpu", "preset": "cpu", "repeats": 1, "reruns": 3,
                          "slowdown": 0.2, "timestamp": "t", "checks": ["samples_per_s:-5%"],
+                         "baseline_repeats": 3,
                          "same_code": {"judged_checks": 360, "false_positives": 0,
                                        "too_noisy": 12},
                          "slowed": {"cells": 30, "detected": 29, "too_noisy": 1, "missed": 0}})
