@@ -20,7 +20,7 @@ a metric empty on either side (no NVML: no joules) is reported as n/a.
 Noise rule (bench/noise.py). Each side of a cell gets a value, the median over its ``ok``
 processes, and a standard error from the noise between processes: the cell's own spread (three
 processes or more), the run's band (the median spread of its cells with several processes, or
-of its calibration cell) and, for time-derived metrics, the within-process floor, whichever is
+of its calibration cell) and, for time-derived metrics, the cell's step spread, whichever is
 largest; the same cell on the same machine has one per-process noise, so each side takes the
 larger of the two sides' (a current run of one process inherits its baseline's spread). A check
 fails only when the change is beyond its threshold in the bad direction AND beyond ``noise.Z``

@@ -638,7 +638,12 @@ def summarize(frame: Any) -> str:
         skipped=("scaler_skipped_steps", lambda s: s.sum(min_count=1)),  # empty: no scaler
         underflow_frac=("underflow_frac", "mean"), verdict=("verdict", "first"),
     ).reset_index()
-    return tabulate(agg, headers="keys", showindex=False, floatfmt=".4g", tablefmt="github")
+    agg = agg.rename(columns={"eval_loss": "eval loss", "eval_accuracy": "accuracy",
+                              "optimal_loss": "optimum", "delta": "change vs fp32",
+                              "skipped": "scaler skips", "underflow_frac": "fp16 underflow"})
+    # Empty, not 'nan', where a column does not apply (no optimum, no scaler).
+    return tabulate(agg.astype(object).where(agg.notna(), None), headers="keys",
+                    showindex=False, floatfmt=".4g", tablefmt="github", missingval="")
 
 
 def verdict_table(path: Path | str) -> str:

@@ -72,7 +72,7 @@ def test_same_drop_inside_wide_noise_is_too_noisy_not_a_regression(tmp_path, cap
     out = capsys.readouterr().out
     assert re.search(r"-10\.0% ±\d+\.\d too noisy", out)
     assert "0 regression(s)" in out and "too noisy to judge" in out
-    assert "within-process step spread only" in out  # says which band it used
+    assert "taken as the run's typical step-to-step spread" in out  # says which band
     assert _gate(base_dir, cur_dir, "--fail-on-noisy") == 1
 
 
@@ -82,7 +82,7 @@ def test_quiet_sides_that_agree_are_judged_not_too_noisy(tmp_path, capsys):
     assert _gate(*_pair(tmp_path, base, cur)) == 0
     out = capsys.readouterr().out
     assert "0 check(s) too noisy" in out
-    assert "from the spread across repeats of 1 cell(s)" in out
+    assert "the spread across repeats of 1 cell(s)" in out
 
 
 def test_calibration_band_covers_single_process_cells(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Noise: between-process spread, the run's band, ratios with errors, the within floor."""
+"""Noise: between-process spread, the run's band, ratios with errors, the step-spread floor."""
 
 from __future__ import annotations
 
@@ -38,11 +38,20 @@ def test_a_single_process_takes_the_calibration_band_or_says_it_has_only_the_flo
     assert "calibration cell" in noise.describe(calibration)
 
 
-def test_within_floor_is_the_error_of_one_process_median():
-    # IQR 1.349 ms on a 100 ms median: sigma 1 ms per step; the median of 25 steps: 1.2533 / 5.
-    floor = noise.within_floor([1.349], [100.0], [25])
-    assert floor == pytest.approx(1.2533 / 5 / 100)
-    assert noise.within_floor([1.349, None], [100.0, 50.0]) == pytest.approx(0.012533)
+def test_step_spread_is_sigma_of_the_steps_relative_to_the_median():
+    # IQR 1.349 ms on a 100 ms median: sigma 1 ms per step, 1%.
+    assert noise.step_spread([1.349], [100.0]) == pytest.approx(0.01)
+    assert noise.step_spread([1.349, None, 2.698], [100.0, 50.0, 100.0]) == pytest.approx(0.015)
+
+
+def test_a_cell_whose_steps_scatter_is_taken_to_scatter_between_processes():
+    rows = {"quiet": [{"samples_per_s": 100.0, "step_ms_iqr": 0.1349, "step_ms_median": 10.0}],
+            "loud": [{"samples_per_s": 100.0, "step_ms_iqr": 1.349, "step_ms_median": 10.0}]}
+    estimates, band = noise.cell_estimates(rows, "samples_per_s")
+    assert band.step_floor == pytest.approx(0.055)  # the run's median
+    assert estimates["loud"].spread == pytest.approx(0.1)
+    assert estimates["quiet"].spread == pytest.approx(0.055)
+    assert estimates["quiet"].source == "within-run"
 
 
 def test_a_ratio_is_beyond_noise_only_when_its_interval_excludes_one():

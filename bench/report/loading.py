@@ -157,12 +157,14 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         errors = [str(e).strip() for e in group["error"].dropna() if str(e).strip()]
         row["error"] = errors[0] if errors else ""
         row["repeats"] = len(group)
+        row["calibration_processes"] = sum(map(store.truthy, group["calibration"])) \
+            if "calibration" in group else 0
         row["failed_repeats"] = len(group) - len(ok)
         row["device_name"] = first["device_name"]
         rows.append(row)
     columns = [*KEY, "status", *METRICS, *(f"{m}_err" for m in _NOISY), "noise_pct",
                "noise_source", "step_spread_pct", "throttled", "contended", "throttle_reasons",
-               "error", "repeats", "failed_repeats", "device_name"]
+               "error", "repeats", "calibration_processes", "failed_repeats", "device_name"]
     cells = pd.DataFrame(rows, columns=columns)
     # The run's between-process band, for the report's words.
     cells.attrs["band"] = noisy["samples_per_s"][1]

@@ -54,13 +54,18 @@ def _best(model: _Model, ratio_of: Any, better: int, fmt: Any) -> str:
     if not found:
         left_out = any(_contended(model, cell) for cell in candidates)
         return "n/a" + (" (contended cells left out)" if left_out else "")
-    good = [(r, cell) for r, cell in found if r.beyond_noise and (r.value - 1) * better > 0]
+    # A claim is beyond the noise, the right way, and big enough to show (1%, 0.01x).
+    good = [(r, cell) for r, cell in found
+            if r.beyond_noise and (r.value - 1) * better >= _SHOWN]
     if not good:
         known = any(math.isfinite(r.half_width) for r, _ in found)
         return "none beyond noise" if known else "not judged (noise not measured)"
     ratio, cell = max(good, key=lambda item: (item[0].value - 1) * better)
     mark = f" {THROTTLED_MARK}" if cell["throttled"] else ""
     return f"{fmt(ratio)} ({_label(cell, model.row_keys)}){mark}"
+
+
+_SHOWN = 0.005  # the smallest change a summary shows as a number: 1% or 0.01x after rounding
 
 
 def _contended(model: _Model, cell: pd.Series) -> bool:
@@ -167,9 +172,13 @@ def _environment(run: Run) -> list[str]:
     matrix = meta.get("matrix") or {}
     if isinstance(matrix, dict) and matrix.get("name"):
         run_parts.append(f"matrix '{matrix['name']}'")
-    repeats = sorted(set(cells["repeats"])) if len(cells) else [0]
-    run_parts.append(("up to " if len(repeats) > 1 else "") + f"{repeats[-1]} repeat"
-                     + ("s" if repeats[-1] != 1 else "") + " per cell")
+    repeats = sorted(set(cells["repeats"] - cells["calibration_processes"])) if len(cells) \
+        else [0]
+    run_parts.append(("up to " if len(repeats) > 1 else "") + f"{repeats[-1]} process"
+                     + ("es" if repeats[-1] != 1 else "") + " per cell")
+    extra = int(cells["calibration_processes"].sum()) if len(cells) else 0
+    if extra:
+        run_parts.append(f"{extra} more of a calibration cell")
     lines.append("- **Run:** " + ", ".join(run_parts))
     ok = cells[cells["status"] == "ok"]
     def span(column: str) -> str:

@@ -48,16 +48,19 @@ def _fmt_sig(value: float) -> str:
 
 
 def _fmt_change(ratio: noise.Ratio) -> str:
-    """'-12% ±3%', bold when beyond noise; never '-0%'."""
+    """'-12% ±3%', bold when beyond noise; never '-0%', and a change that rounds to 0% is
+    never bold."""
     percent = round((ratio.value - 1) * 100)
     text = f"{percent:+d}%" if percent else "0%"
-    return (f"**{text}**" if ratio.beyond_noise else text) + _fmt_width(ratio, 100, "%", 0)
+    bold = ratio.beyond_noise and percent != 0
+    return (f"**{text}**" if bold else text) + _fmt_width(ratio, 100, "%", 0)
 
 
 def _fmt_ratio(ratio: noise.Ratio) -> str:
-    """'1.52x ±0.04', bold when beyond noise."""
+    """'1.52x ±0.04', bold when beyond noise (and not 1.00x)."""
     text = f"{ratio.value:.2f}x"
-    return (f"**{text}**" if ratio.beyond_noise else text) + _fmt_width(ratio, 1, "", 2)
+    bold = ratio.beyond_noise and text != "1.00x"
+    return (f"**{text}**" if bold else text) + _fmt_width(ratio, 1, "", 2)
 
 
 def _fmt_width(ratio: noise.Ratio, scale: float, unit: str, digits: int) -> str:
