@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -48,6 +49,33 @@ def _positive_float(text: str) -> float:
     if value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_MAX_DURATION_S = 7 * 24 * 3600.0
+
+
+def duration_s(text: str) -> float:
+    """Seconds in a duration: 25m, 540s, 1h, 1h30m, or a bare number of seconds."""
+    compact = text.strip().lower()
+    try:
+        seconds = float(compact)
+    except ValueError:
+        parts = _DURATION_PART.findall(compact)
+        if not parts or "".join(number + unit for number, unit in parts) != compact:
+            raise argparse.ArgumentTypeError(
+                f"expected a duration like 25m, 540s or 1h, got '{text}'") from None
+        seconds = sum(float(number) * _UNIT_S[unit] for number, unit in parts)
+    if not 0 < seconds <= _MAX_DURATION_S:  # NaN and infinity included
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 7 days, got '{text}'")
+    return seconds
+
+
+def _duration(text: str) -> str:
+    """A checked duration, kept as written (the resume command repeats it so)."""
+    duration_s(text)
+    return text.strip()
 
 
 def _csv(text: str) -> list[str]:
@@ -92,6 +120,8 @@ def _add_cell(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=_positive_int, help="image side in pixels (vision models)")
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    p.add_argument("--memory-format", choices=("channels_last", "contiguous"),
+                   help="image models' layout (default: channels_last on CUDA, contiguous on CPU)")
     p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed warmup steps")
     p.add_argument("--steps", type=_positive_int, default=20, help="timed steps")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
@@ -139,6 +169,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device",
                    help="cpu | cuda | cuda:N | auto (default: what the preset or matrix says)")
     p.add_argument("--timeout", type=_positive_float, help="seconds per cell before it is killed")
+    p.add_argument("--time-budget", metavar="DURATION", type=_duration,
+                   help="finish within DURATION (25m, 540s, 1h): start no cell or parity run "
+                        "that the time left cannot finish (judged from finished cells of the "
+                        "same model and policy; the timeout bounds one not seen yet), write the "
+                        "report for what finished, print the resume command and exit 3")
     p.add_argument("--find-max-batch", action="store_true",
                    help="search the largest batch that fits")
     p.add_argument("--no-parity", action="store_true", help="skip the accuracy-parity stage")

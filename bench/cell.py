@@ -11,8 +11,10 @@ Under torchrun (``torchrun --nproc-per-node 2 -m bench cell ...``; the runner la
 a cell with world_size > 1) every process trains a DistributedDataParallel replica on its own
 micro-batch of ``--batch-size`` (NCCL on GPU, gloo on CPU). Rank 0 writes the record: global
 throughput is the global batch over the slowest rank's median step time, power and energy are
-summed over the GPUs, peak memory is the largest of any rank. A rank that fails writes its own
-record to ``--out`` unless another rank's failure got there first, and exits 1.
+summed over the GPUs, peak memory is the largest of any rank. The warmup runs at least 11
+steps there (DDP waits for the GPU in its first ones); the record's ``warmup_steps`` is what
+ran. A rank that fails writes its own record to ``--out`` unless another rank's failure got
+there first, and exits 1.
 """
 
 from __future__ import annotations
@@ -31,13 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, config, paths, precision, procs, store
+from bench import BadInput, config, failures, paths, precision, procs, store
 from bench.env import fingerprint
 from bench.flops import count_training_flops, mfu_fields
 from bench.measure import StepTimer, peak_memory, reset_peak_memory, summarize
 from bench.power import PowerMonitor, combine_power
 
 _SPREAD_WARNING = 0.10  # IQR / median above this makes a number hard to trust
+_COLLECTIVE_TIMEOUT_S = 600.0  # a rank's wait for its peers, without a runner's timeout
+# DDP waits for the GPU in the forwards of its first 11 synced steps (runtime statistics
+# that time the step before): with DDP, the warmup runs at least these.
+_DDP_SYNCING_STEPS = 11
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Trainer:
     inputs: Any
     targets: Any
     grad_accum: int = 1
+    memory_format: str | None = None  # image models: "channels_last" | "contiguous"
 
     def step(self) -> Any:
         """One optimizer step over ``grad_accum`` micro-batches; returns the loss, unsynced."""
@@ -145,12 +152,15 @@ def prepare(
     compile: bool = False,
     ddp: bool = False,
     data_seed: int | None = None,
+    memory_format: str | None = None,
 ) -> Trainer:
     """Build model, AdamW (fused on CUDA), scaler and a resident batch for one cell.
 
     ``ddp`` wraps the model in DistributedDataParallel (the process group must be up);
     ``data_seed`` (default ``seed``) seeds the batch, so ranks can train on different data
-    from the same initial weights.
+    from the same initial weights. ``memory_format`` (image models: channels_last |
+    contiguous; default channels_last on CUDA, contiguous on CPU) is the layout of the model
+    and the batch.
     """
     import torch
 
@@ -165,19 +175,28 @@ def prepare(
     net = spec.build().to(device)
     inputs, targets = spec.make_batch(batch_size, size, device=device,
                                       seed=seed if data_seed is None else data_seed)
-    if device.type == "cuda" and inputs.dim() == 4:
-        # NHWC lets cuDNN use tensor cores without layout transposes under autocast.
-        net = net.to(memory_format=torch.channels_last)
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    layout = None
+    if inputs.dim() == 4:
+        # NHWC lets cuDNN use tensor cores without layout transposes under autocast; whether
+        # fp32 is faster in NCHW is for a GPU run to measure.
+        layout = memory_format or ("channels_last" if device.type == "cuda" else "contiguous")
+        if layout == "channels_last":
+            net = net.to(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+        # Gradients live in the all-reduce buckets (no copy in or out). No buffer broadcast
+        # before every forward: the transformers' buffers are constants, and ResNet's BatchNorm
+        # running statistics are not used by a training step, so each rank keeping its own
+        # costs the benchmark nothing.
+        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                      gradient_as_bucket_view=True, broadcast_buffers=False)
     if compile:
         net = torch.compile(net)
     return Trainer(spec, pol, device, net, optimizer, pol.scaler(device.type), inputs, targets,
-                   grad_accum)
+                   grad_accum, layout)
 
 
 def _validate(args: argparse.Namespace) -> tuple[models.ModelSpec, precision.Policy, int]:
@@ -191,6 +210,8 @@ def _validate(args: argparse.Namespace) -> tuple[models.ModelSpec, precision.Pol
     if getattr(args, other) is not None:
         raise BadInput(f"--{other.replace('_', '-')} does not apply to {spec.name} "
                        f"(a {spec.unit} model takes --{spec.size_arg.replace('_', '-')})")
+    if getattr(args, "memory_format", None) and spec.size_arg != "image_size":
+        raise BadInput(f"--memory-format does not apply to {spec.name} (not an image model)")
     size = getattr(args, spec.size_arg) or spec.default_size
     problem = spec.check_size(size)
     if problem:
@@ -203,12 +224,8 @@ def _validate(args: argparse.Namespace) -> tuple[models.ModelSpec, precision.Pol
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
+    # The runner reads a child's stderr with the same words (bench/failures.py).
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or failures.is_oom(str(exc))
 
 
 def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, Any]:
@@ -219,6 +236,12 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
     started = time.perf_counter()
     spec, pol, size = _validate(args)
     device = resolve_device(args.device, ranks)
+    if device.type == "cuda":
+        import torch
+
+        # Before anything touches CUDA: the timer's events, NCCL and the allocator work on the
+        # current device, and a process that never sets it also opens a context on GPU 0.
+        torch.cuda.set_device(device)
     world_size = ranks.world_size if ranks else 1
     record = store.empty_record(
         run_id=args.run_id or None, cell_id=args.cell_id or None, model=spec.name,
@@ -250,21 +273,56 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
 
 @contextmanager
 def _process_group(device: Any, ranks: Ranks | None) -> Iterator[None]:
-    """torch.distributed's process group for a torchrun job (NCCL on GPU, gloo on CPU)."""
+    """torch.distributed's process group for a torchrun job (NCCL on GPU, gloo on CPU), gone
+    on every way out, so that no peer waits for this rank."""
     if ranks is None:
         yield
         return
-    import torch
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    yield
-    # Not on an exception: the other ranks may be gone, and this process exits anyway. The
-    # barrier lets no rank tear down its connections while another still uses them.
-    dist.barrier()
-    dist.destroy_process_group()
+    cuda = device.type == "cuda"  # run_cell made it the current device
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                            timeout=timedelta(seconds=_collective_timeout_s()))
+    failed = True
+    try:
+        yield
+        # Only when all went well: no rank tears down its connections while another still
+        # uses them. After a failure the other ranks may be gone: no barrier then.
+        dist.barrier()
+        failed = False
+    except BaseException as exc:
+        # The failed step's frames hold the DDP replica: freed after the group is gone, it
+        # can abort the process. What the record needs is the exception's text alone.
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        _close_group(failed)
+
+
+def _collective_timeout_s() -> float:
+    """How long a rank waits for its peers: below the cell's own deadline (the runner's
+    procs.TIMEOUT_ENV), so that a wait for a dead peer ends in an error, not a kill; without
+    a runner, 600 s, not NCCL's 10 minutes and gloo's 30."""
+    try:
+        cell_s = float(os.environ.get(procs.TIMEOUT_ENV) or 0)
+    except ValueError:
+        cell_s = 0.0
+    return 0.9 * cell_s if 0 < cell_s < float("inf") else _COLLECTIVE_TIMEOUT_S
+
+
+def _close_group(failed: bool) -> None:
+    """Destroy the process group; after a failure on NCCL, abort it: NCCL's destroy first
+    waits for this rank's collectives in flight, which a failed peer may never join."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    abort = getattr(distributed_c10d, "_abort_process_group", None)  # NCCL only, experimental
+    if failed and abort is not None and dist.get_backend() == "nccl":
+        abort()
+    else:
+        dist.destroy_process_group()
 
 
 def _gather(value: Any) -> list[Any]:
@@ -286,11 +344,13 @@ def _train_and_measure(
     # Same initial weights on every rank (DDP would broadcast rank 0's anyway), its own data.
     trainer = prepare(spec.name, args.precision, args.batch_size, size, device=device,
                       seed=args.seed, grad_accum=args.grad_accum, compile=args.compile,
-                      ddp=ranks is not None, data_seed=args.seed + (ranks.rank if ranks else 0))
+                      ddp=ranks is not None, data_seed=args.seed + (ranks.rank if ranks else 0),
+                      memory_format=getattr(args, "memory_format", None))
     samples_per_step = args.batch_size * args.grad_accum  # on this rank
     flops_per_step = count_training_flops(spec, args.batch_size, size) * args.grad_accum
 
-    losses = [trainer.step() for _ in range(args.warmup)]
+    warmup = max(args.warmup, _DDP_SYNCING_STEPS) if ranks is not None else args.warmup
+    losses = [trainer.step() for _ in range(warmup)]
     trainer.sync()
     step = _slowed(trainer, losses)
     reset_peak_memory(device)
@@ -298,6 +358,10 @@ def _train_and_measure(
     # By UUID: torch's cuda:N is not NVML's GPU N under CUDA_VISIBLE_DEVICES.
     gpu = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
     monitor = PowerMonitor(gpu, args.power_interval_ms)
+    if ranks is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank measures idle power, then starts its window, together
     monitor.measure_idle()
     timer = StepTimer(device, args.steps)
     startup_s = time.perf_counter() - started
@@ -308,7 +372,7 @@ def _train_and_measure(
             timer.stop(i)
         trainer.sync()
 
-    measured = {**summarize(timer.times_ms()), **peak_memory(device),
+    measured = {**summarize(timer.times_ms()), **timer.host_fields(), **peak_memory(device),
                 **monitor.fields(samples_per_step * args.steps)}
     if ranks is not None:
         measured = _combine_ranks(_gather(measured), samples_per_step * args.steps * world_size)
@@ -329,6 +393,8 @@ def _train_and_measure(
         "nonfinite_steps": int((~torch.isfinite(all_losses)).sum()),
         "scaler_scale_final": float(trainer.scaler.get_scale()) if scaling else None,
         "scaler_skipped_steps": (len(losses) - trainer.optimizer_steps()) if scaling else None,
+        "memory_format": trainer.memory_format,
+        "warmup_steps": warmup,  # what ran: more than asked for under DDP
     }
 
 
@@ -362,7 +428,9 @@ def _combine_ranks(per_rank: list[dict[str, Any]], num_samples: int) -> dict[str
     slowest = max(per_rank, key=lambda m: m["step_ms_median"])
     memory = {field: max((m[field] for m in per_rank if m[field] is not None), default=None)
               for field in store.MEMORY}
-    return {**{f: slowest[f] for f in ("step_ms_median", "step_ms_iqr", "step_ms_min")},
+    timing = ("step_ms_median", "step_ms_iqr", "step_ms_min", "host_ms_median",
+              "queued_ms_median", "host_bound")
+    return {**{f: slowest[f] for f in timing},
             **memory, **combine_power(per_rank, num_samples)}
 
 
@@ -382,6 +450,8 @@ def summary_line(record: dict[str, Any]) -> str:
             f"peak {mem:.2f} GiB {mem_kind}, {record['achieved_tflops']:.3f} TFLOP/s")
     if record["step_ms_iqr"] > _SPREAD_WARNING * record["step_ms_median"]:
         line += " [wide spread: IQR > 10% of median]"
+    if record.get("host_bound"):
+        line += " [host-bound: the GPU waits for the host's kernel launches]"
     return line
 
 

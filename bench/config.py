@@ -21,9 +21,12 @@ A TOML matrix::
     timeout_s = 300
     grad_accum = [1]
     compile = [false]
+    compile_precisions = ["bf16"]   # with compile = [false, true]: the policies run compiled
     world_size = [1]
     nnodes = 1
     parity = false
+    parity_steps = 0        # training steps per parity run; 0: each model's own
+    parity_seeds = 3
 
     [models.gpt2-tiny]
     batch_sizes = [2, 4]
@@ -79,6 +82,8 @@ class Matrix:
     name: str = "custom"
     grad_accum: tuple[int, ...] = (1,)
     compile: tuple[bool, ...] = (False,)
+    # The policies that also run compiled when ``compile`` holds true (gpu-quick: bf16 only).
+    compile_precisions: tuple[str, ...] = precision.NAMES
     world_size: tuple[int, ...] = (1,)
     nnodes: int = 1
     repeats: int = 1
@@ -90,6 +95,8 @@ class Matrix:
     device: str = "auto"
     timeout_s: float = 900.0
     parity: bool = True
+    parity_steps: int = 0  # training steps per parity run; 0: each model's own (bench/parity.py)
+    parity_seeds: int = 3  # seeds per policy; FP32's band needs at least 2
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (meta.json); ``from_dict`` reads it back."""
@@ -150,7 +157,8 @@ class Cell:
 
 
 def gpu() -> Matrix:
-    """The GPU sweep: full-size reference models, the four main policies."""
+    """The GPU sweep: full-size reference models, the four main policies, eager and
+    torch.compile (what people train with today)."""
     return Matrix(
         name="gpu",
         models=(
@@ -159,6 +167,7 @@ def gpu() -> Matrix:
             ModelAxis("gpt2-small", (4, 8, 16, 32), 1024),
         ),
         precisions=("fp32", "tf32", "fp16", "bf16"),
+        compile=(False, True),
         device="cuda", warmup=10, steps=50, timeout_s=900.0, parity=True,
     )
 
@@ -174,6 +183,43 @@ def cpu() -> Matrix:
         ),
         precisions=precision.NAMES,
         device="cpu", warmup=5, steps=30, timeout_s=300.0, parity=True,
+    )
+
+
+def gpu_quick() -> Matrix:
+    """A complete GPU run in at most 8 minutes: the full-size models at one realistic batch
+    each under fp32, tf32, fp16 and bf16, bf16 also under torch.compile, a short parity.
+
+    Batches are per-GPU batches people train with, and each fits in fp32 on a 40 GB GPU:
+    ResNet-50 256 at 224 px (NVIDIA DeepLearningExamples' per-GPU batch), BERT-base 64 at
+    sequence 128 (a phase-1 pre-training micro-batch), GPT-2 small 16 at 1024 tokens
+    (nanoGPT's 124M recipe uses 12). Parity trains 2 seeds x 40 steps (the gpu preset: 3 x
+    600): enough to see the path work and a gross divergence, not a fine verdict.
+
+    Estimate for an H100 SXM, to be confirmed by the first GPU run (README, "Validate on a new
+    GPU box"). Training FLOPs per step (models/): ResNet-50 6.3 T, BERT-base 5.5 T, GPT-2 small
+    14.0 T. At public eager-PyTorch rates (fp32 ~30 TFLOP/s, 45% of the 67 peak; tf32 ~60 for
+    ResNet-50 and ~130 for the transformers; fp16 and bf16 ~75 for ResNet-50, about 3,000
+    images/s, and ~250 for the transformers) a step takes 0.47 s (GPT-2 small fp32) down to
+    0.02 s (BERT-base bf16), and the 25 steps of each process train for ~50 s in all. Per
+    process ~8 s more (Python, torch and CUDA start, model build, FLOP count, cuDNN autotuning):
+    ~135 s for 17 processes (15 cells, 2 calibration). Compiling forward and backward with an
+    empty inductor cache: ~165 s for the three bf16 compiled cells. Parity: 24 runs (3 models x
+    4 policies x 2 seeds) in ~85 s, mostly model builds, evaluation and batches made on the
+    CPU. Runner start and report ~15 s. Total ~7.5 minutes; compile time is the least certain
+    part. ``timeout_s`` (180 s) is what ``--time-budget`` allows a cell not run yet.
+    """
+    return Matrix(
+        name="gpu-quick",
+        models=(
+            ModelAxis("resnet50", (256,), 224),
+            ModelAxis("bert-base", (64,), 128),
+            ModelAxis("gpt2-small", (16,), 1024),
+        ),
+        precisions=("fp32", "tf32", "fp16", "bf16"),
+        compile=(False, True), compile_precisions=("bf16",),
+        device="cuda", warmup=5, steps=20, timeout_s=180.0, calibration=2,
+        parity=True, parity_steps=40, parity_seeds=2,
     )
 
 
@@ -194,7 +240,8 @@ def auto() -> Matrix:
     return gpu() if torch.cuda.is_available() else cpu()
 
 
-PRESETS: dict[str, Callable[[], Matrix]] = {"gpu": gpu, "cpu": cpu, "quick": quick, "auto": auto}
+PRESETS: dict[str, Callable[[], Matrix]] = {"gpu": gpu, "gpu-quick": gpu_quick, "cpu": cpu,
+                                            "quick": quick, "auto": auto}
 
 
 def preset(name: str) -> Matrix:
@@ -215,7 +262,7 @@ LIMITS: dict[str, float] = {
     "repeats": 1000, "calibration": 1000, "warmup": 1_000_000, "steps": 1_000_000,
     "batch_sizes": 1 << 20, "batch_size": 1 << 20, "grad_accum": 65536, "world_size": 4096,
     "nnodes": 4096, "timeout_s": 7 * 24 * 3600.0, "seq_len": 1 << 20, "image_size": 16384,
-    "seeds": 1000,
+    "seeds": 1000, "parity_steps": 1_000_000, "parity_seeds": 1000,
 }
 MAX_PROCESSES = 100_000  # cell processes in one sweep (cells x repeats)
 
@@ -267,7 +314,8 @@ _TOP: dict[str, str] = {
     "compile": "list[bool]", "world_size": "list[pos-int]", "nnodes": "pos-int",
     "repeats": "pos-int", "calibration": "int", "warmup": "int", "steps": "pos-int",
     "device": "str",
-    "timeout_s": "float", "parity": "bool",
+    "timeout_s": "float", "parity": "bool", "compile_precisions": "list[str]",
+    "parity_steps": "int", "parity_seeds": "pos-int",
 }
 
 
@@ -314,10 +362,14 @@ def from_dict(data: dict[str, Any], source: str = "matrix") -> Matrix:
     for key, kind in _TOP.items():
         if key in data:
             values[key] = _check(data[key], kind, key, source)
-    for name in values.get("precisions", ()):
-        if name not in precision.NAMES:
-            raise BadInput(f"{source}: precisions: unknown precision '{name}'; "
-                           f"valid: {', '.join(precision.NAMES)}")
+    for key in ("precisions", "compile_precisions"):
+        for name in values.get(key, ()):
+            if name not in precision.NAMES:
+                raise BadInput(f"{source}: {key}: unknown precision '{name}'; "
+                               f"valid: {', '.join(precision.NAMES)}")
+    if values.get("parity_seeds", 2) < 2:
+        raise BadInput(f"{source}: 'parity_seeds' must be at least 2 (FP32's band needs a "
+                       f"spread), got {values['parity_seeds']}")
     return _check_size(Matrix(**values), source)
 
 

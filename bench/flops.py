@@ -6,8 +6,10 @@ no memory. torch is imported lazily so the peak table is usable without it.
 
 MFU (model FLOPs utilization) = achieved FLOP/s / the device's dense peak for the policy's
 math: the FP32 (non-tensor) peak for ``fp32``, the TF32 tensor peak for ``tf32``, the FP16/BF16
-tensor peak (FP32 accumulate) for the autocast policies. An unknown device, a CPU included,
-gets no MFU (and one warning), never a guessed number; ``--peak-tflops`` supplies one.
+tensor peak (FP32 accumulate) for the autocast policies. The table also holds the FP8 tensor
+peak (FP32 accumulate) where the GPU has one, for an FP8 policy (``device_peak_tflops(name,
+"fp8")``). An unknown device, a CPU included, gets no MFU (and one warning), never a guessed
+number; ``--peak-tflops`` supplies one.
 """
 
 from __future__ import annotations
@@ -23,55 +25,78 @@ log = logging.getLogger(__name__)
 # Dense (no 2:4 sparsity) peak TFLOP/s per GPU. NVIDIA datasheets print the tensor-core rows
 # "with sparsity"; the dense figure is half of those. Sources:
 #   H100 SXM / PCIe / NVL: "NVIDIA H100 Tensor Core GPU" datasheet; SXM: FP32 67,
-#       TF32 989*, BF16/FP16 1,979*; PCIe: 51 / 756* / 1,513*; NVL: 60 / 835* / 1,671*
-#       (* = with sparsity). H100 whitepaper dense: SXM 66.9 / 494.7 / 989.4.
+#       TF32 989*, BF16/FP16 1,979*, FP8 3,958*; PCIe: 51 / 756* / 1,513* / 3,026*;
+#       NVL: 60 / 835* / 1,671* / 3,341* (* = with sparsity). H100 whitepaper dense, SXM:
+#       66.9 / 494.7 / 989.4 / 1,978.9.
 #   H200 SXM / NVL: "NVIDIA H200 Tensor Core GPU" datasheet; SXM as H100 SXM, NVL as H100 NVL.
+#   GH200: "NVIDIA GH200 Grace Hopper Superchip" datasheet, its H100 GPU: FP32 67, TF32 989*,
+#       BF16/FP16 1,979*, FP8 3,958* (as H100 SXM).
+#   H800 SXM / PCIe: "NVIDIA H800 Tensor Core GPU" datasheet: the export part cuts NVLink and
+#       FP64, not these rates; SXM as H100 SXM (67 / 989* / 1,979* / 3,958*), PCIe as H100 PCIe.
 #   A100 (SXM4 and PCIe, 40 and 80 GB): A100 datasheet: FP32 19.5, TF32 156, BF16/FP16 312
-#       (dense; 312* / 624* with sparsity).
-#   L40S: L40S datasheet: FP32 91.6, TF32 183 (366*), BF16/FP16 362.05 (733*).
-#   L4: L4 datasheet: FP32 30.3, TF32 120*, BF16/FP16 242*.
-#   A10: A10 datasheet: FP32 31.2, TF32 62.5 (125*), BF16/FP16 125 (250*).
+#       (dense; 312* / 624* with sparsity). No FP8.
+#   L40S: L40S datasheet: FP32 91.6, TF32 183 (366*), BF16/FP16 362.05 (733*), FP8 733 (1,466*).
+#   L4: L4 datasheet: FP32 30.3, TF32 120*, BF16/FP16 242*, FP8 485*.
+#   A10: A10 datasheet: FP32 31.2, TF32 62.5 (125*), BF16/FP16 125 (250*). No FP8.
 #   RTX 4090: Ada Lovelace architecture whitepaper, appendix: FP32 82.6, TF32 82.6,
-#       FP16/BF16 with FP32 accumulate 165.2 (autocast accumulates in FP32; the 330 TFLOP/s
-#       figure is FP16 accumulate, which PyTorch does not use).
-#   B200: HGX B200 datasheet, per GPU: FP32 75, TF32 2.2 P*, FP16/BF16 4.5 P*.
+#       FP16/BF16 with FP32 accumulate 165.2, FP8 with FP32 accumulate 330.3 (autocast and
+#       torch._scaled_mm accumulate in FP32; the 330 / 660.6 TFLOP/s figures are FP16
+#       accumulate, which PyTorch does not use).
+#   B200: HGX B200 datasheet, per GPU: FP32 75, TF32 2.2 P*, FP16/BF16 4.5 P*, FP8 9 P*.
+#       TF32 checked: 2.2 P is the sparse figure (the footnote covers every tensor row, and it
+#       is half of FP16/BF16 as on every other part), so dense is 1.1 P, not 2.2 P.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H100 SXM": {"fp32": 67.0, "tf32": 495.0, "fp16": 989.0, "bf16": 989.0},
-    "H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0},
-    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5, "bf16": 835.5},
-    "H200 SXM": {"fp32": 67.0, "tf32": 495.0, "fp16": 989.0, "bf16": 989.0},
-    "H200 NVL": {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5, "bf16": 835.5},
+    "H100 SXM": {"fp32": 67.0, "tf32": 495.0, "fp16": 989.0, "bf16": 989.0, "fp8": 1979.0},
+    "H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0, "fp8": 1513.0},
+    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5, "bf16": 835.5, "fp8": 1670.5},
+    "H200 SXM": {"fp32": 67.0, "tf32": 495.0, "fp16": 989.0, "bf16": 989.0, "fp8": 1979.0},
+    "H200 NVL": {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5, "bf16": 835.5, "fp8": 1670.5},
+    "GH200": {"fp32": 67.0, "tf32": 495.0, "fp16": 989.0, "bf16": 989.0, "fp8": 1979.0},
+    "H800 SXM": {"fp32": 67.0, "tf32": 495.0, "fp16": 989.0, "bf16": 989.0, "fp8": 1979.0},
+    "H800 PCIe": {"fp32": 51.0, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0, "fp8": 1513.0},
     "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},
-    "L40S": {"fp32": 91.6, "tf32": 183.0, "fp16": 362.05, "bf16": 362.05},
-    "L4": {"fp32": 30.3, "tf32": 60.0, "fp16": 121.0, "bf16": 121.0},
+    "L40S": {"fp32": 91.6, "tf32": 183.0, "fp16": 362.05, "bf16": 362.05, "fp8": 733.0},
+    "L4": {"fp32": 30.3, "tf32": 60.0, "fp16": 121.0, "bf16": 121.0, "fp8": 242.5},
     "A10": {"fp32": 31.2, "tf32": 62.5, "fp16": 125.0, "bf16": 125.0},
-    "RTX 4090": {"fp32": 82.6, "tf32": 82.6, "fp16": 165.2, "bf16": 165.2},
-    "B200": {"fp32": 75.0, "tf32": 1100.0, "fp16": 2250.0, "bf16": 2250.0},
+    "RTX 4090": {"fp32": 82.6, "tf32": 82.6, "fp16": 165.2, "bf16": 165.2, "fp8": 330.3},
+    "B200": {"fp32": 75.0, "tf32": 1100.0, "fp16": 2250.0, "bf16": 2250.0, "fp8": 4500.0},
 }
+KINDS = ("fp32", "tf32", "fp16", "bf16", "fp8")
 
-# torch.cuda.get_device_name strings (lower-cased, spaces collapsed), matched in full: a MIG
-# slice ("... MIG 1g.10gb"), a laptop part or a cut-down export variant has another peak, so a
-# name that is not listed gets no MFU rather than a neighbour's number.
+# Device names as torch and nvidia-smi print them, normalised (``_normalise``: lower case,
+# dashes as spaces, no "NVIDIA"), matched in full: a MIG slice ("... MIG 1g.10gb"), a laptop
+# part or a cut-down export variant has another peak, so a name that is not listed gets no MFU
+# rather than a neighbour's number.
 _NAMES: tuple[tuple[str, str], ...] = (
-    (r"nvidia h100 80gb hbm3", "H100 SXM"),
-    (r"nvidia h100( 80gb)? pcie", "H100 PCIe"),
-    (r"nvidia h100 nvl", "H100 NVL"),
-    (r"nvidia h200", "H200 SXM"),
-    (r"nvidia h200 nvl", "H200 NVL"),
-    (r"nvidia a100-(sxm4|pcie)-(40|80)gb|nvidia a100 (40|80)gb pcie", "A100"),
-    (r"nvidia l40s", "L40S"),
-    (r"nvidia l4", "L4"),
-    (r"nvidia a10", "A10"),
-    (r"nvidia geforce rtx 4090", "RTX 4090"),
-    (r"nvidia b200", "B200"),
+    (r"h100( sxm5?)? 80gb( hbm3)?|h100 sxm5?", "H100 SXM"),
+    (r"h100( 80gb)? pcie", "H100 PCIe"),
+    (r"h100 nvl( 94gb)?", "H100 NVL"),
+    (r"h200( sxm5?)?( 141gb)?( hbm3e)?", "H200 SXM"),
+    (r"h200 nvl( 141gb)?", "H200 NVL"),
+    (r"gh200( \d+gb?)?( hbm3e?)?", "GH200"),  # "GH200 480GB", "GH200 144G HBM3e"
+    (r"h800( sxm5?)?( 80gb)?( hbm3)?", "H800 SXM"),
+    (r"h800( 80gb)? pcie", "H800 PCIe"),
+    (r"a100( sxm4?| pcie)? (40|80)gb( pcie)?", "A100"),
+    (r"l40s", "L40S"),
+    (r"l4", "L4"),
+    (r"a10", "A10"),
+    (r"geforce rtx 4090", "RTX 4090"),
+    (r"b200", "B200"),
 )
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str | None]] = set()
+
+
+def _normalise(device_name: str) -> str:
+    """The name in lower case, dashes as spaces, without the leading "NVIDIA" every GPU in the
+    table has ("NVIDIA A100-SXM4-80GB" -> "a100 sxm4 80gb"): drivers and tools differ there."""
+    words = re.sub(r"[-_\s]+", " ", device_name.lower()).split()
+    return " ".join(words[1:] if words[:1] == ["nvidia"] else words)
 
 
 def device_key(device_name: str) -> str | None:
     """The PEAK_TFLOPS row for a torch device name, or None when it is not in the table."""
-    name = " ".join(device_name.lower().split())
+    name = _normalise(device_name)
     for pattern, key in _NAMES:
         if re.fullmatch(pattern, name):
             return key
@@ -88,17 +113,25 @@ def math_kind(policy_name: str) -> str:
     return "tf32" if policy.tf32 else "fp32"
 
 
+def device_peak_tflops(device_name: str, kind: str) -> float | None:
+    """Dense peak TFLOP/s of ``device_name`` for one of KINDS; None (and one warning) when the
+    device is unknown or has no such peak (FP8 before Hopper and Ada)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown math kind '{kind}'; valid: {', '.join(KINDS)}")
+    key = device_key(device_name)
+    peak = PEAK_TFLOPS[key].get(kind) if key is not None else None
+    warned = (device_name, None if key is None else kind)  # an unknown device: one warning
+    if peak is None and warned not in _warned:
+        _warned.add(warned)
+        what = f"'{device_name}'" if key is None else f"{kind} on {key} ('{device_name}')"
+        log.warning("MFU: no dense peak TFLOP/s known for %s; mfu_pct stays empty "
+                    "(pass --peak-tflops to give one)", what)
+    return peak
+
+
 def peak_tflops(device_name: str, precision_name: str) -> float | None:
     """Dense peak TFLOP/s of ``device_name`` for a policy; None (and one warning) if unknown."""
-    kind = math_kind(precision_name)
-    key = device_key(device_name)
-    if key is None:
-        if device_name not in _warned:
-            _warned.add(device_name)
-            log.warning("MFU: no dense peak TFLOP/s known for '%s'; mfu_pct stays empty "
-                        "(pass --peak-tflops to give one)", device_name)
-        return None
-    return PEAK_TFLOPS[key][kind]
+    return device_peak_tflops(device_name, math_kind(precision_name))
 
 
 def mfu_pct(flops_per_step: float | None, step_s: float | None,

@@ -20,6 +20,8 @@ def expand(matrix: Matrix) -> list[Cell]:
         for policy, accum, compiled, world in itertools.product(
             matrix.precisions, matrix.grad_accum, matrix.compile, matrix.world_size
         ):
+            if compiled and policy not in matrix.compile_precisions:
+                continue
             # Ascending batches: an OOM at b lets the runner skip every larger batch of the group.
             for batch in sorted(set(axis.batch_sizes)):
                 cells.append(Cell(

@@ -3,6 +3,10 @@
 CUDA: an event pair around each step, one synchronize after the whole window, so nothing in
 the window waits on the host. CPU: ``time.perf_counter`` (the step is synchronous there).
 Raw step times are kept; median, IQR and min are derived from them.
+
+The host's clock brackets every step on CUDA too: the time the Python thread spent issuing it.
+A step is host-bound when the GPU waits for those launches (small batches, many small kernels),
+which understates what the GPU and a precision policy could do.
 """
 
 from __future__ import annotations
@@ -15,40 +19,75 @@ from typing import Any
 
 GIB = 1024**3
 
+# Host-bound: issuing a step takes the host at least this share of the GPU's step time (a
+# starved GPU's event time includes its idle gaps, so the two meet)...
+HOST_BOUND_SHARE = 0.9
+# ... and when the host has issued a step, the GPU has less than this share of a step left to
+# run. Both are needed: once about 1,000 launches are queued, a launch blocks until the GPU
+# frees a slot, so in a GPU-bound step of thousands of kernels the host also takes as long as
+# the GPU, but then a queue's worth of work is still pending. Calibrate on a GPU run from the
+# recorded host_ms_median and queued_ms_median.
+QUEUED_SHARE = 0.1
+
 
 class StepTimer:
-    """Per-step timer for a window of ``num_steps`` steps on ``device``."""
+    """Per-step timer for a window of ``num_steps`` steps on ``device``: device time (CUDA
+    events on CUDA) and the host's time issuing each step."""
 
     def __init__(self, device: Any, num_steps: int) -> None:
         import torch
 
         self._cuda = device.type == "cuda"
+        self._spans = [(0.0, 0.0)] * num_steps  # host perf_counter at each step's start, stop
         if self._cuda:
             # Created before the window so that event creation is not timed.
             self._events = [
                 (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 for _ in range(num_steps)
             ]
-        else:
-            self._spans = [(0.0, 0.0)] * num_steps
 
     def start(self, i: int) -> None:
+        self._spans[i] = (time.perf_counter(), 0.0)
         if self._cuda:
             self._events[i][0].record()
-        else:
-            self._spans[i] = (time.perf_counter(), 0.0)
 
     def stop(self, i: int) -> None:
         if self._cuda:
             self._events[i][1].record()
-        else:
-            self._spans[i] = (self._spans[i][0], time.perf_counter())
+        self._spans[i] = (self._spans[i][0], time.perf_counter())
 
     def times_ms(self) -> list[float]:
         """Raw step times in ms; on CUDA call only after the window's synchronize."""
         if self._cuda:
             return [start.elapsed_time(end) for start, end in self._events]
-        return [(end - start) * 1e3 for start, end in self._spans]
+        return self.host_times_ms()
+
+    def host_times_ms(self) -> list[float]:
+        """Raw host times per step in ms: on CUDA the time spent issuing the step's work."""
+        return [(stop - start) * 1e3 for start, stop in self._spans]
+
+    def queued_ms(self) -> list[float] | None:
+        """Per step, how long the GPU still ran it after the host had issued it (ms); None on
+        CPU. Both clocks count from the window's first event, which the GPU runs as soon as it
+        is recorded when the window starts after a synchronize (the warmup's)."""
+        if not self._cuda:
+            return None
+        first, host_first = self._events[0][0], self._spans[0][0]
+        return [first.elapsed_time(end) - (stop - host_first) * 1e3
+                for (_, end), (_, stop) in zip(self._events, self._spans, strict=True)]
+
+    def host_fields(self) -> dict[str, Any]:
+        """``host_ms_median``, ``queued_ms_median`` and ``host_bound`` (None on CPU, where the
+        host's time is the step time); on CUDA call only after the window's synchronize."""
+        host_ms = statistics.median(self.host_times_ms())
+        queued = self.queued_ms()
+        if queued is None:
+            return {"host_ms_median": host_ms, "queued_ms_median": None, "host_bound": None}
+        step_ms = statistics.median(self.times_ms())
+        queued_ms = statistics.median(queued)
+        return {"host_ms_median": host_ms, "queued_ms_median": queued_ms,
+                "host_bound": bool(host_ms >= HOST_BOUND_SHARE * step_ms
+                                   and queued_ms < QUEUED_SHARE * step_ms)}
 
 
 def summarize(times_ms: list[float]) -> dict[str, float]:

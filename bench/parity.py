@@ -63,7 +63,7 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -498,15 +498,33 @@ def _runs(model_names: Sequence[str], precisions: Sequence[str],
                 yield model, name, seed
 
 
+class OutOfTime(Exception):
+    """The time budget ran out before every parity run had finished.
+
+    ``not_run`` names the runs not started (they are not recorded, so parity run again into
+    the directory does them); ``path`` is the parity.csv written for the models whose runs
+    all finished, or None when none did.
+    """
+
+    def __init__(self, not_run: list[str], path: Path | None) -> None:
+        super().__init__(f"{len(not_run)} parity run(s) not started")
+        self.not_run = not_run
+        self.path = path
+
+
 def run_parity(
     run_dir: Path | str, models: Sequence[str] | None = None,
     precisions: Sequence[str] | None = None, steps: int | None = None, seeds: int = 3,
-    device: str = "auto",
+    device: str = "auto", time_left: Callable[[], float] | None = None,
+    unknown_s: float = math.inf,
 ) -> Path:
     """Train every (model, precision, seed), judge against FP32 and write parity.csv to run_dir.
 
     Also writes parity_curves.csv; returns the parity.csv path. Policies a device cannot run
     are skipped with a note on stderr; runs already in run_dir's parity_runs.jsonl are reused.
+    With ``time_left`` (seconds, asked before each run) no run starts that would not finish:
+    the slowest finished run of the same model is its estimate, ``unknown_s`` when none has
+    run; the first that does not fit stops the stage and OutOfTime says what is left.
     """
     from bench.cell import resolve_device
 
@@ -514,15 +532,20 @@ def run_parity(
     config.check_limit("steps", steps or 0, "command line")
     config.check_limit("seeds", seeds, "command line")
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(dev)  # cuda:N's own stream and context, as a cell does
     model_names = model_names or default_models(dev)
     run_dir = paths.output_dir(run_dir, "parity run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     with paths.lock(run_dir, "ampbench parity"):  # re-entrant: a runner may hold it already
-        return _run_all(run_dir, model_names, chosen, seeds, steps, dev)
+        return _run_all(run_dir, model_names, chosen, seeds, steps, dev, time_left, unknown_s)
 
 
 def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], seeds: int,
-             steps: int | None, dev: Any) -> Path:
+             steps: int | None, dev: Any, time_left: Callable[[], float] | None = None,
+             unknown_s: float = math.inf) -> Path:
     import sys
 
     import pandas as pd
@@ -532,6 +555,12 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
         torch.set_num_threads(min(4, os.cpu_count() or 1))  # tiny models gain nothing past ~4
 
     finished = _load_runs(run_dir)
+    # Wall time of finished runs per model, earlier stages' included: the time budget's guide.
+    walls: dict[str, list[float]] = {}
+    for row, _, wall_s in finished.values():
+        if wall_s is not None:
+            walls.setdefault(row["model"], []).append(wall_s)
+    not_run: list[str] = []
     plan = []
     for model_name, name, seed in _runs(model_names, chosen, seeds):
         policy, lr_factor = _resolve_policy(name)
@@ -548,8 +577,12 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
         key = _run_key(model_name, name, seed, setup, dev)
         progress = f"parity [{i}/{len(plan)}] {model_name} {name} seed {seed}"
         if key in finished:
-            row, curve = finished[key]
+            row, curve, _ = finished[key]
             print(f"{progress}: done before, kept", file=sys.stderr)
+        elif time_left is not None and (not_run or max(
+                walls.get(model_name) or [unknown_s]) > time_left()):
+            not_run.append(f"{model_name} {name} seed {seed}")  # not recorded: a resume runs it
+            continue
         else:
             if model_name not in tasks:
                 task = Task(_spec(model_name), setup)
@@ -564,11 +597,21 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
             except Exception as exc:  # an OOM, a crash: recorded, the other runs go on
                 row, curve = _crashed(model_name, name, seed, setup, exc), []
                 done = f"crashed ({row['error']})"
-            store.append(run_dir, {"key": key, "row": row, "curve": curve}, RUNS)
+            wall_s = round(time.perf_counter() - started, 3)
+            if row.get("error") is None:
+                walls.setdefault(model_name, []).append(wall_s)
+            store.append(run_dir, {"key": key, "row": row, "curve": curve, "wall_s": wall_s},
+                         RUNS)
             print(f"{progress}: {done}", file=sys.stderr)
         rows.append({**row, "curve": [(c["step"], c["loss"]) for c in curve]})
         curves.extend(curve)
 
+    if not_run:  # judge only the models whose runs all finished: no band from part of one
+        left = {label.split(" ", 1)[0] for label in not_run}
+        rows = [r for r in rows if r["model"] not in left]
+        curves = [c for c in curves if c["model"] not in left]
+        if not rows:
+            raise OutOfTime(not_run, None)
     frame = judge(pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS, "curve"]))
     frame = frame.drop(columns=["curve"])[list(COLUMNS) + list(EXTRA_COLUMNS)]
     for col in ("steps_to_target", "scaler_skipped_steps", "scaler_first_skip_step"):
@@ -577,6 +620,8 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
     frame.to_csv(path, index=False)
     pd.DataFrame(curves, columns=list(CURVE_COLUMNS)).to_csv(run_dir / "parity_curves.csv",
                                                              index=False)
+    if not_run:
+        raise OutOfTime(not_run, path)
     return path
 
 
@@ -594,13 +639,18 @@ def _crashed(model: str, precision_name: str, seed: int, setup: Setup,
     return row
 
 
-def _load_runs(run_dir: Path) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Finished runs of an earlier parity stage in run_dir (a crashed run is tried again); a
-    damaged line is a warning and skipped (its run is trained again)."""
-    runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+def _load_runs(
+    run_dir: Path,
+) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], float | None]]:
+    """Finished runs of an earlier parity stage in run_dir, with their wall time when known (a
+    crashed run is tried again); a damaged line is a warning and skipped (its run is trained
+    again)."""
+    runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]], float | None]] = {}
     for entry in store.load_jsonl(run_dir / RUNS, _run_problem):
         if entry["row"].get("error") is None:
-            runs[entry["key"]] = (entry["row"], entry["curve"])
+            wall_s = entry.get("wall_s")
+            known = isinstance(wall_s, int | float) and not isinstance(wall_s, bool)
+            runs[entry["key"]] = (entry["row"], entry["curve"], wall_s if known else None)
     return runs
 
 

@@ -26,6 +26,19 @@ integral (``energy_source=sampled``) when power is instantaneous; with only aver
 short window's energy is left empty (``energy_source=none``) with a warning saying why. A
 counter that did not move is never reported as 0 J.
 
+Clock-event reasons. ``throttle_reasons`` names every reason seen in the window and
+``throttle_shares`` each one's share of the window's samples ("sw_power_cap:0.82;
+hw_thermal_slowdown:0.05"). ``power_capped``: the driver held the clocks to the power limit
+(``sw_power_cap``), routine for an H100 SXM under heavy matmul load, the board at its rated
+power. ``throttled``: heat or a hardware signal slowed the GPU (thermal, hardware or power-brake
+slowdown), which makes the cell's numbers understate the device.
+
+MIG. A MIG instance (UUID ``MIG-...``) answers none of NVML's power, energy, clock or
+throttle queries: they are read from its parent GPU and are the whole GPU's, shared by every
+instance on it. Such a cell says so (``power_scope=shared_gpu``, else ``gpu``) and in one
+warning, and leaves ``joules_per_sample`` empty: the GPU's energy cannot be split between the
+instances.
+
 Without NVML (no driver, no library) or when an NVML call fails inside the window, the cell
 goes on: every field is empty, ``energy_source`` is ``none``, and one warning is logged per
 process. A CPU cell (``device_index=None``) has nothing to sample and logs nothing.
@@ -39,7 +52,8 @@ import operator
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial, reduce
 from itertools import count, pairwise
@@ -80,9 +94,14 @@ REASON_BITS: dict[int, str] = {
     0x400: "reliability",
     0x8000000000000000: "unknown",
 }
-# An idle GPU lowers its clocks, and applications clocks are a user's setting: neither means
-# the work was slowed down by power, heat or the board.
-NOT_THROTTLING = frozenset({"gpu_idle", "applications_clocks_setting"})
+# Heat or a hardware signal (an external power brake, a power supply in trouble) slowed the GPU
+# below what the board can do: the cell's numbers understate the device (``throttled``).
+SLOWDOWN = frozenset({"hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown",
+                      "sw_thermal_slowdown"})
+# The driver holding the clocks to the power limit: routine under heavy matmul load on an H100
+# SXM, the board working at its rated power, so it is recorded apart (``power_capped``).
+POWER_CAP = frozenset({"sw_power_cap"})
+SHARED_GPU = "shared_gpu"  # power_scope of a MIG instance's cell
 
 # NVML answers that mean "this board, driver or user cannot have this reading": the field
 # stays empty. Any other error (GPU lost, driver gone) fails the window instead.
@@ -91,13 +110,13 @@ _UNSUPPORTED = (
     "NVML_ERROR_INVALID_ARGUMENT", "NVML_ERROR_NOT_FOUND",
 )
 
-_warned = False
+_warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
+def _warn_once(message: str, kind: str = "nvml") -> None:
+    """Log ``message`` the first time this process has a warning of this ``kind``."""
+    if kind not in _warned:
+        _warned.add(kind)
         log.warning(message)
 
 
@@ -110,15 +129,51 @@ def decode_reasons(mask: int) -> list[str]:
     return names
 
 
-def is_throttled(reasons: Sequence[str]) -> bool:
-    """True when a reason other than idle or applications clocks held the clocks down."""
-    return any(name not in NOT_THROTTLING for name in reasons)
+def is_throttled(reasons: Iterable[str]) -> bool:
+    """True when heat or a hardware slowdown held the clocks down (the power cap is not)."""
+    return not SLOWDOWN.isdisjoint(reasons)
 
 
-def nvml_uuid(uuid: str) -> str:
-    """NVML's spelling of a GPU UUID: torch prints it bare, NVML wants the "GPU-" prefix."""
+def is_power_capped(reasons: Iterable[str]) -> bool:
+    """True when the driver held the clocks to the power limit."""
+    return not POWER_CAP.isdisjoint(reasons)
+
+
+def _bit_order(names: Iterable[str]) -> list[str]:
+    order = list(REASON_BITS.values())
+    return sorted(set(names), key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def reason_shares(masks: Sequence[int]) -> dict[str, float]:
+    """Each reason's share of the samples whose clock-event bitmasks are ``masks``."""
+    counts = Counter(name for mask in masks for name in decode_reasons(mask))
+    return {name: counts[name] / len(masks) for name in _bit_order(counts)}
+
+
+def format_shares(shares: dict[str, float]) -> str:
+    """Shares as the record holds them: "sw_power_cap:0.82;hw_thermal_slowdown:0.05"."""
+    return ";".join(f"{name}:{share:.2f}" for name, share in shares.items())
+
+
+def parse_shares(text: str | None) -> dict[str, float]:
+    """The inverse of ``format_shares``."""
+    items = (item.rpartition(":") for item in (text or "").split(";") if item)
+    return {name: float(share) for name, _, share in items}
+
+
+def _handle_by_uuid(nvml: ModuleType, uuid: str) -> Any:
+    """NVML's handle for a UUID as torch prints it: bare, where NVML wants "GPU-" or, for a MIG
+    instance, "MIG-" before it."""
     uuid = uuid.strip()
-    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+    if uuid.startswith(("GPU-", "MIG-")):
+        return nvml.nvmlDeviceGetHandleByUUID(uuid)
+    try:
+        return nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    except nvml.NVMLError as not_a_gpu:
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")
+        except nvml.NVMLError:
+            raise not_a_gpu from None
 
 
 def _text(value: Any) -> str:
@@ -156,13 +211,23 @@ class _Gpu:
 
     def __init__(self, nvml: ModuleType, device: int | str) -> None:
         self.nvml = nvml
-        if isinstance(device, str):
-            self.handle = nvml.nvmlDeviceGetHandleByUUID(nvml_uuid(device))
-        else:
-            self.handle = nvml.nvmlDeviceGetHandleByIndex(device)
         self._unsupported = {
             getattr(nvml, name) for name in _UNSUPPORTED if hasattr(nvml, name)
         }
+        if isinstance(device, str):
+            handle = _handle_by_uuid(nvml, device)
+        else:
+            handle = nvml.nvmlDeviceGetHandleByIndex(device)
+        # A MIG instance's handle answers no power, energy, clock or throttle query: those are
+        # its parent GPU's, shared by every instance on it.
+        is_mig = self._query("nvmlDeviceIsMigDeviceHandle", handle)
+        is_mig = bool(getattr(is_mig, "value", is_mig))  # pynvml returns a c_uint
+        if is_mig:
+            handle = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+        self.handle = handle
+        mode = self._query("nvmlDeviceGetMigMode", handle)  # [current, pending]
+        mig_mode = bool(mode) and mode[0] == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1)
+        self.shared = is_mig or mig_mode
         self.power_source: str | None = None
         self.read_power = self._pick_power()
         self.read_reasons = self._pick_reasons()
@@ -179,6 +244,18 @@ class _Gpu:
         self.fast = {name: fn for name, fn in fast.items() if self._works(fn)}
         self.slow = {name: fn for name, fn in slow.items() if self._works(fn)}
         self.has_counter = self._works(self.energy_mj)
+
+    def _query(self, name: str, *args: Any) -> Any:
+        """NVML function ``name``'s answer; None where the bindings or the board lack it."""
+        fn = getattr(self.nvml, name, None)
+        if fn is None:
+            return None
+        try:
+            return fn(*args)
+        except self.nvml.NVMLError as exc:
+            if exc.value in self._unsupported:
+                return None
+            raise
 
     def _works(self, fn: Callable[[], Any]) -> bool:
         """Whether a query is supported here; other NVML errors (a lost GPU) propagate."""
@@ -272,9 +349,12 @@ def window_fields(
     idle_power_w: float | None,
     num_samples: int,
     min_counter_window_s: float = MIN_COUNTER_WINDOW_S,
+    shared: bool = False,
 ) -> dict[str, Any]:
-    """The record's power fields from a window's samples and its energy-counter delta."""
+    """The record's power fields from a window's samples and its energy-counter delta;
+    ``shared``: the GPU's power is shared by MIG instances (no joules per sample)."""
     fields = empty_fields()
+    fields["power_scope"] = SHARED_GPU if shared else "gpu"
     fields["power_source"] = power_source
     fields["idle_power_w"] = idle_power_w
     power = [(s.t_s, s.power_w) for s in samples if s.power_w is not None]
@@ -317,7 +397,7 @@ def window_fields(
             why.append(f"~1 s averaged power is too coarse under {MIN_AVERAGED_POWER_WINDOW_S:g} s")
         log.warning("energy: left empty for this %.2f s window (%s); run more --steps",
                     window_s, "; ".join(why))
-    if fields["energy_j"] is not None and num_samples > 0:
+    if fields["energy_j"] is not None and num_samples > 0 and not shared:
         fields["joules_per_sample"] = fields["energy_j"] / num_samples
 
     clocks = [s.sm_clock_mhz for s in samples if s.sm_clock_mhz is not None]
@@ -327,7 +407,9 @@ def window_fields(
     fields["temp_max_c"] = max(temps) if temps else None
     if masks:
         fields["throttle_reasons"] = decode_reasons(reduce(operator.or_, masks))
+        fields["throttle_shares"] = format_shares(reason_shares(masks))
         fields["throttled"] = is_throttled(fields["throttle_reasons"])
+        fields["power_capped"] = is_power_capped(fields["throttle_reasons"])
     return fields
 
 
@@ -336,19 +418,24 @@ _SOURCE_ORDER = ("none", "sampled", "counter")  # weakest first
 
 def combine_power(per_gpu: Sequence[dict[str, Any]], num_samples: int) -> dict[str, Any]:
     """The power fields of a multi-GPU job from each GPU's: power and energy summed, the
-    weakest energy source, the worst counter check, clocks averaged, every throttle reason.
+    weakest energy source, the worst counter check, clocks averaged, every throttle reason
+    with its largest share on any GPU (a data-parallel step waits for the slowest).
 
     ``power_max_w`` is the sum of each GPU's maximum, an upper bound of the job's peak.
-    A sum is empty when any GPU's part is (a partial sum would understate the job).
+    A sum is empty when any GPU's part is (a partial sum would understate the job), or when a
+    part is a MIG instance's (instances can share one GPU, which would be counted twice).
     """
     def total(field: str) -> float | None:
         values = [f[field] for f in per_gpu]
         return None if None in values else sum(values)
 
     fields = empty_fields()
+    scopes = {f["power_scope"] for f in per_gpu}
+    shared = SHARED_GPU in scopes
+    fields["power_scope"] = SHARED_GPU if shared else "gpu" if "gpu" in scopes else None
     for field in ("power_avg_w", "power_max_w", "idle_power_w", "energy_j"):
-        fields[field] = total(field)
-    sources = {f["energy_source"] or "none" for f in per_gpu}
+        fields[field] = None if shared else total(field)
+    sources = {"none" if shared else f["energy_source"] or "none" for f in per_gpu}
     fields["energy_source"] = min(sources, key=_SOURCE_ORDER.index)
     if fields["energy_source"] == "none":
         fields["energy_j"] = None
@@ -364,10 +451,12 @@ def combine_power(per_gpu: Sequence[dict[str, Any]], num_samples: int) -> dict[s
     fields["temp_max_c"] = max(temps) if temps else None
     reasons = [f["throttle_reasons"] for f in per_gpu if f["throttle_reasons"] is not None]
     if reasons:
-        seen = {name for names in reasons for name in names}
-        known = [name for name in REASON_BITS.values() if name in seen]  # bit order
-        fields["throttle_reasons"] = known + sorted(seen - set(known))
+        fields["throttle_reasons"] = _bit_order(name for names in reasons for name in names)
+        shares = [parse_shares(f["throttle_shares"]) for f in per_gpu]
+        fields["throttle_shares"] = format_shares({
+            name: max(s.get(name, 0.0) for s in shares) for name in fields["throttle_reasons"]})
         fields["throttled"] = is_throttled(fields["throttle_reasons"])
+        fields["power_capped"] = is_power_capped(fields["throttle_reasons"])
     return fields
 
 
@@ -395,6 +484,7 @@ class PowerMonitor:
         self.samples: list[Sample] = []
         self._gpu: _Gpu | None = None
         self._power_source: str | None = None
+        self._shared = False  # a MIG instance: the power is its whole GPU's
         self._problem: str | None = None  # why this monitor has nothing to report
         self._window_s = 0.0
         self._counter_j: float | None = None
@@ -425,6 +515,12 @@ class PowerMonitor:
             nvml.nvmlShutdown()
             return None
         self._power_source = self._gpu.power_source
+        self._shared = self._gpu.shared
+        if self._shared:
+            _warn_once(f"GPU {self.device_index} is a MIG instance or in MIG mode: power, "
+                       "energy, clocks and throttle reasons are the whole GPU's, shared by all "
+                       "its MIG instances (power_scope=shared_gpu); joules_per_sample stays "
+                       "empty", kind="mig")
         return self._gpu
 
     def _close(self) -> None:
@@ -540,4 +636,5 @@ class PowerMonitor:
             self.samples, window_s=self._window_s, counter_j=self._counter_j,
             power_source=self._power_source, idle_power_w=self.idle_power_w,
             num_samples=num_samples, min_counter_window_s=self.min_counter_window_s,
+            shared=self._shared,
         )

@@ -48,11 +48,12 @@ class Policy:
         import torch
 
         if device.type == "cuda":
-            if self.autocast_dtype == "bfloat16" and not torch.cuda.is_bf16_supported(
-                including_emulation=False
-            ):
+            # Of ``device`` itself: torch.cuda.is_bf16_supported asks the current device.
+            capability = torch.cuda.get_device_capability(device)
+            native_bf16 = bool(torch.version.hip) or capability >= (8, 0)
+            if self.autocast_dtype == "bfloat16" and not native_bf16:
                 return f"{torch.cuda.get_device_name(device)} has no native bfloat16"
-            if self.tf32 and torch.cuda.get_device_capability(device) < (8, 0):
+            if self.tf32 and capability < (8, 0):
                 return f"{torch.cuda.get_device_name(device)} has no TF32 (needs Ampere or newer)"
         elif device.type == "cpu":
             dtype = getattr(torch, self.autocast_dtype) if self.autocast_dtype else None

@@ -47,13 +47,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import BadInput, config, load, matrix, noise, paths, procs, store
+from bench import BadInput, config, failures, load, matrix, noise, paths, procs, store
 from bench.config import Cell, Matrix
 
 DONE = ("ok", "unsupported", "skipped")  # statuses a resumed run does not repeat
+BUDGET_EXIT = 3  # stopped by --time-budget, the resume command printed (DESIGN.md)
 _KILL_GRACE_S = 5.0
+# What --time-budget keeps back for the report after the last cell or parity run (plots
+# included; a few seconds on a GPU box, more on a busy 2-core one).
+_REPORT_RESERVE_S = 30.0
+_clock = time.monotonic  # the budget's clock (tests replace it)
 _STDERR_LINES = 6
-_OOM = re.compile(r"OutOfMemoryError|CUDA out of memory|out of memory|CUBLAS_STATUS_ALLOC_FAILED")
 _PROBE_WARMUP, _PROBE_STEPS = 1, 2
 _PROBE_CAP = 1 << 16  # the doubling stops here even when everything fits
 # A multi-node cell's rendezvous port is the endpoint's + (its place in the sweep % this):
@@ -140,7 +144,7 @@ def classify(returncode: int, stderr: str) -> tuple[str, str]:
         how = f"killed by signal {signal.Signals(-returncode).name}"
     else:
         how = f"exit code {returncode}"
-    if _OOM.search(stderr):
+    if failures.is_oom(stderr):
         return "oom", f"{how}: {tail}" if tail else how
     return "error", f"{how}" + (f"\n{tail}" if tail else " (no output)")
 
@@ -262,6 +266,34 @@ class Sweep:
         return record is not None and record.get("status") in DONE
 
 
+@dataclass(frozen=True)
+class Budget:
+    """``--time-budget``: when the run must be over, and what it keeps back for the report."""
+
+    text: str  # as given: 25m, 540s ...
+    deadline: float  # on _clock()
+    reserve_s: float = 0.0
+
+    def left(self) -> float:
+        """Seconds still free for cells and parity runs."""
+        return self.deadline - self.reserve_s - _clock()
+
+
+def estimate_s(cell: Cell, records: Iterable[dict[str, Any]], cells: dict[str, Cell],
+               timeout_s: float) -> float:
+    """How long ``cell``'s process will take: the slowest ok process of the same model and
+    policy (its group: all but the batch), scaled up to this batch; the timeout, which bounds
+    every process, when none has run yet."""
+    known = []
+    for record in records:
+        other = cells.get(record.get("cell_id"))
+        wall_s = record.get("wall_s")
+        if (other is not None and other.group == cell.group and record.get("status") == "ok"
+                and isinstance(wall_s, int | float) and not isinstance(wall_s, bool)):
+            known.append(wall_s * max(1.0, cell.batch_size / other.batch_size))
+    return min(max(known), timeout_s) if known else timeout_s
+
+
 def _oom_limits(records: Iterable[dict[str, Any]], cells: dict[str, Cell]) -> dict[Any, int]:
     """Smallest OOM batch per cell group, from earlier records (so a resume skips alike)."""
     limits: dict[Any, int] = {}
@@ -310,9 +342,12 @@ def plan(cells: list[Cell], repeats: int, calibration: int = noise.CALIBRATION_P
 
 
 def sweep(state: Sweep, cells: list[Cell], repeats: int,
-          calibration: int = noise.CALIBRATION_PROCESSES) -> None:
+          calibration: int = noise.CALIBRATION_PROCESSES,
+          budget: Budget | None = None) -> list[tuple[Cell, int, bool]]:
     """Run every planned process that is not done yet; OOM at b skips larger batches. Records
-    the machine's load around it in meta.json (warnings included)."""
+    the machine's load around it in meta.json (warnings included). With a ``budget`` it
+    stops before the first process the time left cannot finish (estimate_s) and returns the
+    processes not run, in order; a resume runs them."""
     from tqdm import tqdm
 
     from bench.cell import summary_line
@@ -327,6 +362,7 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
     start = load.snapshot()
     for warning in load.warnings(machine):
         print(f"warning: {warning}", file=sys.stderr)
+    not_run: list[tuple[Cell, int, bool]] = []
     try:
         with _workdir(state, cells) as tmp:
             for slot, (cell, repeat, is_calibration) in enumerate(todo):
@@ -337,9 +373,17 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
                 if limit is not None and cell.batch_size > limit:
                     record = failure_record(cell, state.settings, repeat, "skipped",
                                             f"batch {limit} already ran out of memory")
+                elif budget is not None and estimate_s(
+                        cell, state.records.values(), by_id,
+                        state.settings.timeout_s) > budget.left():
+                    not_run = todo[slot:]  # in plan order: the calibration stays last
+                    break
                 else:
                     before = load.snapshot()
+                    started = _clock()
                     record = run_child(cell, state.settings, repeat, Path(tmp), slot)
+                    # The child's wall time, start-up included: what the budget plans with.
+                    record["wall_s"] = round(_clock() - started, 3)
                     # Others' work on this run's cores while the cell ran: a contended cell.
                     record["others_cpu_pct"] = load.during(before, load.snapshot()).get(
                         "others_cpu_pct")
@@ -359,6 +403,7 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
             for warning in load.warnings(during):
                 print(f"warning: {warning}", file=sys.stderr)
             _record_load(state.run_dir, {**machine, **during})
+    return not_run
 
 
 def _record_load(run_dir: Path, machine: dict[str, Any]) -> None:
@@ -664,9 +709,81 @@ def _after_sweep(stage: str, call: Any) -> None:
         print(f"ampbench run: {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
+def _budget(args: argparse.Namespace) -> Budget | None:
+    """``--time-budget`` as a Budget that starts now; None without one."""
+    text = getattr(args, "time_budget", None)
+    if not text:
+        return None
+    if args.find_max_batch:
+        raise BadInput("--time-budget does not apply to --find-max-batch, whose probes cannot "
+                       "be estimated ahead")
+    from bench.__main__ import duration_s
+
+    seconds = duration_s(text)
+    reserve_s = 0.0 if args.no_report else min(_REPORT_RESERVE_S, seconds / 4)
+    return Budget(text, _clock() + seconds, reserve_s)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _parity(run_dir: Path, mx: Matrix, device: str, budget: Budget | None) -> list[str]:
+    """The parity stage of a run; returns the parity runs the budget left for a resume."""
+    from bench import parity
+
+    print("ampbench run: accuracy parity ...", file=sys.stderr)
+    not_run: list[str] = []
+
+    def stage() -> None:
+        try:
+            path = parity.run_parity(
+                run_dir, models=[a.name for a in mx.models], precisions=list(mx.precisions),
+                steps=mx.parity_steps or None, seeds=mx.parity_seeds, device=device,
+                time_left=budget.left if budget else None, unknown_s=mx.timeout_s)
+        except parity.OutOfTime as stop:
+            not_run.extend(stop.not_run)
+            path = stop.path
+        if path is not None:
+            print(parity.verdict_table(path))
+
+    _after_sweep("parity", stage)
+    return not_run
+
+
+_INCOMPLETE = "incomplete:"
+
+
+def _mark_incomplete(run_dir: Path, budget: Budget | None, cells: list[str],
+                     parity_runs: list[str]) -> None:
+    """meta.json's ``incomplete`` and a warning (the report shows it) naming what the time
+    budget left out; both go when nothing is left out."""
+    meta = store.read_meta(run_dir)
+    warnings = [w for w in meta.get("warnings") or [] if not w.startswith(_INCOMPLETE)]
+    meta.pop("incomplete", None)
+    if budget is not None and (cells or parity_runs):
+        meta["incomplete"] = {"time_budget": budget.text, "cells": cells,
+                              "parity_runs": parity_runs}
+
+        def some(items: list[str]) -> str:
+            more = f", and {len(items) - 3} more" if len(items) > 3 else ""
+            return f" ({', '.join(items[:3])}{more})" if items else ""
+
+        missing = [f"{len(items)} {what}{some(items)}" for items, what in (
+            (cells, "cell process(es)"), (parity_runs, "parity run(s)")) if items]
+        warnings.append(f"{_INCOMPLETE} --time-budget {budget.text} ran out before "
+                        f"{' and '.join(missing)} could start; this report covers what "
+                        "finished, and `ampbench run --resume` on this run directory runs "
+                        "only the rest")
+    store.write_meta(run_dir, {**meta, "warnings": warnings})
+
+
 def main(args: argparse.Namespace) -> int:
     """`ampbench run`: sweep the matrix into a run directory; exit 0 when the sweep finished,
-    128+N when stopped by signal N (Ctrl-C, SIGTERM, SIGHUP) with the resume command printed."""
+    3 when --time-budget stopped it and 128+N when signal N did (Ctrl-C, SIGTERM, SIGHUP),
+    each time with the resume command printed."""
     with contextlib.ExitStack() as hold, _stop_on_signals():
         session = _Session(args, hold)
         try:
@@ -678,6 +795,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, session: _Session) -> int:
+    budget = _budget(args)
     base, run_dir, meta = _choose_matrix(args)
     mx = config.override(
         base, models_=args.models, precisions=args.precisions, batch_sizes=args.batch_sizes,
@@ -688,6 +806,9 @@ def _run(args: argparse.Namespace, session: _Session) -> int:
     cells = matrix.expand(mx)
     matrix.index(cells)
     launcher, rdzv_endpoint = _multi_node(args, mx)
+    if args.preset and mx.device.startswith("cuda") and not _has_cuda():
+        raise BadInput(f"preset '{args.preset}' needs a CUDA GPU and this machine has none; "
+                       "here run --preset cpu (or quick)")
     device = _resolve_device(mx.device)
     if ":" in device and any(c.num_processes > 1 for c in cells):
         raise BadInput(f"device '{device}': a cell on several processes gives each rank the GPU "
@@ -714,20 +835,20 @@ def _run(args: argparse.Namespace, session: _Session) -> int:
     session.state = state
     print(f"ampbench run: {len(cells)} cells x {mx.repeats} repeat(s) of matrix '{mx.name}' "
           f"on {device} -> {run_dir}", file=sys.stderr)
+    not_run: list[tuple[Cell, int, bool]] = []
     if args.find_max_batch:
         find_max_batch(state, cells)
     else:
-        sweep(state, cells, mx.repeats, mx.calibration)
+        not_run = sweep(state, cells, mx.repeats, mx.calibration, budget)
     store.write_csv(run_dir, state.records.values())
     print(summarize(state.records.values()))
 
+    parity_not_run: list[str] = []
     if mx.parity and not args.no_parity:
-        from bench import parity
-
-        print("ampbench run: accuracy parity ...", file=sys.stderr)
-        _after_sweep("parity", lambda: print(parity.verdict_table(parity.run_parity(
-            run_dir, models=[a.name for a in mx.models], precisions=list(mx.precisions),
-            device=device))))
+        parity_not_run = _parity(run_dir, mx, device, budget)
+    # Before the report, which shows it: what this run still lacks (nothing: the mark goes).
+    _mark_incomplete(run_dir, budget, [f"{c.label()}{' (calibration)' if cal else ''}"
+                                       for c, _, cal in not_run], parity_not_run)
     if not args.no_report:
         from bench import report
 
@@ -736,4 +857,10 @@ def _run(args: argparse.Namespace, session: _Session) -> int:
     failed = sum(1 for r in state.records.values() if r.get("status") not in DONE)
     print(f"\nresults: {run_dir / store.RESULTS} ({len(state.records)} records, {failed} failed)"
           f"\nrecords: {run_dir / store.RECORDS}", file=sys.stderr)
+    if budget is not None and (not_run or parity_not_run):
+        print(f"\nampbench run: --time-budget {budget.text} is spent: {len(not_run)} cell "
+              f"process(es) and {len(parity_not_run)} parity run(s) not started; the report "
+              f"covers what finished\nresume with: {resume_command(args, run_dir)}",
+              file=sys.stderr)
+        return BUDGET_EXIT
     return 0

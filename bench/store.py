@@ -20,7 +20,8 @@ from typing import Any
 
 from bench import BadInput
 
-SCHEMA_VERSION = 2  # 2: calibration; results.csv gained the per-cell noise columns
+SCHEMA_VERSION = 3  # 2: calibration and the per-cell noise columns; 3: host timing,
+# memory_format, wall_s, throttle_shares/power_capped/power_scope, throttled = thermal/hw only
 
 IDENTITY = (
     "schema", "run_id", "cell_id", "model", "precision", "batch_size", "seq_len", "image_size",
@@ -30,6 +31,10 @@ STATUS = ("status", "error")
 TIMING = (
     "warmup_steps", "timed_steps", "step_ms_median", "step_ms_iqr", "step_ms_min",
     "samples_per_s", "tokens_per_s", "startup_s",
+    "wall_s",  # the cell's process from start to exit, as the runner saw it (--time-budget)
+    # The host's time issuing a step, the GPU work still queued when it had (bench/measure.py),
+    # whether the GPU waited for the host; the image layout used (None: not an image model).
+    "host_ms_median", "queued_ms_median", "host_bound", "memory_format",
 )
 MEMORY = ("peak_mem_allocated_gib", "peak_mem_reserved_gib", "peak_rss_gib")
 COMPUTE = ("flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct")
@@ -37,6 +42,10 @@ POWER = (
     "power_avg_w", "power_max_w", "power_source", "idle_power_w", "energy_j", "energy_source",
     "energy_check_pct", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
     "throttle_reasons", "throttled", "others_cpu_pct",
+    # Each clock-event reason's share of the samples ("sw_power_cap:0.82;..."), whether the
+    # power limit held the clocks (``throttled`` is heat and hardware slowdown only), and
+    # whose power it is: "gpu", or "shared_gpu" for a MIG instance (bench/power.py).
+    "throttle_shares", "power_capped", "power_scope",
 )
 NUMERICS = (
     "loss_first", "loss_last", "nonfinite_steps", "scaler_scale_final", "scaler_skipped_steps",
@@ -139,7 +148,8 @@ def load_jsonl(path: Path, problem: Callable[[Any], str | None]) -> list[Any]:
 # read back with anything else in them is damaged.
 _RECORD_INTS = {"repeat": 0, "batch_size": 0, "seq_len": 1, "image_size": 1, "grad_accum": 1,
                 "world_size": 1, "warmup_steps": 0, "timed_steps": 0}
-_RECORD_NUMBERS = TIMING + MEMORY + COMPUTE + NUMERICS + (
+_RECORD_NUMBERS = tuple(f for f in TIMING if f not in ("host_bound", "memory_format")) + (
+    MEMORY + COMPUTE + NUMERICS) + (
     "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "energy_check_pct",
     "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c")
 
@@ -281,9 +291,9 @@ NON_NEGATIVE = (
     "startup_s", *MEMORY, "flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct",
     "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "joules_per_sample",
     "sm_clock_mhz_avg", "scaler_scale_final", "cell_samples_per_s",
-    "cell_samples_per_s_err_pct", "process_spread_pct", "noise_pct",
+    "cell_samples_per_s_err_pct", "process_spread_pct", "noise_pct", "host_ms_median",
 )
-SIGNED = ("loss_first", "loss_last", "energy_check_pct", "temp_max_c")
+SIGNED = ("loss_first", "loss_last", "energy_check_pct", "temp_max_c", "queued_ms_median")
 
 
 def _parse_number(value: Any) -> float | None:

@@ -21,13 +21,14 @@ EXPECTED_TYPES = {
     "energy_source": str, "loss_first": float, "loss_last": float, "nonfinite_steps": int,
     "scaler_scale_final": float, "scaler_skipped_steps": int, "device": str,
     "device_name": str, "device_count": int, "torch_version": str, "python_version": str,
-    "machine_id": str, "timestamp": str,
+    "machine_id": str, "timestamp": str, "host_ms_median": float, "memory_format": type(None),
 }
 # Filled on a GPU with NVML (or for a known device); empty on this CPU box.
 EMPTY_ON_CPU = (
     "peak_tflops", "mfu_pct", "power_avg_w", "power_max_w", "idle_power_w", "energy_j",
     "energy_check_pct", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
     "throttle_reasons", "throttled", "driver_version", "cuda_version", "cudnn_version",
+    "queued_ms_median", "host_bound",  # on CPU the host's time is the step time
 )
 
 
@@ -154,6 +155,27 @@ def test_cuda_on_a_machine_without_it_is_bad_input(tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_a_cell_on_cuda_1_makes_it_current_and_checks_support_there(tmp_path, monkeypatch):
+    calls = []
+
+    def seen(name, result):
+        return lambda device=None: calls.append((name, str(device))) or result
+
+    # A box with two GPUs; GPU 1 is a V100 (no native bfloat16).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", seen("set_device", None))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", seen("capability", (7, 0)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", seen("name", "Tesla V100-SXM2-16GB"))
+    code, record = _cell(tmp_path, "--device", "cuda:1", "--precision", "bf16")
+    assert code == 1
+    assert (record["status"], record["device"]) == ("unsupported", "cuda:1")
+    assert record["error"] == "Tesla V100-SXM2-16GB has no native bfloat16"
+    assert calls[0] == ("set_device", "cuda:1")  # before anything else asks CUDA
+    assert ("capability", "cuda:1") in calls
+    assert all(device in ("1", "cuda:1") for _, device in calls), calls  # never GPU 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["fp32", "tf32", "fp16", "bf16"])
 def test_cuda_record_has_memory_and_timing(tmp_path, policy):
@@ -171,13 +193,50 @@ def test_ranks_combine_into_the_slowest_step_and_the_largest_memory():
     from bench.cell import _combine_ranks
     from bench.power import empty_fields
 
-    def rank(median, iqr, rss):
+    def rank(median, iqr, rss, host_bound):
         return {"step_ms_median": median, "step_ms_iqr": iqr, "step_ms_min": median - 1,
+                "host_ms_median": median - 2, "queued_ms_median": 0.5, "host_bound": host_bound,
                 "peak_mem_allocated_gib": None, "peak_mem_reserved_gib": None,
                 "peak_rss_gib": rss, **empty_fields()}
 
-    combined = _combine_ranks([rank(10.0, 0.5, 2.0), rank(12.0, 0.1, 1.5)], num_samples=8)
+    combined = _combine_ranks([rank(10.0, 0.5, 2.0, False), rank(12.0, 0.1, 1.5, True)],
+                              num_samples=8)
     assert (combined["step_ms_median"], combined["step_ms_iqr"], combined["step_ms_min"]) == (
         12.0, 0.1, 11.0)
+    assert (combined["host_ms_median"], combined["host_bound"]) == (10.0, True)
     assert combined["peak_rss_gib"] == 2.0 and combined["peak_mem_reserved_gib"] is None
     assert combined["energy_source"] == "none"
+
+
+def test_an_image_cell_records_the_memory_format_it_used(tmp_path):
+    from bench.cell import prepare
+
+    default = prepare("resnet-tiny", "fp32", batch_size=2)
+    assert default.memory_format == "contiguous" and default.inputs.is_contiguous()
+    nhwc = prepare("resnet-tiny", "fp32", batch_size=2, memory_format="channels_last")
+    assert nhwc.inputs.is_contiguous(memory_format=torch.channels_last)
+    assert not nhwc.inputs.is_contiguous()
+    out = tmp_path / "r.json"
+    assert main(["cell", "--model", "resnet-tiny", "--precision", "fp32", "--batch-size", "2",
+                 "--warmup", "0", "--steps", "1", "--device", "cpu",
+                 "--memory-format", "channels_last", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["memory_format"] == "channels_last"
+
+
+def test_memory_format_of_a_language_model_is_bad_input(capsys):
+    assert main(["cell", "--model", "gpt2-tiny", "--precision", "fp32", "--batch-size", "2",
+                 "--device", "cpu", "--memory-format", "contiguous"]) == 2
+    assert "--memory-format does not apply to gpt2-tiny" in capsys.readouterr().err
+
+
+def test_summary_line_marks_a_host_bound_cell():
+    from bench.cell import summary_line
+
+    record = store.empty_record(
+        model="bert-base", precision="bf16", batch_size=16, seq_len=128, status="ok",
+        samples_per_s=800.0, step_ms_median=20.0, step_ms_iqr=0.2, peak_mem_reserved_gib=3.0,
+        achieved_tflops=90.0, host_ms_median=19.5, host_bound=False)
+    assert "host-bound" not in summary_line(record)
+    record.update(host_bound=True)
+    assert summary_line(record).endswith("[host-bound: the GPU waits for the host's kernel "
+                                         "launches]")

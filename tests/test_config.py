@@ -18,6 +18,7 @@ def test_gpu_preset_is_the_documented_sweep():
     }
     assert m.precisions == ("fp32", "tf32", "fp16", "bf16") and m.parity
     assert (m.world_size, m.nnodes) == ((1,), 1)
+    assert m.compile == (False, True)  # eager and torch.compile, both reported
 
 
 def test_cpu_preset_is_tiny_and_covers_every_policy():
@@ -29,8 +30,35 @@ def test_cpu_preset_is_tiny_and_covers_every_policy():
     assert len(matrix.expand(quick)) <= 6 and not quick.parity
 
 
+def test_gpu_quick_is_one_batch_per_full_size_model_and_bf16_compiled():
+    m = config.preset("gpu-quick")
+    cells = matrix.expand(m)
+    assert {(c.model, c.batch_size, c.seq_len or c.image_size) for c in cells} == {
+        ("resnet50", 256, 224), ("bert-base", 64, 128), ("gpt2-small", 16, 1024)}
+    eager = {(c.model, c.precision) for c in cells if not c.compile}
+    assert len(eager) == 12 and {p for _, p in eager} == {"fp32", "tf32", "fp16", "bf16"}
+    assert {(c.model, c.precision) for c in cells if c.compile} == {
+        ("resnet50", "bf16"), ("bert-base", "bf16"), ("gpt2-small", "bf16")}
+    assert len(cells) == 15 and m.device == "cuda" and m.parity
+    assert (m.parity_steps, m.parity_seeds) == (40, 2)
+
+
+def test_compile_precisions_and_parity_length_come_from_toml_and_are_checked():
+    m = config.from_dict({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "compile": [False, True],
+                          "compile_precisions": ["fp16"], "parity_steps": 7, "parity_seeds": 2})
+    assert [(c.precision, c.compile) for c in matrix.expand(m)] == [
+        ("fp32", False), ("tf32", False), ("fp16", False), ("fp16", True), ("bf16", False)]
+    assert (m.parity_steps, m.parity_seeds) == (7, 2)
+    assert config.from_dict(m.to_dict()) == m
+    with pytest.raises(BadInput, match="compile_precisions: unknown precision 'fp8'"):
+        config.from_dict({"models": {"gpt2-tiny": {}}, "compile_precisions": ["fp8"]})
+    with pytest.raises(BadInput, match="'parity_seeds' must be at least 2"):
+        config.from_dict({"models": {"gpt2-tiny": {}}, "parity_seeds": 1})
+
+
 def test_unknown_preset_names_the_valid_ones():
-    with pytest.raises(BadInput, match="unknown preset 'huge'; valid: gpu, cpu, quick, auto"):
+    with pytest.raises(BadInput,
+                       match="unknown preset 'huge'; valid: gpu, gpu-quick, cpu, quick, auto"):
         config.preset("huge")
 
 
@@ -45,7 +73,8 @@ def test_toml_maps_onto_the_dataclasses():
 
 
 def test_matrix_survives_a_round_trip_through_meta_json():
-    for m in (config.gpu(), config.cpu(), config.load(FIXTURES / "good.toml")):
+    for m in (config.gpu(), config.gpu_quick(), config.cpu(),
+              config.load(FIXTURES / "good.toml")):
         assert config.from_dict(m.to_dict()) == m
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -175,3 +176,53 @@ def test_torchrun_failure_is_read_from_the_root_cause_rank(tmp_path):
     status, error = runner.classify_torchrun(summary, logs)
     assert status == "oom" and error.startswith("rank 1: exit code 1")
     assert runner.classify_torchrun("torchrun: error: bad rendezvous", logs)[0] == "error"
+
+
+def _one_rank_group(monkeypatch, timeout_s):
+    """What torchrun gives a rank of a one-process job, and the runner's cell timeout."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                       ("WORLD_SIZE", "1"), ("AMPBENCH_CELL_TIMEOUT_S", timeout_s)):
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_process_group_is_gone_on_every_way_out(monkeypatch, fails):
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from bench.cell import Ranks, _process_group
+
+    _one_rank_group(monkeypatch, "100")
+    init, seen = dist.init_process_group, {}
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda *a, **kw: seen.update(kw) or init(*a, **kw))
+    barrier = dist.barrier
+    # After a failure the other ranks may be gone: a barrier would wait for them.
+    monkeypatch.setattr(dist, "barrier", lambda: pytest.fail("barrier after a failure")
+                        if fails else barrier())
+    with pytest.raises(RuntimeError, match="boom") if fails else contextlib.nullcontext(), \
+            _process_group(torch.device("cpu"), Ranks(0, 0, 1)):
+        assert dist.is_initialized()
+        if fails:
+            raise RuntimeError("boom")
+    assert not dist.is_initialized()
+    # Below the cell's own deadline, not NCCL's 10 minutes or gloo's 30.
+    assert seen["timeout"] == datetime.timedelta(seconds=90)
+
+
+def test_a_ddp_cell_warms_up_past_the_steps_where_ddp_waits_for_the_gpu(tmp_path, cli_env):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(_torchrun("-m", "bench", "cell", "--model", "gpt2-tiny", "--precision",
+                                    "fp32", "--batch-size", "2", "--warmup", "1", "--steps", "2",
+                                    "--device", "cpu", "--out", str(out)),
+                          env=cli_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert (record["world_size"], record["warmup_steps"]) == (2, 11)

@@ -244,3 +244,25 @@ def test_damaged_parity_runs_are_warnings_and_trained_again(tmp_path, capsys) ->
     for line in (2, 3, 4, 5, 6):
         assert f"warning: {path}: line {line}: " in err
     assert "Traceback" not in err
+
+
+def test_a_time_budget_starts_no_parity_run_it_cannot_finish(tmp_path) -> None:
+    # A model's first run is bounded by unknown_s (5 s); later ones by its finished runs.
+    left = iter([10.0, 10.0, 0.0])
+    with pytest.raises(parity.OutOfTime) as stop:
+        parity.run_parity(tmp_path, models=["gpt2-tiny", "bert-tiny"], precisions=["fp32"],
+                          steps=3, seeds=2, device="cpu", time_left=lambda: next(left),
+                          unknown_s=5.0)
+    assert stop.value.not_run == ["bert-tiny fp32 seed 0", "bert-tiny fp32 seed 1"]
+    # Judged: the model whose runs all finished; the others are not recorded at all.
+    assert set(pd.read_csv(stop.value.path)["model"]) == {"gpt2-tiny"}
+    runs = (tmp_path / parity.RUNS).read_text().splitlines()
+    assert len(runs) == 2 and all(json.loads(line)["wall_s"] > 0 for line in runs)
+
+    # Resumed with time enough: only the missing runs train.
+    path = parity.run_parity(tmp_path, models=["gpt2-tiny", "bert-tiny"], precisions=["fp32"],
+                             steps=3, seeds=2, device="cpu", time_left=lambda: 1000.0,
+                             unknown_s=5.0)
+    assert len(pd.read_csv(path)) == 4
+    assert (tmp_path / parity.RUNS).read_text().splitlines()[:2] == runs
+    assert len((tmp_path / parity.RUNS).read_text().splitlines()) == 4

@@ -13,7 +13,14 @@ import pynvml
 import pytest
 
 from bench import BadInput, power
-from bench.power import PowerMonitor, Sample, decode_reasons, is_throttled, window_fields
+from bench.power import (
+    PowerMonitor,
+    Sample,
+    decode_reasons,
+    is_power_capped,
+    is_throttled,
+    window_fields,
+)
 
 
 @functools.cache
@@ -37,6 +44,8 @@ class FakeNVML:
     successive energy-counter readings, the last one repeating), ``counter_w`` (instead: the
     counter advances at this many watts of real time), ``reasons`` (clock-event bitmask).
     ``fail`` makes every sampling call raise an NVMLError, as a GPU that fell off the bus.
+    ``mig_uuid`` names a MIG instance on this GPU ("MIG-..."), whose handle, as NVML's, answers
+    no sampling call; ``mig_mode`` is the GPU's MIG mode.
     Each call can be made to cost ``wait_s`` of waiting and ``native_s`` of CPU, both with the
     GIL released (as the driver's ioctl behind pynvml's ctypes call), plus ``python_s`` of busy
     Python holding the GIL (as pynvml's wrappers).
@@ -55,6 +64,8 @@ class FakeNVML:
         "nvmlDeviceGetPerformanceState", "nvmlDeviceGetEnforcedPowerLimit",
         "nvmlDeviceGetPowerManagementDefaultLimit", "nvmlDeviceGetComputeRunningProcesses",
         "nvmlDeviceGetGraphicsRunningProcesses", "nvmlSystemGetProcessName",
+        "nvmlDeviceIsMigDeviceHandle", "nvmlDeviceGetDeviceHandleFromMigDeviceHandle",
+        "nvmlDeviceGetMigMode",
     )
 
     def __init__(self, **state: object) -> None:
@@ -80,6 +91,8 @@ class FakeNVML:
         self.default_power_limit_mw = 700_000
         self.processes: list[SimpleNamespace] = []
         self.uuid = "GPU-8c9e0f6a-2b1d-4e57-9a3c-0d1e2f3a4b5c"
+        self.mig_uuid: str | None = None
+        self.mig_mode = pynvml.NVML_DEVICE_MIG_DISABLE
         self.calls: dict[str, int] = {}
         self._started = time.perf_counter()
         self._counter_reads = 0
@@ -90,8 +103,10 @@ class FakeNVML:
             monkeypatch.setattr(pynvml, name, getattr(self, name))
         return self
 
-    def _call(self, name: str, sampling: bool = True) -> None:
+    def _call(self, name: str, sampling: bool = True, handle: str | None = None) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
+        if handle == "mig-instance":  # NVML: power, clocks and reasons are the GPU's
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         if self.python_s:
             end = time.perf_counter() + self.python_s
             while time.perf_counter() < end:
@@ -118,13 +133,26 @@ class FakeNVML:
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
         self._call("handle", sampling=False)
+        if uuid == self.mig_uuid:
+            return "mig-instance"
         if uuid != self.uuid:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
         return "gpu-by-uuid"
 
+    def nvmlDeviceIsMigDeviceHandle(self, handle: str) -> int:
+        return int(handle == "mig-instance")
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: str) -> str:
+        if handle != "mig-instance":
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return "gpu-by-uuid"
+
+    def nvmlDeviceGetMigMode(self, handle: str) -> list[int]:
+        return [self.mig_mode, self.mig_mode]
+
     # -- sampling -----------------------------------------------------------------------------
     def nvmlDeviceGetFieldValues(self, handle: str, field_ids: list[int]) -> object:
-        self._call("nvmlDeviceGetFieldValues")
+        self._call("nvmlDeviceGetFieldValues", handle=handle)
         values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
         for value, field_id in zip(values, field_ids, strict=True):
             value.fieldId = field_id
@@ -137,11 +165,11 @@ class FakeNVML:
         return values
 
     def nvmlDeviceGetPowerUsage(self, handle: str) -> int:
-        self._call("nvmlDeviceGetPowerUsage")
+        self._call("nvmlDeviceGetPowerUsage", handle=handle)
         return round(self.average_power_w * 1e3)
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: str) -> int:
-        self._call("nvmlDeviceGetTotalEnergyConsumption")
+        self._call("nvmlDeviceGetTotalEnergyConsumption", handle=handle)
         if self.counter_w is not None:
             return 10**9 + round(self.counter_w * (time.perf_counter() - self._started) * 1e3)
         if self.counter_mj is None:
@@ -151,26 +179,26 @@ class FakeNVML:
         return reading
 
     def nvmlDeviceGetClockInfo(self, handle: str, clock: int) -> int:
-        self._call("nvmlDeviceGetClockInfo")
+        self._call("nvmlDeviceGetClockInfo", handle=handle)
         return self.sm_clock_mhz if clock == pynvml.NVML_CLOCK_SM else self.mem_clock_mhz
 
     def nvmlDeviceGetMaxClockInfo(self, handle: str, clock: int) -> int:
         return 1980 if clock == pynvml.NVML_CLOCK_SM else 2619
 
     def nvmlDeviceGetTemperature(self, handle: str, sensor: int) -> int:
-        self._call("nvmlDeviceGetTemperature")
+        self._call("nvmlDeviceGetTemperature", handle=handle)
         return self.temp_c
 
     def nvmlDeviceGetUtilizationRates(self, handle: str) -> SimpleNamespace:
-        self._call("nvmlDeviceGetUtilizationRates")
+        self._call("nvmlDeviceGetUtilizationRates", handle=handle)
         return SimpleNamespace(gpu=97, memory=40)
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: str) -> int:
-        self._call("nvmlDeviceGetCurrentClocksEventReasons")
+        self._call("nvmlDeviceGetCurrentClocksEventReasons", handle=handle)
         return self.reasons
 
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: str) -> int:
-        self._call("nvmlDeviceGetCurrentClocksThrottleReasons")
+        self._call("nvmlDeviceGetCurrentClocksThrottleReasons", handle=handle)
         return self.reasons
 
     # -- environment (bench env) --------------------------------------------------------------
@@ -219,7 +247,7 @@ class FakeNVML:
 
 @pytest.fixture(autouse=True)
 def _fresh_warning_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(power, "_warned", False)
+    monkeypatch.setattr(power, "_warned", set())
 
 
 @pytest.fixture
@@ -251,7 +279,9 @@ def test_energy_comes_from_the_counter_delta(nvml):
     assert fields["power_source"] == "instant"
     assert fields["power_avg_w"] == pytest.approx(250.0) and fields["power_max_w"] == 250.0
     assert fields["sm_clock_mhz_avg"] == 1980 and fields["temp_max_c"] == 61
-    assert fields["throttle_reasons"] == [] and fields["throttled"] is False
+    assert fields["throttle_reasons"] == [] and fields["throttle_shares"] == ""
+    assert fields["throttled"] is False and fields["power_capped"] is False
+    assert fields["power_scope"] == "gpu"
 
 
 def test_counter_and_sampled_power_agree_when_both_see_the_same_watts(nvml, caplog):
@@ -372,6 +402,26 @@ def test_gpu_is_found_by_the_uuid_torch_prints(nvml, caplog):
     assert "NVML cannot open GPU GPU-00000000" in message
 
 
+def test_a_mig_instance_is_measured_on_its_whole_gpu_and_says_so(monkeypatch, caplog):
+    # torch prints a MIG instance's UUID bare, as a GPU's; NVML knows it as "MIG-..." and
+    # answers power, energy, clock and throttle queries only for the parent GPU.
+    nvml = FakeNVML(mig_uuid="MIG-2f6b1c0e-7d4a-5b3c-8e9f-0a1b2c3d4e5f",
+                    mig_mode=pynvml.NVML_DEVICE_MIG_ENABLE, counter_w=250.0).install(monkeypatch)
+    fields = _window(PowerMonitor("2f6b1c0e-7d4a-5b3c-8e9f-0a1b2c3d4e5f", 10,
+                                  min_counter_window_s=0.01), seconds=0.3)
+    assert fields["power_scope"] == "shared_gpu"
+    assert fields["power_avg_w"] == pytest.approx(250.0)
+    assert fields["energy_source"] == "counter" and fields["energy_j"] > 0
+    assert fields["sm_clock_mhz_avg"] == 1980 and fields["throttle_reasons"] == []
+    # The GPU's energy includes every instance's work: not this cell's per sample.
+    assert fields["joules_per_sample"] is None
+    # A GPU in MIG mode found by its own UUID (older CUDA prints that) is shared as well.
+    nvml.counter_w = None
+    assert _window(PowerMonitor(0, 10))["power_scope"] == "shared_gpu"
+    (message,) = _warnings(caplog)  # once per process
+    assert "MIG" in message and "whole GPU's" in message and "joules_per_sample" in message
+
+
 def test_bad_sampling_interval_is_bad_input():
     with pytest.raises(BadInput, match="interval"):
         PowerMonitor(0, 0)
@@ -416,7 +466,13 @@ def test_throttle_reasons_decode_to_names():
     assert decode_reasons(0x1 | 0x40) == ["gpu_idle", "hw_thermal_slowdown"]
     assert decode_reasons(0x10000) == ["bits_0x10000"]
     assert not is_throttled(["gpu_idle", "applications_clocks_setting"])
-    assert is_throttled(["gpu_idle", "sw_power_cap"])
+    # The power cap is routine under load: power-capped, not throttled.
+    assert not is_throttled(["gpu_idle", "sw_power_cap"])
+    assert is_power_capped(["gpu_idle", "sw_power_cap"])
+    for slowdown in ("hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown",
+                     "sw_thermal_slowdown"):
+        assert is_throttled(["sw_power_cap", slowdown])
+        assert not is_power_capped([slowdown])
 
 
 def test_window_records_throttling_seen_in_any_sample(nvml):
@@ -426,14 +482,30 @@ def test_window_records_throttling_seen_in_any_sample(nvml):
     nvml.reasons = 0x1
     fields = _window(PowerMonitor(0, 10), during=power_cap_kicks_in)
     assert fields["throttle_reasons"] == ["gpu_idle", "sw_power_cap"]
-    assert fields["throttled"] is True
+    assert fields["throttled"] is False and fields["power_capped"] is True
+    shares = power.parse_shares(fields["throttle_shares"])
+    assert list(shares) == ["gpu_idle", "sw_power_cap"]
+    assert 0 < shares["gpu_idle"] < shares["sw_power_cap"] < 1  # idle in the first sample
+
+
+def test_each_reason_gets_its_share_of_the_samples():
+    # 20 samples: the power cap in 18 of them, heat in 3 (2 of those capped too), none in 1.
+    masks = [0x4] * 16 + [0x4 | 0x40] * 2 + [0x40] + [0]
+    samples = [Sample(t / 10, 300.0, reasons=mask) for t, mask in enumerate(masks)]
+    fields = window_fields(samples, window_s=2.0, counter_j=None, power_source="instant",
+                           idle_power_w=None, num_samples=20)
+    assert fields["throttle_shares"] == "sw_power_cap:0.90;hw_thermal_slowdown:0.15"
+    assert fields["throttle_reasons"] == ["sw_power_cap", "hw_thermal_slowdown"]
+    assert fields["throttled"] is True and fields["power_capped"] is True
+    assert power.parse_shares(fields["throttle_shares"]) == {
+        "sw_power_cap": 0.9, "hw_thermal_slowdown": 0.15}
 
 
 def test_idle_and_applications_clocks_are_not_throttling(nvml):
     nvml.reasons = 0x1 | 0x2
     fields = _window(PowerMonitor(0, 10))
     assert fields["throttle_reasons"] == ["gpu_idle", "applications_clocks_setting"]
-    assert fields["throttled"] is False
+    assert fields["throttled"] is False and fields["power_capped"] is False
 
 
 def test_old_bindings_fall_back_to_throttle_reasons(nvml, monkeypatch):
@@ -453,7 +525,8 @@ def test_unsupported_queries_leave_only_their_fields_empty(nvml, monkeypatch):
     monkeypatch.setattr(pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", not_supported)
     fields = _window(PowerMonitor(0, 10))
     assert fields["temp_max_c"] is None and fields["throttle_reasons"] is None
-    assert fields["throttled"] is None
+    assert fields["throttled"] is None and fields["throttle_shares"] is None
+    assert fields["power_capped"] is None
     assert fields["power_avg_w"] == pytest.approx(250.0) and fields["sm_clock_mhz_avg"] == 1980
 
 
@@ -517,17 +590,20 @@ def test_sampler_overhead(benchmark, monkeypatch, workload, sampler):
 # -- several GPUs -----------------------------------------------------------------------------
 
 def _gpu_fields(**fields: object) -> dict:
-    return {**power.empty_fields(), "power_source": "instant", **fields}
+    return {**power.empty_fields(), "power_source": "instant", "power_scope": "gpu", **fields}
 
 
 def test_power_of_several_gpus_is_summed_and_the_weakest_source_wins():
     a = _gpu_fields(power_avg_w=300.0, power_max_w=350.0, idle_power_w=90.0, energy_j=30.0,
                     energy_source="counter", energy_check_pct=2.0, sm_clock_mhz_avg=1900.0,
-                    temp_max_c=60, throttle_reasons=["gpu_idle"], throttled=False)
+                    temp_max_c=60, throttle_reasons=["gpu_idle", "sw_power_cap"],
+                    throttle_shares="gpu_idle:0.10;sw_power_cap:0.70", throttled=False,
+                    power_capped=True)
     b = _gpu_fields(power_avg_w=320.0, power_max_w=400.0, idle_power_w=95.0, energy_j=32.0,
                     energy_source="sampled", energy_check_pct=None, sm_clock_mhz_avg=1700.0,
                     temp_max_c=71, throttle_reasons=["sw_power_cap", "bits_0x10000"],
-                    throttled=True)
+                    throttle_shares="sw_power_cap:0.90;bits_0x10000:0.05", throttled=False,
+                    power_capped=True)
     fields = power.combine_power([a, b], num_samples=62)
     assert (fields["power_avg_w"], fields["power_max_w"], fields["idle_power_w"]) == (
         620.0, 750.0, 185.0)
@@ -535,7 +611,22 @@ def test_power_of_several_gpus_is_summed_and_the_weakest_source_wins():
     assert fields["energy_source"] == "sampled" and fields["energy_check_pct"] == 2.0
     assert fields["sm_clock_mhz_avg"] == 1800.0 and fields["temp_max_c"] == 71
     assert fields["throttle_reasons"] == ["gpu_idle", "sw_power_cap", "bits_0x10000"]
-    assert fields["throttled"] is True and fields["power_source"] == "instant"
+    assert fields["throttle_shares"] == "gpu_idle:0.10;sw_power_cap:0.90;bits_0x10000:0.05"
+    assert fields["throttled"] is False and fields["power_capped"] is True
+    assert fields["power_source"] == "instant" and fields["power_scope"] == "gpu"
+    hot = _gpu_fields(throttle_reasons=["hw_thermal_slowdown"],
+                      throttle_shares="hw_thermal_slowdown:0.20")
+    assert power.combine_power([a, hot], 2)["throttled"] is True
+
+
+def test_mig_instances_power_is_not_summed():
+    # Two MIG instances may be slices of one GPU: a sum would count its power twice.
+    parts = [_gpu_fields(power_avg_w=300.0, energy_j=30.0, energy_source="counter",
+                         power_scope="shared_gpu", sm_clock_mhz_avg=1900.0)] * 2
+    fields = power.combine_power(parts, num_samples=10)
+    assert fields["power_scope"] == "shared_gpu" and fields["power_avg_w"] is None
+    assert fields["energy_j"] is None and fields["energy_source"] == "none"
+    assert fields["sm_clock_mhz_avg"] == 1900.0
 
 
 def test_one_gpu_without_energy_leaves_the_sum_empty():

@@ -306,3 +306,25 @@ def test_a_contended_cell_is_marked_and_never_a_headline(tmp_path):
     assert "3.00x" not in summary and "n/a (contended cells left out)" in summary
     assert "‡ other processes used more than 10% of the run's cores" in text
     assert re.search(r"\*\*3\.00x\*\* ±0\.\d\d ‡", text)
+
+
+def test_a_host_bound_cell_gets_a_note(tmp_path):
+    rows = [_record(precision="fp32", step_ms_median=10.0, host_ms_median=4.0,
+                    queued_ms_median=6.0, host_bound=False),
+            _record(precision="bf16", step_ms_median=5.0, host_ms_median=4.9,
+                    queued_ms_median=0.1, host_bound=True)]
+    text = report.render(report.load(_run_dir(tmp_path, rows)))
+    notes = [line for line in text.splitlines() if line.startswith("- Host-bound:")]
+    assert len(notes) == 1
+    assert "bf16, batch 8 (host 4.90 ms per step, GPU 5.00 ms)" in notes[0]
+    assert "fp32" not in notes[0]
+
+
+
+def test_power_capping_is_a_note_not_a_dagger(tmp_path):
+    rows = [_record(), _record(precision="bf16", samples_per_s=200.0, throttled=False,
+                               throttle_reasons="sw_power_cap", power_capped=True)]
+    text = report.render(report.load(_run_dir(tmp_path, rows)))
+    assert "Power-capped (the clocks held to the power limit" in text
+    assert "bf16, batch 8" in text.split("Power-capped")[1]
+    assert "Warning: throttling" not in text and "200 †" not in text  # no dagger on the cell

@@ -333,3 +333,119 @@ def test_a_single_repeat_run_measures_its_noise_on_a_calibration_cell(tmp_path, 
     assert {"cores", "others_cpu_pct", "steal_pct"} <= set(meta["machine_load"])
     err = capsys.readouterr().err
     assert "[1/4] gpt2-tiny fp32 b=1 T=64: ok" in err and "(calibration)" in err
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _slow_children(monkeypatch) -> _FakeClock:
+    """Every child takes 100 s of a fake runner clock."""
+    clock, real_child = _FakeClock(), runner.run_child
+
+    def slow_child(*args, **kwargs):
+        clock.now += 100.0
+        return real_child(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_clock", clock)
+    monkeypatch.setattr(runner, "run_child", slow_child)
+    return clock
+
+
+def test_a_time_budget_stops_before_a_cell_it_cannot_finish_and_resume_finishes(
+        tmp_path, monkeypatch, capsys):
+    # Each child takes 100 s of a fake clock; a cell not seen yet is bounded by its timeout.
+    _slow_children(monkeypatch)
+    out = tmp_path / "run"
+    # 310 s: fp32 b=1 (unknown, 120 s) runs, fp32 b=2 (100 s at b=1, so 200 s) runs, then
+    # bf16 b=1 (unknown, 120 s) does not fit in the 110 s left.
+    assert main(["run", *FAST, "--precisions", "fp32,bf16", "--batch-sizes", "1,2",
+                 "--timeout", "120", "--calibration", "0", "--time-budget", "310s",
+                 "--out", str(out)]) == runner.BUDGET_EXIT
+    err = capsys.readouterr().err
+    assert "--time-budget 310s is spent: 2 cell process(es)" in err
+    [resume] = [line.removeprefix("resume with: ") for line in err.splitlines()
+                if line.startswith("resume with: ")]
+    assert resume.startswith(f"python -m bench run --resume {out} ")
+    assert "--time-budget 310s" in resume
+    first = _records(out)
+    assert set(first) == {("fp32", 1), ("fp32", 2)}
+    assert all(r["status"] == "ok" and r["wall_s"] == 100.0 for r in first.values())
+    meta = json.loads((out / store.META).read_text())
+    assert meta["incomplete"]["cells"] == ["gpt2-tiny bf16 b=1 T=64", "gpt2-tiny bf16 b=2 T=64"]
+    assert any(w.startswith("incomplete: --time-budget 310s") for w in meta["warnings"])
+
+    # The printed command, as printed, finishes the run: nothing that finished runs again.
+    assert main(shlex.split(resume)[3:]) == 0
+    again = _records(out)
+    assert set(again) == {("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)}
+    assert all(again[k]["timestamp"] == r["timestamp"] for k, r in first.items())
+    assert len(_lines(out)) == 4
+    meta = json.loads((out / store.META).read_text())
+    assert "incomplete" not in meta
+    assert not any(w.startswith("incomplete:") for w in meta["warnings"])
+
+
+def test_a_time_budget_shorter_than_a_cell_runs_nothing_and_exits_3(tmp_path, cli_env):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "bench", "run", *FAST, "--timeout", "60",
+                           "--time-budget", "30s", "--out", str(out)], env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    assert f"resume with: python -m bench run --resume {out}" in done.stderr
+    assert store.load_records(out) == []
+
+
+@pytest.mark.parametrize("text", ["0", "-5m", "soon", "5x", "1h-2m", "nan", "inf", "8d"])
+def test_a_bad_time_budget_is_one_line_and_exit_2(tmp_path, capsys, text):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", *FAST, "--time-budget", text, "--out", str(out)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --time-budget:" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_time_budget_durations():
+    from bench.__main__ import duration_s
+
+    assert [duration_s(t) for t in ("25m", "540s", "1h", "1h30m", "90", "2.5m")] == [
+        1500, 540, 3600, 5400, 90, 150]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("preset", ["gpu", "gpu-quick"], ids=["gpu-preset", "gpu-quick-preset"])
+def test_a_gpu_preset_without_cuda_is_one_line_and_exit_2(tmp_path, capsys, preset):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", preset, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ampbench run: error: preset '{preset}' needs a CUDA GPU and this machine "
+                   "has none; here run --preset cpu (or quick)\n")
+    assert not out.exists()
+
+
+def test_a_time_budget_leaves_parity_runs_for_the_resume(tmp_path, monkeypatch, capsys):
+    _slow_children(monkeypatch)
+    matrix = tmp_path / "m.toml"
+    matrix.write_text('precisions = ["fp32"]\nwarmup = 0\nsteps = 1\ndevice = "cpu"\n'
+                      "calibration = 0\ntimeout_s = 120\nparity = true\nparity_steps = 3\n"
+                      "parity_seeds = 2\n\n[models.gpt2-tiny]\nbatch_sizes = [1]\n")
+    out = tmp_path / "run"
+    # The cell takes 100 of 200 s; a parity run of a model not seen yet may take the timeout.
+    assert main(["run", "--matrix", str(matrix), "--no-report", "--time-budget", "200s",
+                 "--out", str(out)]) == runner.BUDGET_EXIT
+    assert "0 cell process(es) and 2 parity run(s) not started" in capsys.readouterr().err
+    meta = json.loads((out / store.META).read_text())
+    assert meta["incomplete"]["parity_runs"] == ["gpt2-tiny fp32 seed 0", "gpt2-tiny fp32 seed 1"]
+    assert not (out / "parity.csv").exists() and not (out / "parity_runs.jsonl").exists()
+
+    assert main(["run", "--resume", str(out), "--no-report", "--time-budget", "10m"]) == 0
+    frame = pd.read_csv(out / "parity.csv")
+    assert sorted(frame["seed"]) == [0, 1] and set(frame["steps"]) == {3}
+    assert len(_lines(out)) == 1  # the cell did not run again
+    assert "incomplete" not in json.loads((out / store.META).read_text())

@@ -27,6 +27,13 @@ def test_records_round_trip_and_the_last_record_of_a_cell_wins(tmp_path):
     assert list(records[0]) == list(store.FIELDS)
 
 
+def test_host_bound_and_memory_format_are_fields_of_a_usable_record(tmp_path):
+    store.append(tmp_path, _record(1, host_ms_median=4.9, queued_ms_median=-0.01,
+                                   host_bound=True, memory_format="channels_last"))
+    (record,) = store.load_records(tmp_path)
+    assert (record["host_bound"], record["memory_format"]) == (True, "channels_last")
+
+
 def test_a_torn_tail_is_ignored_and_the_next_record_starts_its_own_line(tmp_path):
     store.append(tmp_path, _record(1))
     with open(tmp_path / store.RECORDS, "a", encoding="utf-8") as f:

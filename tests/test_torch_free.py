@@ -6,6 +6,7 @@ import sys
 TORCH_FREE = [
     "bench.store", "bench.config", "bench.matrix", "bench.report", "bench.gate", "bench.power",
     "bench.precision", "bench.paths", "bench.procs", "bench.noise", "bench.load", "bench.rates",
+    "bench.failures",
     "models",
 ]
 

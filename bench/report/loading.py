@@ -30,7 +30,7 @@ _KEY_DEFAULTS: dict[str, Any] = {"grad_accum": 1, "world_size": 1, "compile": Fa
 METRICS = (
     "samples_per_s", "tokens_per_s", "step_ms_median", "step_ms_iqr", "peak_mem_allocated_gib",
     "peak_mem_reserved_gib", "peak_rss_gib", "achieved_tflops", "mfu_pct", "power_avg_w",
-    "energy_j", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
+    "energy_j", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c", "host_ms_median",
 )
 # The worst status speaks for a cell none of whose repeats ran.
 THROTTLED_MARK = "†"
@@ -153,6 +153,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         row["throttled"] = bool(ok["throttled"].any())
         row["contended"] = "others_cpu_pct" in ok and any(map(load_.contended,
                                                               ok["others_cpu_pct"]))
+        row["host_bound"] = "host_bound" in ok and any(map(store.truthy, ok["host_bound"]))
         row["throttle_reasons"] = ";".join(reasons)
         errors = [str(e).strip() for e in group["error"].dropna() if str(e).strip()]
         row["error"] = errors[0] if errors else ""
@@ -163,8 +164,9 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         row["device_name"] = first["device_name"]
         rows.append(row)
     columns = [*KEY, "status", *METRICS, *(f"{m}_err" for m in _NOISY), "noise_pct",
-               "noise_source", "step_spread_pct", "throttled", "contended", "throttle_reasons",
-               "error", "repeats", "calibration_processes", "failed_repeats", "device_name"]
+               "noise_source", "step_spread_pct", "throttled", "contended", "host_bound",
+               "throttle_reasons", "error", "repeats", "calibration_processes", "failed_repeats",
+               "device_name"]
     cells = pd.DataFrame(rows, columns=columns)
     # The run's between-process band, for the report's words.
     cells.attrs["band"] = noisy["samples_per_s"][1]

@@ -340,12 +340,27 @@ def _notes(model: _Model) -> list[str]:
             items.append(_label(cell, model.row_keys) + (f" ({reasons})" if reasons else ""))
         notes.append(f"{THROTTLED_MARK} throttled during the timed window, numbers understate "
                      f"the device: {'; '.join(items)}.")
+    capped = model.cells[~model.cells["throttled"] & model.cells["throttle_reasons"].map(
+        lambda reasons: "sw_power_cap" in str(reasons).split(";"))]
+    if len(capped):
+        notes.append("Power-capped (the clocks held to the power limit, routine under heavy load; "
+                     f"not marked {THROTTLED_MARK}, its share of the window is in "
+                     "throttle_shares): "
+                     f"{'; '.join(_label(c, model.row_keys) for _, c in capped.iterrows())}.")
     contended = model.cells[model.cells["contended"]]
     if len(contended):
         notes.append(f"{CONTENDED_MARK} other processes used more than 10% of the run's cores "
                      f"while it ran, so its numbers measure them too (not claimed in the "
                      f"summary; rerun on an idle machine): "
                      f"{'; '.join(_label(c, model.row_keys) for _, c in contended.iterrows())}.")
+    host_bound = model.cells[model.cells["host_bound"]]
+    if len(host_bound):
+        items = [f"{_label(cell, model.row_keys)} (host {_fmt_sig(cell['host_ms_median'])} ms "
+                 f"per step, GPU {_fmt_sig(cell['step_ms_median'])} ms)"
+                 for _, cell in host_bound.iterrows()]
+        notes.append(f"Host-bound: the GPU waited for the CPU's kernel launches, so these numbers "
+                     f"understate the GPU and the speedup of a faster policy (a larger batch, "
+                     f"torch.compile or CUDA graphs launch less): {'; '.join(items)}.")
     ok = model.cells[model.cells["status"] == "ok"]
     spreads = ok[["noise_pct", "step_spread_pct"]].where(
         ok[["noise_pct", "step_spread_pct"]].abs() < math.inf)  # unknown is not wide

@@ -1,0 +1,98 @@
+"""StepTimer's device and host clocks, and the host-bound verdict, with CUDA events faked."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bench import measure
+
+
+def _fake_clocks(monkeypatch, host_ms, device_ms):
+    """Host perf_counter and CUDA event times (ms) replayed in the order StepTimer reads them:
+    start, stop of each step."""
+    host = iter(host_ms)
+    device = iter(device_ms)
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            self.t = math.nan
+
+        def record(self) -> None:
+            self.t = next(device)
+
+        def elapsed_time(self, end: Event) -> float:
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(host) / 1e3)
+
+
+def _simulate(issue_ms, gpu_ms, num_steps, queue_ms=math.inf):
+    """Host and device timestamps of a window: the host takes ``issue_ms`` to issue a step, the
+    GPU ``gpu_ms`` to run it, starting when the host gives it work; the host blocks when more
+    than ``queue_ms`` of work is queued (the launch queue's depth)."""
+    host_t, gpu_free = 0.0, 0.0
+    host, device = [], []
+    for _ in range(num_steps):
+        start_dev = max(host_t, gpu_free)
+        end_dev = max(start_dev + gpu_ms, host_t + issue_ms)  # no kernel runs before its launch
+        stop_host = max(host_t + issue_ms, end_dev - queue_ms)
+        host += [host_t, stop_host]
+        device += [start_dev, end_dev]
+        host_t, gpu_free = stop_host, end_dev
+    return host, device
+
+
+def _time(monkeypatch, issue_ms, gpu_ms, queue_ms=math.inf, num_steps=8):
+    host, device = _simulate(issue_ms, gpu_ms, num_steps, queue_ms)
+    _fake_clocks(monkeypatch, host, device)
+    timer = measure.StepTimer(SimpleNamespace(type="cuda"), num_steps)
+    for i in range(num_steps):
+        timer.start(i)
+        timer.stop(i)
+    return timer
+
+
+def test_host_times_are_recorded_beside_the_device_times(monkeypatch):
+    timer = _time(monkeypatch, issue_ms=2.0, gpu_ms=10.0)
+    assert timer.times_ms() == pytest.approx([10.0] * 8)
+    assert timer.host_times_ms() == pytest.approx([2.0] * 8)
+    fields = timer.host_fields()
+    assert fields["host_ms_median"] == pytest.approx(2.0)
+    assert fields["host_bound"] is False
+
+
+def test_a_gpu_waiting_for_the_host_is_host_bound(monkeypatch):
+    timer = _time(monkeypatch, issue_ms=10.0, gpu_ms=4.0)
+    assert timer.times_ms() == pytest.approx([10.0] * 8)  # the GPU's idle gaps are in its time
+    fields = timer.host_fields()
+    assert fields["host_ms_median"] == pytest.approx(10.0)
+    assert fields["queued_ms_median"] == pytest.approx(0.0)
+    assert fields["host_bound"] is True
+
+
+def test_a_host_blocked_by_a_full_launch_queue_is_not_host_bound(monkeypatch):
+    # The host takes as long per step as the GPU, but because it waits for queue slots: 6 ms of
+    # work is still queued whenever it has issued a step.
+    timer = _time(monkeypatch, issue_ms=2.0, gpu_ms=10.0, queue_ms=6.0)
+    fields = timer.host_fields()
+    assert fields["host_ms_median"] == pytest.approx(10.0)
+    assert fields["queued_ms_median"] == pytest.approx(6.0)
+    assert fields["host_bound"] is False
+
+
+def test_on_cpu_the_host_time_is_the_step_time_and_no_verdict(monkeypatch):
+    stamps = itertools.count(0.0, 5.0)  # every step 5 ms
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(stamps) / 1e3)
+    timer = measure.StepTimer(torch.device("cpu"), 3)
+    for i in range(3):
+        timer.start(i)
+        timer.stop(i)
+    assert timer.times_ms() == timer.host_times_ms() == pytest.approx([5.0] * 3)
+    assert timer.host_fields() == {"host_ms_median": pytest.approx(5.0),
+                                   "queued_ms_median": None, "host_bound": None}
