@@ -291,7 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(_resolve(args.handler)(args) or 0)
     except BadInput as exc:
-        print(f"ampbench {args.command}: error: {exc}", file=sys.stderr)
+        # One line, even when the bad value held a newline.
+        message = str(exc).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"ampbench {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ampbench {args.command}: interrupted", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from bench.__main__ import build_parser
+from bench.__main__ import build_parser, main
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -29,3 +29,9 @@ def test_device_help_names_every_device_form(command):
     (device,) = (a for a in _commands()[command]._actions if "--device" in a.option_strings)
     for form in ("cpu", "cuda", "cuda:N", "auto"):
         assert form in device.help, (command, form)
+
+
+def test_a_bad_value_with_a_line_break_is_still_one_line(tmp_path, capsys):
+    assert main(["run", "--models", "gpt\n2", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown model 'gpt\\n2'" in err, err
