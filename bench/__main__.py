@@ -264,11 +264,42 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="models:main")
 
 
+def _add_peers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "peers", help="our models next to transformers' and torchvision's: equal and as fast?",
+        description="Pair each model with its peer (transformers' GPT2LMHeadModel and "
+        "BertForMaskedLM with SDPA attention, torchvision's ResNets), copy our weights into "
+        "it, and report parameter counts, the largest logit difference and the loss "
+        "difference in eval mode, then the same training step under each policy, steps "
+        "interleaved ours/peer: median step times, the ratio ours/peer with its IQR, and "
+        "CUDA peak memory. Needs the extra: pip install -e .[peers].")
+    p.add_argument("--models", type=_csv,
+                   help="comma-separated models (default gpt2-small,bert-base,resnet50,resnet18; "
+                        "a default one whose peer library is missing is a skipped row, a named "
+                        "one exits 2)")
+    p.add_argument("--precisions", type=_csv, default=["fp32", "bf16"],
+                   help="comma-separated policies (default fp32,bf16)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="samples per step (default: each model's default batch)")
+    p.add_argument("--seq-len", type=_positive_int,
+                   help="tokens per sequence for the language models (default: the model's)")
+    p.add_argument("--image-size", type=_positive_int,
+                   help="image side in pixels for the ResNets (default: the model's)")
+    p.add_argument("--steps", type=_positive_int, default=20,
+                   help="timed steps of each model (default 20)")
+    p.add_argument("--warmup", type=_non_negative_int, default=5,
+                   help="untimed warmup steps of each model (default 5)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
+    p.add_argument("--out", type=_out_csv, help="also write the table to this CSV file")
+    p.set_defaults(handler="bench.peers:main")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ampbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
-    for add in (_add_run, _add_cell, _add_parity, _add_report, _add_gate, _add_env, _add_models):
+    for add in (_add_run, _add_cell, _add_parity, _add_report, _add_gate, _add_env, _add_models,
+                _add_peers):
         add(sub)
     return parser
 

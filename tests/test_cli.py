@@ -27,6 +27,7 @@ OUTPUTS = [  # (command line with {out}, wants a directory)
     (["report", "{run}", "--out", "{out}"], True),
     (["publish", "{run}", "--results", "{out}"], True),
     (["baseline", "{run}", "--out", "{out}"], False),
+    (["peers", "--models", "gpt2-tiny", "--out", "{out}"], False),
 ]
 BAD = {  # what is wrong -> the path, made under tmp_path
     "the wrong kind": lambda tmp, want_dir: _file(tmp / "taken") if want_dir else tmp,
