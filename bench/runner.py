@@ -5,7 +5,7 @@
     python -m bench run --resume results/runs/20261122-224500-nvidia-h100
 
 Each cell runs as ``python -m bench cell ... --out <tmp json>`` in its own session (process
-group) under a timeout; a cell with world_size > 1 runs under torchrun
+group) under a timeout (bench/children.py); a cell with world_size > 1 runs under torchrun
 (``python -m torch.distributed.run``), standalone on one node. Its record is appended to
 records.jsonl (flush + fsync) and results.csv is derived after every cell. A child that dies
 without a record becomes a record too (oom | timeout | error); a timeout or Ctrl-C kills the
@@ -31,14 +31,12 @@ import argparse
 import contextlib
 import datetime as _dt
 import itertools
-import json
 import math
 import os
 import re
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,202 +45,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import BadInput, config, failures, load, matrix, noise, paths, procs, store
+from bench import BadInput, config, load, matrix, noise, paths, store
+from bench.children import Settings, failure_record, run_child
 from bench.config import Cell, Matrix
 
 DONE = ("ok", "unsupported", "skipped")  # statuses a resumed run does not repeat
 BUDGET_EXIT = 3  # stopped by --time-budget, the resume command printed (DESIGN.md)
-_KILL_GRACE_S = 5.0
 # What --time-budget keeps back for the report after the last cell or parity run (plots
 # included; a few seconds on a GPU box, more on a busy 2-core one).
 _REPORT_RESERVE_S = 30.0
 _clock = time.monotonic  # the budget's clock (tests replace it)
-_STDERR_LINES = 6
 _PROBE_WARMUP, _PROBE_STEPS = 1, 2
 _PROBE_CAP = 1 << 16  # the doubling stops here even when everything fits
-# A multi-node cell's rendezvous port is the endpoint's + (its place in the sweep % this):
-# consecutive cells never share a port, so no node can meet the previous cell's rendezvous
-# while it is still being torn down.
-_PORT_SLOTS = 32
 _RDZV_PORT = 29500
-# torchrun's failure summary names the rank that failed first (and its exit code).
-_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)"
-                         r".*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What every child of a run shares (beyond its cell)."""
-
-    run_id: str
-    device: str
-    warmup: int
-    steps: int
-    timeout_s: float
-    env: dict[str, Any]  # the parent's fingerprint: environment fields of parent-made records
-    launcher: tuple[str, ...] = ()  # multi-node: starts one torchrun per node (srun ...)
-    rdzv_endpoint: str = ""  # multi-node: HOST:PORT where the torchruns meet
-
-
-# ---------------------------------------------------------------- one child
-
-
-def cell_argv(cell: Cell, settings: Settings, repeat: int, out: Path,
-              logs: Path | None = None, slot: int = 0) -> list[str]:
-    """The child's command line for ``cell``: torchrun for more than one process.
-
-    ``logs``: where torchrun keeps each rank's stderr (``--log-dir``); ``slot``: the cell's
-    place in the sweep, which picks a multi-node cell's rendezvous port.
-    """
-    argv = ["-m", "bench", "cell", "--model", cell.model,
-            "--precision", cell.precision, "--batch-size", str(cell.batch_size),
-            "--grad-accum", str(cell.grad_accum), "--warmup", str(settings.warmup),
-            "--steps", str(settings.steps), "--device", settings.device, "--out", str(out),
-            "--run-id", settings.run_id, "--cell-id", cell.cell_id, "--repeat", str(repeat)]
-    if cell.seq_len is not None:
-        argv += ["--seq-len", str(cell.seq_len)]
-    if cell.image_size is not None:
-        argv += ["--image-size", str(cell.image_size)]
-    if cell.compile:
-        argv.append("--compile")
-    if cell.num_processes == 1:
-        return [sys.executable, *argv]
-    torchrun = [sys.executable, "-m", "torch.distributed.run",
-                "--nproc-per-node", str(cell.world_size)]
-    if cell.nnodes == 1:
-        torchrun.append("--standalone")  # a free port of its own on this machine
-    else:
-        host, _, port = settings.rdzv_endpoint.rpartition(":")
-        torchrun = [*settings.launcher, *torchrun, "--nnodes", str(cell.nnodes),
-                    "--rdzv-backend", "c10d",
-                    "--rdzv-endpoint", f"{host}:{int(port) + slot % _PORT_SLOTS}",
-                    "--rdzv-id", f"{settings.run_id}-{cell.cell_id}-{repeat}"]
-    if logs is not None:
-        torchrun += ["--log-dir", str(logs), "--redirects", "2"]
-    return torchrun + argv
-
-
-def failure_record(cell: Cell, settings: Settings, repeat: int, status: str,
-                   error: str | None) -> dict[str, Any]:
-    """A record the parent writes for a cell whose child left none (or that never ran)."""
-    env = dict(settings.env)
-    env["timestamp"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return store.empty_record(
-        run_id=settings.run_id, cell_id=cell.cell_id, model=cell.model,
-        precision=cell.precision, batch_size=cell.batch_size, seq_len=cell.seq_len,
-        image_size=cell.image_size, grad_accum=cell.grad_accum, compile=cell.compile,
-        world_size=cell.num_processes, repeat=repeat, status=status, error=error,
-        warmup_steps=settings.warmup, timed_steps=settings.steps, **env,
-    )
-
-
-def classify(returncode: int, stderr: str) -> tuple[str, str]:
-    """(status, error) for a child that exited without a record: oom or error."""
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    tail = "\n".join(lines[-_STDERR_LINES:])
-    if returncode < 0:
-        how = f"killed by signal {signal.Signals(-returncode).name}"
-    else:
-        how = f"exit code {returncode}"
-    if failures.is_oom(stderr):
-        return "oom", f"{how}: {tail}" if tail else how
-    return "error", f"{how}" + (f"\n{tail}" if tail else " (no output)")
-
-
-def classify_torchrun(stderr: str, logs: Path) -> tuple[str, str]:
-    """(status, error) for a torchrun job that left no record: from the rank that failed first,
-    its exit code and its own stderr (torchrun's --log-dir), not the launcher's summary."""
-    match = _ROOT_CAUSE.search(stderr)
-    if match is None:  # torchrun itself failed (bad rendezvous, ...): its own words
-        return classify(1, stderr)
-    rank, local_rank, code = (int(g) for g in match.groups())
-    # Several nodes each keep a directory of their own: the failed rank's log is the last
-    # one written among those of its local rank that say anything.
-    rank_logs = sorted((p for p in logs.glob(f"**/attempt_*/{local_rank}/stderr.log")
-                        if p.stat().st_size), key=lambda p: p.stat().st_mtime)
-    rank_stderr = rank_logs[-1].read_text(encoding="utf-8", errors="replace") if rank_logs \
-        else ""
-    status, error = classify(code, rank_stderr)
-    return status, f"rank {rank}: {error}"
-
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the child's process group and every descendant, then SIGKILL what is left.
-
-    Descendants too, not only the group: torchrun starts each rank in a session of its own,
-    so a group kill alone would leave the ranks (and the GPU memory they hold) behind.
-    """
-    pids = procs.descendants(proc.pid)  # before any dies: an orphan no longer shows its lineage
-    procs.signal_tree(pids, signal.SIGTERM, group=proc.pid)
-    deadline = time.monotonic() + _KILL_GRACE_S
-    while time.monotonic() < deadline and (proc.poll() is None or any(map(procs.alive, pids))):
-        time.sleep(0.05)
-    # Late children too: a rank that torchrun started while it was being told to stop.
-    procs.signal_tree(pids + procs.descendants(proc.pid), signal.SIGKILL, group=proc.pid)
-    proc.wait()
-
-
-@dataclass
-class Child:
-    """How one child ended: timed out or its exit code, its stderr, and its record if any."""
-
-    timed_out: bool
-    returncode: int
-    stderr: str
-    record: dict[str, Any] | None
-    logs: Path  # torchrun's per-rank logs
-
-
-def launch(cell: Cell, settings: Settings, repeat: int, workdir: Path, slot: int = 0) -> Child:
-    """Run one cell's child in its own process group under the timeout; never raises for a
-    failed cell. KeyboardInterrupt kills the child's tree and propagates."""
-    name = f"{cell.cell_id}-{repeat}"
-    out, err_path, logs = (workdir / f"{name}.json", workdir / f"{name}.stderr",
-                           workdir / f"{name}-logs")
-    out.unlink(missing_ok=True)
-    timed_out = False
-    with open(err_path, "wb") as err:
-        # stderr to a file, not a pipe: a chatty child can never block on a full pipe.
-        # The child polices itself too (bench/procs.py): it dies with this process, and at
-        # its own deadline, a little after this one, should this process be gone by then.
-        env = {**os.environ, **procs.runner_env(settings.timeout_s + _KILL_GRACE_S)}
-        proc = subprocess.Popen(cell_argv(cell, settings, repeat, out, logs, slot),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True, env=env)
-        try:
-            proc.wait(timeout=settings.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_tree(proc)
-        except BaseException:
-            _kill_tree(proc)
-            raise
-    record = None
-    # A record means the measurement finished, even when the launcher then hung on its way
-    # out and the timeout had to kill it.
-    if out.exists():
-        with contextlib.suppress(ValueError):  # bad JSON or not UTF-8: no record
-            record = json.loads(out.read_text(encoding="utf-8"))
-        if not isinstance(record, dict):
-            record = None
-    stderr = err_path.read_text(encoding="utf-8", errors="replace")
-    return Child(timed_out, proc.returncode, stderr, record, logs)
-
-
-def run_child(cell: Cell, settings: Settings, repeat: int, workdir: Path,
-              slot: int = 0) -> dict[str, Any]:
-    """Run one cell and return its record, made by the parent when the child left none."""
-    child = launch(cell, settings, repeat, workdir, slot)
-    if child.record is not None:
-        return child.record
-    if child.timed_out:
-        return failure_record(cell, settings, repeat, "timeout",
-                              f"no result after {settings.timeout_s:g} s; killed")
-    if cell.num_processes > 1:
-        status, error = classify_torchrun(child.stderr, child.logs)
-    else:
-        status, error = classify(child.returncode, child.stderr)
-    return failure_record(cell, settings, repeat, status, error)
 
 
 # ---------------------------------------------------------------- the sweep

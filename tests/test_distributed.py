@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report, runner, store
+from bench import children, report, store
 from bench.__main__ import main
 from bench.config import Cell
 
@@ -146,16 +146,16 @@ def test_cells_on_several_nodes_need_a_launcher(tmp_path, monkeypatch, capsys):
 
 
 def test_torchrun_command_lines():
-    settings = runner.Settings("r1", "cpu", 1, 3, 60.0, {}, ("srun", "--nodes=2"),
+    settings = children.Settings("r1", "cpu", 1, 3, 60.0, {}, ("srun", "--nodes=2"),
                                "node0:29500")
-    single = runner.cell_argv(Cell("gpt2-tiny", "fp32", 2, seq_len=64), settings, 0,
+    single = children.cell_argv(Cell("gpt2-tiny", "fp32", 2, seq_len=64), settings, 0,
                               Path("o.json"))
     assert single[1:4] == ["-m", "bench", "cell"]
-    local = runner.cell_argv(Cell("gpt2-tiny", "fp32", 2, seq_len=64, world_size=8), settings,
+    local = children.cell_argv(Cell("gpt2-tiny", "fp32", 2, seq_len=64, world_size=8), settings,
                              0, Path("o.json"))
     assert local[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--standalone"]
     two_nodes = Cell("gpt2-tiny", "fp32", 2, seq_len=64, world_size=8, nnodes=2)
-    multi = runner.cell_argv(two_nodes, settings, 1, Path("o.json"), slot=33)
+    multi = children.cell_argv(two_nodes, settings, 1, Path("o.json"), slot=33)
     assert multi[:2] == ["srun", "--nodes=2"]
     joined = " ".join(multi)
     # A port of its own (the sweep's slot 33 wraps to +1), a rendezvous id of its own.
@@ -173,9 +173,9 @@ def test_torchrun_failure_is_read_from_the_root_cause_rank(tmp_path):
     summary = ("Failures:\n[1]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : -15\n"
                "Root Cause (first observed failure):\n[0]:\n  time      : now\n"
                "  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 42)\n")
-    status, error = runner.classify_torchrun(summary, logs)
+    status, error = children.classify_torchrun(summary, logs)
     assert status == "oom" and error.startswith("rank 1: exit code 1")
-    assert runner.classify_torchrun("torchrun: error: bad rendezvous", logs)[0] == "error"
+    assert children.classify_torchrun("torchrun: error: bad rendezvous", logs)[0] == "error"
 
 
 def _one_rank_group(monkeypatch, timeout_s):

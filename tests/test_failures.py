@@ -1,6 +1,6 @@
 import pytest
 
-from bench import failures, runner
+from bench import children, failures
 from bench.cell import _is_oom
 
 OOM = [
@@ -35,11 +35,11 @@ NOT_OOM = [
 def test_memory_failures_are_oom_for_the_cell_and_the_runner_alike(text):
     assert failures.is_oom(text)
     assert _is_oom(RuntimeError(text))  # the cell's own exception
-    assert runner.classify(1, f"Traceback (most recent call last):\n{text}\n")[0] == "oom"
+    assert children.classify(1, f"Traceback (most recent call last):\n{text}\n")[0] == "oom"
 
 
 @pytest.mark.parametrize("text", NOT_OOM)
 def test_other_failures_are_errors(text):
     assert not failures.is_oom(text)
     assert not _is_oom(RuntimeError(text))
-    assert runner.classify(1, text)[0] == "error"
+    assert children.classify(1, text)[0] == "error"

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from bench import runner, store
+from bench import children, runner, store
 from bench.__main__ import main
 
 # One timed step, no warmup, the tiniest model: a cell is mostly child start-up.
@@ -26,10 +26,11 @@ def _lines(run_dir):
 
 
 def test_classify_a_child_that_left_no_record():
-    assert runner.classify(1, "Traceback\ntorch.OutOfMemoryError: CUDA out of memory.")[0] == "oom"
-    status, error = runner.classify(-9, "")
+    oom = "Traceback\ntorch.OutOfMemoryError: CUDA out of memory."
+    assert children.classify(1, oom)[0] == "oom"
+    status, error = children.classify(-9, "")
     assert status == "error" and "SIGKILL" in error
-    status, error = runner.classify(1, "line\n" * 20 + "RuntimeError: boom\n")
+    status, error = children.classify(1, "line\n" * 20 + "RuntimeError: boom\n")
     assert status == "error" and error.endswith("RuntimeError: boom") and error.count("\n") <= 6
 
 
