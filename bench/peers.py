@@ -23,7 +23,7 @@ from typing import Any
 import models
 from bench import BadInput, config, precision
 from bench.cell import Trainer, prepare, resolve_device
-from bench.measure import GIB, StepTimer, summarize
+from bench.measure import GIB, StepTimer, peak_memory, reset_peak_memory, summarize
 
 DEFAULT_MODELS = ("gpt2-small", "bert-base", "resnet50", "resnet18")
 EXTRA_HINT = "pip install -e .[peers]"
@@ -229,16 +229,14 @@ def _peer_trainer(ours: Trainer, peer: Any) -> Trainer:
 
 def _peak_step_gib(trainer: Trainer, other: Trainer) -> float | None:
     """Peak CUDA memory allocated in one step of ``trainer``, without what ``other`` holds."""
-    import torch
-
     device = trainer.device
     if device.type != "cuda":
         return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    trainer.sync()
+    reset_peak_memory(device)
     trainer.step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - _resident_bytes(other)) / GIB
+    trainer.sync()
+    return peak_memory(device)["peak_mem_allocated_gib"] - _resident_bytes(other) / GIB
 
 
 def race(ours: Trainer, peer: Trainer, warmup: int, steps: int) -> dict[str, Any]:

@@ -337,15 +337,16 @@ def summarize(records: Iterable[dict[str, Any]]) -> str:
             for column in columns:
                 value = estimates.get((model, policy, column))
                 base = estimates.get((model, "fp32", column))
-                group = [r for r in rows if r["precision"] == policy and _column(r) == column]
-                text = group[-1]["status"] if group else ""
-                if value is not None:
-                    text = f"{value.value:,.1f}"
-                    if base is not None and policy != "fp32":
-                        ratio = value.ratio(base)
-                        width = (f" ±{ratio.half_width:.2f}" if math.isfinite(ratio.half_width)
-                                 else "")
-                        text += f" ({ratio.value:.2f}x{width}{'*' if ratio.beyond_noise else ''})"
+                if value is None:  # no ok process: the last one's status, or nothing ran
+                    group = [r for r in rows if r["precision"] == policy and _column(r) == column]
+                    line.append(group[-1]["status"] if group else "")
+                    continue
+                text = f"{value.value:,.1f}"
+                if base is not None and policy != "fp32":
+                    ratio = value.ratio(base)
+                    width = (f" ±{ratio.half_width:.2f}" if math.isfinite(ratio.half_width)
+                             else "")
+                    text += f" ({ratio.value:.2f}x{width}{'*' if ratio.beyond_noise else ''})"
                 line.append(text)
             body.append(line)
         headers = ["policy", *(_column_label(c, show_size) for c in columns)]

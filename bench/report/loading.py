@@ -127,9 +127,8 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     standard error (``<metric>_err``), its status and throttling."""
     frame = _normalise(frame)
     groups = [group for _, group in frame.groupby(list(KEY), dropna=False, sort=False)]
-    noisy = {metric: noise.cell_estimates(
-        {i: g[g["status"] == "ok"].to_dict("records") for i, g in enumerate(groups)}, metric)
-        for metric in _NOISY}
+    processes = {i: g[g["status"] == "ok"].to_dict("records") for i, g in enumerate(groups)}
+    noisy = {metric: noise.cell_estimates(processes, metric) for metric in _NOISY}
     rows = []
     for i, group in enumerate(groups):
         ok = group[group["status"] == "ok"]
