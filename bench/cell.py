@@ -172,7 +172,7 @@ def prepare(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(seed)
-    net = spec.build().to(device)
+    net = pol.prepare_model(spec.build().to(device))
     inputs, targets = spec.make_batch(batch_size, size, device=device,
                                       seed=seed if data_seed is None else data_seed)
     layout = None

@@ -331,7 +331,7 @@ def train_one(
         eval_set = _eval_set(task, device)
     policy.apply_backend_flags()
     torch.manual_seed(seed)
-    net = spec.build().to(device)
+    net = policy.prepare_model(spec.build().to(device))
     optimizer = torch.optim.AdamW(net.parameters(), lr=setup.lr * lr_factor, weight_decay=0.0)
     trainer = Trainer(spec, policy, device, net, optimizer, policy.scaler(device.type), None, None)
     data = torch.Generator().manual_seed(seed)

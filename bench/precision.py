@@ -43,6 +43,10 @@ class Policy:
 
         return torch.amp.GradScaler(device_type, enabled=self.loss_scaling)
 
+    def prepare_model(self, model: Any) -> Any:
+        """The model this policy trains: ``model`` itself, unless the policy converts layers."""
+        return model
+
     def unsupported_reason(self, device: Any) -> str | None:
         """Why this device cannot run the policy, or None when it can."""
         import torch
