@@ -14,6 +14,14 @@ downloads), and is scored on a fixed held-out set:
   one, id 0 is [MASK]). Metric: eval loss and masked-token accuracy.
 - gpt: next-token prediction on the same kind of chain; its entropy rate (nats) is known
   exactly and written as ``optimal_loss``, the floor no model can beat.
+- gpt2-tiny-underflow (a parity-only task name): gpt2-tiny on the gpt task, its loss taken as
+  one micro-batch's share of a 2^19-token optimizer step (nanoGPT's GPT-2 recipe: 524,288
+  tokens per step, the loss of each micro-batch divided by the step's token count), with
+  AdamW's eps scaled by the same share. AdamW's update is invariant to that scale, so FP32 and
+  BF16 train exactly as on the plain mean; FP16 is not: the gradients sit about 2^10 lower in
+  its range, most of them below its normal floor and many below its smallest subnormal, where
+  they flush to zero. It is the task where FP16 without loss scaling fails, for the reason it
+  fails in large-batch language-model training.
 
 The task (chain, class layout) and the held-out set are fixed; the run seed picks the initial
 weights (``torch.manual_seed(seed)`` before ``build()``) and the training data order, so every
@@ -38,20 +46,37 @@ the same directory reuses the runs already there (same model, precision, seed, s
 device), so an interrupted parity stage resumes where it stopped.
 
 Health telemetry per run: non-finite training steps, GradScaler skipped steps and the first
-skipped step, the scale history (``scale`` column of parity_curves.csv), and the fraction of
-non-zero FP32 gradient elements that FP16 without loss scaling would flush to zero
-(``underflow_frac``: |g| < 2^-24) or keep only as subnormals (``subnormal_frac``:
-2^-24 <= |g| < 2^-14), measured with an extra unscaled FP32 backward at a few probe steps
-(on a forked RNG, so the probe does not change the training trajectory) and averaged.
+skipped step, the scale history (``scale`` and ``skipped`` columns of parity_curves.csv), and
+the fraction of non-zero FP32 weight-gradient elements that FP16 without loss scaling would
+flush to zero (``underflow_frac``: |g| < 2^-24) or keep only as subnormals
+(``subnormal_frac``: 2^-24 <= |g| < 2^-14), measured with an extra unscaled FP32 backward at a
+few probe steps (on a forked RNG, so the probe does not change the training trajectory) and
+averaged. At the same probes the FP32 run of seed 0 also histograms the magnitudes of its
+weight gradients and of its activation gradients (the gradients of every leaf module's output)
+by power of two: ``grad_hist.csv``, the data of the figure that shows where gradients fall in
+FP16's range.
+
+Time to accuracy (MLPerf's measure): each training step is timed (synchronised on CUDA; the
+batch's generation, probes, sampling and evaluation are outside the clock). ``train_time_s``
+is their sum and ``step_time_ms`` their median; ``time_to_target_s`` is the training time up
+to ``steps_to_target``, the first sampled step whose training loss is at or below the target.
+The target is FP32's mean final training loss plus the parity tolerance (the band within which
+parity calls two losses equal; MLPerf's targets, too, sit just short of the reference's
+converged quality), and never below the worst FP32 seed's final loss, so every FP32 run
+reaches it: the mean alone would leave half the FP32 seeds "not reached", and a curve still
+falling at its end would reach it only at the last step. A policy that is faster per step but
+needs more steps shows it there.
 
 The ``broken`` precision (parity only, not a benchmark policy) is a deliberately sabotaged
 bf16 run whose optimizer steps use 100x the learning rate — the kind of bug (mis-scaled
 updates) parity must catch; it is expected to FAIL.
 
-Files in RUN_DIR: ``parity.csv`` (one row per model, precision and seed) and
-``parity_curves.csv`` (model, precision, seed, step, loss, scale: the mean training loss of the
-last ``sample_every`` steps, sampled outside any timed window). ``steps_to_target`` is the
-first sampled step whose training loss is at or below the FP32 mean final training loss.
+Files in RUN_DIR: ``parity.csv`` (one row per model, precision and seed),
+``parity_curves.csv`` (model, precision, seed, step, loss, scale, skipped, time_s: the mean
+training loss of the last ``sample_every`` steps, the scaler's scale, the scaler-skipped steps
+among them and the training time so far) and ``grad_hist.csv`` (model, kind, step, log2_bin,
+count, zeros; kind ``activation`` or ``weight``; bin b counts the non-zero elements with
+2^b <= |g| < 2^(b+1), ``zeros`` the exact zeros of that model, kind and step).
 The CLI prints a verdict table and exits 1 when any policy FAILs (0 otherwise, 2 on bad input).
 """
 
@@ -61,13 +86,15 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import models
 from bench import BadInput, config, paths, precision, store
@@ -80,18 +107,25 @@ FP16_MIN_NORMAL = 2.0**-14  # smaller magnitudes are FP16 subnormals (fewer mant
 
 COLUMNS = (
     "model", "precision", "seed", "steps", "eval_loss", "eval_accuracy", "optimal_loss",
-    "steps_to_target", "nonfinite_steps", "scaler_skipped_steps", "underflow_frac",
-    "subnormal_frac", "fp32_mean", "fp32_std", "delta", "tolerance", "verdict",
+    "steps_to_target", "time_to_target_s", "nonfinite_steps", "scaler_skipped_steps",
+    "underflow_frac", "subnormal_frac", "fp32_mean", "fp32_std", "delta", "tolerance", "verdict",
 )
 EXTRA_COLUMNS = ("scaler_first_skip_step", "scaler_scale_final", "initial_eval_loss",
-                 "final_train_loss", "error")
-CURVE_COLUMNS = ("model", "precision", "seed", "step", "loss", "scale")
+                 "final_train_loss", "train_time_s", "step_time_ms", "error")
+CURVE_COLUMNS = ("model", "precision", "seed", "step", "loss", "scale", "skipped", "time_s")
+HIST_COLUMNS = ("model", "kind", "step", "log2_bin", "count", "zeros")
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 _WORST_FIRST = ("FAIL", "INCONCLUSIVE", "PASS")
 RUNS = "parity_runs.jsonl"  # one finished (model, precision, seed) run per line
 
 BROKEN = "broken"  # parity-only sabotaged policy, see the module docstring
 _BROKEN_LR_FACTOR = 100.0
+
+# Parity-only tasks: a name of their own and the reference model they train.
+UNDERFLOW = "gpt2-tiny-underflow"
+_TASK_MODELS = {UNDERFLOW: "gpt2-tiny"}
+NANOGPT_STEP_TOKENS = 2**19  # nanoGPT's GPT-2 (124M) recipe: 524,288 tokens per optimizer step
+_ADAMW_EPS = 1e-8  # torch's default
 
 _TASK_SEED = 1234  # fixes the task itself (chain, gratings): the same for every run seed
 _EVAL_SEED = 987_654  # fixes the held-out set
@@ -109,6 +143,9 @@ class Setup:
     successors: int = 4  # non-zero transitions per chain state
     sample_every: int = 10
     eval_batches: int = 4
+    # Tokens of the optimizer step the loss is averaged over (sequence models); None: the
+    # micro-batch's own. Larger than the micro-batch, it puts the gradients lower in FP16's range.
+    step_tokens: int | None = None
 
 
 # Tiny models: sized so 3 models x 5 policies x 3 seeds run in about 5 minutes on 2 CPU cores.
@@ -116,6 +153,7 @@ CPU_SETUPS: dict[str, Setup] = {
     "resnet-tiny": Setup(batch_size=32, size=32, steps=60, lr=3e-3, num_states=6),
     "bert-tiny": Setup(batch_size=16, size=32, steps=120, lr=3e-3, num_states=16, successors=2),
     "gpt2-tiny": Setup(batch_size=16, size=32, steps=120, lr=3e-3),
+    UNDERFLOW: Setup(batch_size=16, size=32, steps=120, lr=3e-3, step_tokens=NANOGPT_STEP_TOKENS),
 }
 GPU_SETUPS: dict[str, Setup] = {
     "resnet50": Setup(batch_size=64, size=128, steps=600, lr=1e-3, num_states=10,
@@ -132,9 +170,10 @@ _FAMILY_DEFAULTS = {
 }
 
 
-def setup_for(spec: models.ModelSpec, steps: int | None = None) -> Setup:
-    """The parity setup of a model: its tuned one, else its family's default."""
-    setup = CPU_SETUPS.get(spec.name) or GPU_SETUPS.get(spec.name) or _FAMILY_DEFAULTS[spec.family]
+def setup_for(name: str, steps: int | None = None) -> Setup:
+    """The parity setup of a model or task: its tuned one, else its family's default."""
+    spec = _spec(name)
+    setup = CPU_SETUPS.get(name) or GPU_SETUPS.get(name) or _FAMILY_DEFAULTS[spec.family]
     if spec.family != "resnet":
         setup = replace(setup, num_states=min(setup.num_states, spec.config.vocab_size - 1),
                         size=min(setup.size, spec.max_size or setup.size))
@@ -246,38 +285,76 @@ def _mask(tokens: Any, mask_prob: float, generator: Any) -> tuple[Any, Any]:
 # Numerics telemetry
 
 
+class Log2Histogram:
+    """Gradient magnitudes by power of two: bin b counts the non-zero elements with
+    2^b <= |g| < 2^(b+1); exact zeros are counted apart (non-finite values are left out)."""
+
+    def __init__(self) -> None:
+        self.bins: Counter[int] = Counter()
+        self.zeros = 0
+
+    def add(self, grad: Any) -> None:
+        import torch
+
+        mag = grad.detach().float().abs().flatten()
+        mag = mag[torch.isfinite(mag)]
+        nonzero = mag[mag > 0]
+        self.zeros += mag.numel() - nonzero.numel()
+        _, exponent = torch.frexp(nonzero)  # |g| = m * 2^e with 0.5 <= m < 1
+        bins, counts = torch.unique(exponent - 1, return_counts=True)
+        self.bins.update(dict(zip(bins.tolist(), counts.tolist(), strict=True)))
+
+    def fp16_shares(self) -> tuple[float, float]:
+        """(underflow, subnormal): the shares of the non-zero elements below 2^-24, which FP16
+        flushes to zero, and in [2^-24, 2^-14), which it keeps only as subnormals. Exact zeros
+        are left out: they are zero in every format and lose nothing."""
+        nonzero = sum(self.bins.values())
+        if nonzero == 0:
+            return 0.0, 0.0
+        under = sum(c for b, c in self.bins.items() if 2.0**b < FP16_MIN_SUBNORMAL)
+        sub = sum(c for b, c in self.bins.items() if FP16_MIN_SUBNORMAL <= 2.0**b < FP16_MIN_NORMAL)
+        return under / nonzero, sub / nonzero
+
+    def rows(self, model: str, kind: str, step: int) -> list[dict[str, Any]]:
+        """grad_hist.csv rows (HIST_COLUMNS), one per non-empty bin (one without a bin when
+        every element was zero)."""
+        bins = sorted(self.bins.items()) or [(None, 0)]
+        return [{"model": model, "kind": kind, "step": step, "log2_bin": b, "count": c,
+                 "zeros": self.zeros} for b, c in bins]
+
+
 def fp16_underflow(grads: Sequence[Any]) -> tuple[float, float]:
-    """(underflow_frac, subnormal_frac) of the non-zero elements of FP32 gradients ``grads``.
-
-    underflow: |g| < 2^-24 (flushes to zero in FP16); subnormal: 2^-24 <= |g| < 2^-14.
-    Exact zeros are left out: they are zero in every format and lose nothing.
-    """
-    import torch
-
-    nonzero = under = sub = 0
+    """(underflow_frac, subnormal_frac) of the non-zero elements of FP32 gradients ``grads``:
+    see ``Log2Histogram.fp16_shares``."""
+    histogram = Log2Histogram()
     for g in grads:
-        if g is None:
-            continue
-        mag = g.detach().float().abs()
-        mag = mag[torch.isfinite(mag) & (mag > 0)]
-        nonzero += mag.numel()
-        under += int((mag < FP16_MIN_SUBNORMAL).sum())
-        sub += int(((mag >= FP16_MIN_SUBNORMAL) & (mag < FP16_MIN_NORMAL)).sum())
-    if nonzero == 0:
-        return 0.0, 0.0
-    return under / nonzero, sub / nonzero
+        if g is not None:
+            histogram.add(g)
+    return histogram.fp16_shares()
 
 
-def _probe_gradients(trainer: Any, inputs: Any, targets: Any) -> tuple[float, float]:
-    """Unscaled FP32 gradients at the current weights, without touching .grad or the RNG."""
+def _probe_gradients(trainer: Any, inputs: Any, targets: Any,
+                     activations: Log2Histogram | None = None) -> list[Any]:
+    """Unscaled FP32 weight gradients at the current weights, without touching .grad or the
+    RNG; with ``activations``, the gradient of every leaf module's output is counted there."""
     import torch
 
+    def count_output_grad(module: Any, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(activations.add)  # type: ignore[union-attr]
+
+    leaves = [m for m in trainer.model.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(count_output_grad) for m in leaves] \
+        if activations is not None else []
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     devices = [trainer.device] if trainer.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        loss = trainer.spec.loss(trainer.model, inputs, targets)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return fp16_underflow(grads)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            loss = trainer.spec.loss(trainer.model, inputs, targets)
+            return list(torch.autograd.grad(loss, params, allow_unused=True))
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,60 +390,94 @@ def _evaluate(trainer: Any, batches: Sequence[tuple[Any, Any]]) -> tuple[float, 
     return total_loss / count, correct / count
 
 
+@dataclass(frozen=True)
+class _ShareOfStep(models.ModelSpec):
+    """A model whose loss is one micro-batch's share of a larger optimizer step's mean loss."""
+
+    share: float = 1.0
+
+    def loss(self, model: Any, inputs: Any, targets: Any) -> Any:
+        return super().loss(model, inputs, targets) * self.share
+
+
 def train_one(
     model_name: str, policy_name: str, seed: int, setup: Setup, device: Any,
     *, policy: precision.Policy | None = None, lr_factor: float = 1.0,
     eval_set: Sequence[tuple[Any, Any]] | None = None, task: Task | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train one (model, policy, seed); return its parity row (before verdicts) and curve rows."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train one (model or task, policy, seed); return its parity row (before verdicts), its
+    curve rows and its grad_hist.csv rows (only FP32's seed 0 has them)."""
     import torch
 
     from bench.cell import Trainer
 
-    spec = models.get(model_name)
+    spec = _spec(model_name)
     if policy is None:
         policy, lr_factor = _resolve_policy(policy_name)
     task = task or Task(spec, setup)
     if eval_set is None:
         eval_set = _eval_set(task, device)
+    share = setup.batch_size * setup.size / setup.step_tokens if setup.step_tokens else 1.0
     policy.apply_backend_flags()
     torch.manual_seed(seed)
     net = policy.prepare_model(spec.build().to(device))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=setup.lr * lr_factor, weight_decay=0.0)
-    trainer = Trainer(spec, policy, device, net, optimizer, policy.scaler(device.type), None, None)
+    # eps scaled with the loss: AdamW's update is then the same as for the plain mean.
+    optimizer = torch.optim.AdamW(net.parameters(), lr=setup.lr * lr_factor, weight_decay=0.0,
+                                  eps=_ADAMW_EPS * share)
+    trained_spec = _ShareOfStep(**asdict(spec), share=share) if share != 1.0 else spec
+    trainer = Trainer(trained_spec, policy, device, net, optimizer, policy.scaler(device.type),
+                      None, None)
     data = torch.Generator().manual_seed(seed)
     initial_eval_loss, _ = _evaluate(trainer, eval_set)
 
     scaling = trainer.scaler.is_enabled()
     probes = {0, setup.steps // 2, setup.steps - 1}
+    histograms = policy_name == "fp32" and seed == 0
     underflow: list[tuple[float, float]] = []
+    hist: list[dict[str, Any]] = []
     window: list[Any] = []
     curve: list[dict[str, Any]] = []
-    nonfinite = skipped = 0
+    step_times: list[float] = []
+    nonfinite = skipped = window_skipped = 0
     first_skip: int | None = None
     for step in range(setup.steps):
         inputs, targets = task.batch(data)
         trainer.inputs, trainer.targets = inputs.to(device), targets.to(device)
         if step in probes:
-            underflow.append(_probe_gradients(trainer, trainer.inputs, trainer.targets))
+            weights = Log2Histogram()
+            activations = Log2Histogram() if histograms else None
+            for grad in _probe_gradients(trainer, trainer.inputs, trainer.targets, activations):
+                if grad is not None:
+                    weights.add(grad)
+            underflow.append(weights.fp16_shares())
+            if activations is not None:
+                hist += activations.rows(model_name, "activation", step)
+                hist += weights.rows(model_name, "weight", step)
         scale_before = trainer.scaler.get_scale() if scaling else None
+        trainer.sync()
+        started = time.perf_counter()
         window.append(trainer.step())
+        trainer.sync()
+        step_times.append(time.perf_counter() - started)
         if scaling and trainer.scaler.get_scale() < scale_before:  # backoff = inf/NaN found
             skipped += 1
+            window_skipped += 1
             first_skip = step if first_skip is None else first_skip
         if (step + 1) % setup.sample_every == 0 or step + 1 == setup.steps:
-            losses = torch.stack(window).float().cpu()
+            losses = torch.stack(window).float().cpu() / share
             nonfinite += int((~torch.isfinite(losses)).sum())
-            curve.append({"model": spec.name, "precision": policy_name, "seed": seed,
+            curve.append({"model": model_name, "precision": policy_name, "seed": seed,
                           "step": step + 1, "loss": float(losses.mean()),
-                          "scale": trainer.scaler.get_scale() if scaling else None})
-            window = []
+                          "scale": trainer.scaler.get_scale() if scaling else None,
+                          "skipped": window_skipped if scaling else None,
+                          "time_s": sum(step_times)})
+            window, window_skipped = [], 0
     eval_loss, eval_accuracy = _evaluate(trainer, eval_set)
     if not math.isfinite(eval_loss):
         nonfinite += 1
     row = dict.fromkeys(COLUMNS + EXTRA_COLUMNS)
     row.update(
-        model=spec.name, precision=policy_name, seed=seed, steps=setup.steps,
+        model=model_name, precision=policy_name, seed=seed, steps=setup.steps,
         eval_loss=eval_loss, eval_accuracy=eval_accuracy, optimal_loss=task.optimal_loss,
         nonfinite_steps=nonfinite, scaler_skipped_steps=skipped if scaling else None,
         underflow_frac=sum(u for u, _ in underflow) / len(underflow),
@@ -374,8 +485,9 @@ def train_one(
         scaler_first_skip_step=first_skip,
         scaler_scale_final=trainer.scaler.get_scale() if scaling else None,
         initial_eval_loss=initial_eval_loss, final_train_loss=curve[-1]["loss"],
+        train_time_s=sum(step_times), step_time_ms=1e3 * statistics.median(step_times),
     )
-    return row, curve
+    return row, curve, hist
 
 
 def _eval_set(task: Task, device: Any) -> list[tuple[Any, Any]]:
@@ -395,8 +507,8 @@ def judge(frame: Any) -> Any:
 
     ``frame`` has one row per (model, precision, seed) with eval_loss, nonfinite_steps,
     initial_eval_loss, final_train_loss, ``error`` (set for a run that crashed) and (for
-    steps_to_target) a ``curve`` list of (step, loss) pairs; it is returned with those
-    columns filled.
+    steps_to_target and time_to_target_s) a ``curve`` list of (step, loss, time_s) triples;
+    it is returned with those columns filled.
     """
     import pandas as pd
 
@@ -406,7 +518,8 @@ def judge(frame: Any) -> Any:
     for col in ("fp32_mean", "fp32_std", "delta", "tolerance"):
         frame[col] = float("nan")
     frame["verdict"] = None
-    frame["steps_to_target"] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    for col in ("steps_to_target", "time_to_target_s"):
+        frame[col] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
     crashed = frame["error"].notna()
     for model, rows in frame.groupby("model", sort=False):
         ref = rows[rows["precision"] == "fp32"]
@@ -420,7 +533,8 @@ def judge(frame: Any) -> Any:
         improvement = float(ref["initial_eval_loss"].astype(float).mean()) - fp32_mean
         too_wide = (not math.isfinite(fp32_std) or not improvement > 0
                     or fp32_std > MAX_BAND_FRACTION * improvement)
-        target = float(ref["final_train_loss"].astype(float).mean()) if len(ref) else math.nan
+        finals = ref["final_train_loss"].astype(float)  # the target: see the module docstring
+        target = max(finals.max(), finals.mean() + tolerance) if len(ref) else math.nan
         for _, group in rows.groupby("precision", sort=False):
             ran = group[~crashed[group.index]]
             mean = float(ran["eval_loss"].astype(float).mean(skipna=False)) if len(ran) \
@@ -434,7 +548,10 @@ def judge(frame: Any) -> Any:
             frame.loc[group.index, "verdict"] = verdict
             if "curve" in frame:
                 for idx in ran.index:
-                    frame.at[idx, "steps_to_target"] = _steps_to(frame.at[idx, "curve"], target)
+                    reached = _reached(frame.at[idx, "curve"], target)
+                    if reached is not None:
+                        frame.at[idx, "steps_to_target"], frame.at[idx, "time_to_target_s"] = \
+                            reached
     return frame
 
 
@@ -454,11 +571,13 @@ def _verdict(delta: float, tolerance: float, cannot_judge: bool, nonfinite: bool
     return "PASS" if abs(delta) <= tolerance else "FAIL"
 
 
-def _steps_to(curve: Sequence[tuple[int, float]], target: float) -> int | None:
-    """First sampled step whose training loss is at or below ``target``, else None."""
+def _reached(curve: Sequence[tuple[int, float, float | None]],
+             target: float) -> tuple[int, float | None] | None:
+    """(step, training time) of the first sample whose training loss is at or below
+    ``target``, else None."""
     if not math.isfinite(target):
         return None
-    return next((step for step, loss in curve if loss <= target), None)
+    return next(((step, time_s) for step, loss, time_s in curve if loss <= target), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,16 +585,17 @@ def _steps_to(curve: Sequence[tuple[int, float]], target: float) -> int | None:
 
 
 def default_models(device: Any) -> list[str]:
-    return list(GPU_SETUPS if device.type == "cuda" else CPU_SETUPS)
+    """The full-size models on CUDA, the tiny ones on CPU; the underflow task on both."""
+    return [*GPU_SETUPS, UNDERFLOW] if device.type == "cuda" else list(CPU_SETUPS)
 
 
 def _validate(models_: Sequence[str] | None, precisions: Sequence[str] | None,
               steps: int | None, seeds: int) -> tuple[list[str] | None, list[str]]:
     for name in models_ or ():
         try:
-            models.get(name)
+            _spec(name)
         except ValueError as exc:
-            raise BadInput(str(exc)) from None
+            raise BadInput(f"{exc}; parity tasks: {', '.join(_TASK_MODELS)}") from None
     chosen = list(precisions) if precisions else list(precision.NAMES)
     valid = (*precision.NAMES, BROKEN)
     for name in chosen:
@@ -557,9 +677,9 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
     finished = _load_runs(run_dir)
     # Wall time of finished runs per model, earlier stages' included: the time budget's guide.
     walls: dict[str, list[float]] = {}
-    for row, _, wall_s in finished.values():
-        if wall_s is not None:
-            walls.setdefault(row["model"], []).append(wall_s)
+    for run in finished.values():
+        if run.wall_s is not None:
+            walls.setdefault(run.row["model"], []).append(run.wall_s)
     not_run: list[str] = []
     plan = []
     for model_name, name, seed in _runs(model_names, chosen, seeds):
@@ -570,14 +690,14 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
                 print(f"parity: skipping {model_name} {name}: {reason}", file=sys.stderr)
             continue
         plan.append((model_name, name, seed, policy, lr_factor))
-    rows, curves = [], []
+    rows, curves, hists = [], [], []
     tasks: dict[str, tuple[Setup, Task, list[tuple[Any, Any]]]] = {}
     for i, (model_name, name, seed, policy, lr_factor) in enumerate(plan, 1):
-        setup = setup_for(_spec(model_name), steps)  # `models` the argument shadows the package
+        setup = setup_for(model_name, steps)
         key = _run_key(model_name, name, seed, setup, dev)
         progress = f"parity [{i}/{len(plan)}] {model_name} {name} seed {seed}"
         if key in finished:
-            row, curve, _ = finished[key]
+            row, curve, hist = finished[key].row, finished[key].curve, finished[key].hist
             print(f"{progress}: done before, kept", file=sys.stderr)
         elif time_left is not None and (not_run or max(
                 walls.get(model_name) or [unknown_s]) > time_left()):
@@ -590,26 +710,28 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
             _, task, eval_set = tasks[model_name]
             started = time.perf_counter()
             try:
-                row, curve = train_one(model_name, name, seed, setup, dev, policy=policy,
-                                       lr_factor=lr_factor, eval_set=eval_set, task=task)
+                row, curve, hist = train_one(model_name, name, seed, setup, dev, policy=policy,
+                                             lr_factor=lr_factor, eval_set=eval_set, task=task)
                 done = (f"eval loss {row['eval_loss']:.4f} acc {row['eval_accuracy']:.3f} "
                         f"({time.perf_counter() - started:.1f} s)")
             except Exception as exc:  # an OOM, a crash: recorded, the other runs go on
-                row, curve = _crashed(model_name, name, seed, setup, exc), []
+                row, curve, hist = _crashed(model_name, name, seed, setup, exc), [], []
                 done = f"crashed ({row['error']})"
             wall_s = round(time.perf_counter() - started, 3)
             if row.get("error") is None:
                 walls.setdefault(model_name, []).append(wall_s)
-            store.append(run_dir, {"key": key, "row": row, "curve": curve, "wall_s": wall_s},
-                         RUNS)
+            store.append(run_dir, {"key": key, "row": row, "curve": curve, "hist": hist,
+                                   "wall_s": wall_s}, RUNS)
             print(f"{progress}: {done}", file=sys.stderr)
-        rows.append({**row, "curve": [(c["step"], c["loss"]) for c in curve]})
+        rows.append({**row, "curve": [(c["step"], c["loss"], c.get("time_s")) for c in curve]})
         curves.extend(curve)
+        hists.extend(hist)
 
     if not_run:  # judge only the models whose runs all finished: no band from part of one
         left = {label.split(" ", 1)[0] for label in not_run}
         rows = [r for r in rows if r["model"] not in left]
         curves = [c for c in curves if c["model"] not in left]
+        hists = [h for h in hists if h["model"] not in left]
         if not rows:
             raise OutOfTime(not_run, None)
     frame = judge(pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS, "curve"]))
@@ -618,8 +740,13 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
         frame[col] = frame[col].astype("Int64")  # integers with gaps, not 60.0 / NaN
     path = run_dir / "parity.csv"
     frame.to_csv(path, index=False)
-    pd.DataFrame(curves, columns=list(CURVE_COLUMNS)).to_csv(run_dir / "parity_curves.csv",
-                                                             index=False)
+    for name, table, columns in (("parity_curves.csv", curves, CURVE_COLUMNS),
+                                  ("grad_hist.csv", hists, HIST_COLUMNS)):
+        written = pd.DataFrame(table, columns=list(columns))
+        for col in ("skipped", "log2_bin"):
+            if col in written:
+                written[col] = written[col].astype("Int64")
+        written.to_csv(run_dir / name, index=False)
     if not_run:
         raise OutOfTime(not_run, path)
     return path
@@ -639,18 +766,25 @@ def _crashed(model: str, precision_name: str, seed: int, setup: Setup,
     return row
 
 
-def _load_runs(
-    run_dir: Path,
-) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], float | None]]:
-    """Finished runs of an earlier parity stage in run_dir, with their wall time when known (a
-    crashed run is tried again); a damaged line is a warning and skipped (its run is trained
-    again)."""
-    runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]], float | None]] = {}
+class _Finished(NamedTuple):
+    """A run of an earlier parity stage, as parity_runs.jsonl keeps it."""
+
+    row: dict[str, Any]
+    curve: list[dict[str, Any]]
+    hist: list[dict[str, Any]]
+    wall_s: float | None  # None when not known
+
+
+def _load_runs(run_dir: Path) -> dict[str, _Finished]:
+    """Finished runs of an earlier parity stage in run_dir (a crashed run is tried again); a
+    damaged line is a warning and skipped (its run is trained again)."""
+    runs: dict[str, _Finished] = {}
     for entry in store.load_jsonl(run_dir / RUNS, _run_problem):
         if entry["row"].get("error") is None:
             wall_s = entry.get("wall_s")
             known = isinstance(wall_s, int | float) and not isinstance(wall_s, bool)
-            runs[entry["key"]] = (entry["row"], entry["curve"], wall_s if known else None)
+            runs[entry["key"]] = _Finished(entry["row"], entry["curve"], entry.get("hist") or [],
+                                           wall_s if known else None)
     return runs
 
 
@@ -658,9 +792,11 @@ def _run_problem(entry: Any) -> str | None:
     """Why a line of parity_runs.jsonl cannot be reused (None when it can)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
         return "not a parity run (no key)"
-    row, curve = entry.get("row"), entry.get("curve")
+    row, curve, hist = entry.get("row"), entry.get("curve"), entry.get("hist", [])
     if not isinstance(row, dict) or not isinstance(curve, list):
         return "not a parity run (no row or curve)"
+    if not isinstance(hist, list) or not all(isinstance(h, dict) for h in hist):
+        return "a gradient histogram that is not a list of rows"
     for column in ("eval_loss", "eval_accuracy"):
         value = row.get(column)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
@@ -674,7 +810,8 @@ def _run_problem(entry: Any) -> str | None:
 
 
 def _spec(name: str) -> models.ModelSpec:
-    return models.get(name)
+    """The model a parity model or task name trains."""
+    return models.get(_TASK_MODELS.get(name, name))
 
 
 def summarize(frame: Any) -> str:
@@ -715,5 +852,6 @@ def main(args: argparse.Namespace) -> int:
                       seeds=args.seeds, device=args.device)
     frame = pd.read_csv(path)
     print(verdict_table(path))
-    print(f"\nwrote {path} and {path.with_name('parity_curves.csv')}")
+    print(f"\nwrote {path}, {path.with_name('parity_curves.csv')} and "
+          f"{path.with_name('grad_hist.csv')}")
     return 1 if (frame["verdict"] == "FAIL").any() else 0

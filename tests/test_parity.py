@@ -22,7 +22,7 @@ def _frame(fp32: list[float], other: list[float], *, nonfinite: int = 0,
             rows.append({"model": "m", "precision": name, "seed": seed, "eval_loss": loss,
                          "nonfinite_steps": nonfinite if name == "bf16" else 0,
                          "initial_eval_loss": initial, "final_train_loss": loss,
-                         "curve": [(10, 3.0), (20, loss)]})
+                         "curve": [(10, 3.0, 1.0), (20, loss, 2.0)]})
     return pd.DataFrame(rows)
 
 
@@ -78,13 +78,28 @@ def test_without_two_fp32_runs_there_is_no_band() -> None:
     assert set(_verdicts(frame).values()) == {"INCONCLUSIVE"}
 
 
-def test_steps_to_target_is_first_sample_at_or_below_fp32_final_train_loss() -> None:
+def test_time_to_target_is_the_first_sample_within_tolerance_of_fp32s_final_loss() -> None:
     frame = _frame([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
-    frame.at[3, "curve"] = [(10, 1.5), (20, 0.9), (30, 0.8)]
-    frame.at[4, "curve"] = [(10, 1.5), (20, 1.2)]
+    # FP32's seeds agree: tolerance is the floor, the target 1.0 + ABS_FLOOR
+    frame.at[3, "curve"] = [(10, 1.5, 0.4), (20, 1.0 + parity.ABS_FLOOR, 0.9), (30, 0.8, 1.3)]
+    frame.at[4, "curve"] = [(10, 1.5, 0.4), (20, 1.2, 0.8)]
+    frame.at[5, "curve"] = [(10, 1.5, 0.4), (20, 0.9, None)]  # a run without times
     judged = parity.judge(frame)
-    assert judged.at[3, "steps_to_target"] == 20
-    assert judged.at[4, "steps_to_target"] is None
+    assert (judged.at[3, "steps_to_target"], judged.at[3, "time_to_target_s"]) == (20, 0.9)
+    assert judged.at[4, "steps_to_target"] is None and judged.at[4, "time_to_target_s"] is None
+    assert judged.at[5, "steps_to_target"] == 20 and judged.at[5, "time_to_target_s"] is None
+    assert list(judged.loc[:2, "time_to_target_s"]) == [2.0, 2.0, 2.0]  # every FP32 run
+
+
+def test_the_target_is_never_below_the_worst_fp32_seed() -> None:
+    frame = _frame([1.0, 1.0, 1.3], [1.0, 1.0, 1.0])  # one FP32 seed ends well above the rest
+    judged = parity.judge(frame)
+    # tolerance 3 * std = 0.52 would put the target at 1.62; the worst seed is 1.3
+    assert judged.at[0, "tolerance"] == pytest.approx(3 * pd.Series([1.0, 1.0, 1.3]).std())
+    assert judged.loc[:2, "steps_to_target"].tolist() == [20, 20, 20]
+    frame = _frame([1.0, 1.0, 1.02], [1.0, 1.0, 1.0])
+    frame.loc[0, "curve"] = [(10, 3.0, 1.0), (20, 1.04, 2.0)]  # target 1.0067 + 0.0346
+    assert parity.judge(frame).at[0, "steps_to_target"] == 20
 
 
 def test_judge_needs_fp32_reference() -> None:
@@ -104,6 +119,46 @@ def test_underflow_counter_on_hand_made_tensors() -> None:
     assert underflow == pytest.approx(2 / 8)
     assert subnormal == pytest.approx(3 / 8)
     assert parity.fp16_underflow([torch.zeros(3)]) == (0.0, 0.0)
+
+
+def test_log2_histogram_bins_zeros_and_fp16_shares() -> None:
+    hist = parity.Log2Histogram()
+    hist.add(torch.tensor([0.0, 2.0**-25, -3 * 2.0**-25, 2.0**-14, 1.5, -2.0, math.inf]))
+    hist.add(torch.tensor([[0.0, 2.0**-14 * 1.99]]))
+    assert hist.zeros == 2  # inf is left out, not counted as a zero
+    assert dict(hist.bins) == {-25: 1, -24: 1, -14: 2, 0: 1, 1: 1}
+    # non-zero 6: 2^-25 flushes; 3*2^-25 = 1.5*2^-24 is a subnormal; 2^-14 is normal
+    assert hist.fp16_shares() == pytest.approx((1 / 6, 1 / 6))
+    rows = hist.rows("m", "weight", 7)
+    assert [(r["log2_bin"], r["count"]) for r in rows] == [(-25, 1), (-24, 1), (-14, 2),
+                                                           (0, 1), (1, 1)]
+    assert {(r["model"], r["kind"], r["step"], r["zeros"]) for r in rows} == {("m", "weight", 7, 2)}
+    empty = parity.Log2Histogram()
+    empty.add(torch.zeros(4))
+    assert empty.rows("m", "activation", 0) == [
+        {"model": "m", "kind": "activation", "step": 0, "log2_bin": None, "count": 0, "zeros": 4}]
+
+
+def test_the_underflow_task_trains_like_the_plain_one_in_fp32_but_lower_in_fp16s_range() -> None:
+    cpu = torch.device("cpu")
+    shifted = _tiny_setup(parity.UNDERFLOW, 6)
+    plain = replace(shifted, step_tokens=None)
+    assert shifted.step_tokens == parity.NANOGPT_STEP_TOKENS == 2**19
+    row_u, curve_u, hist_u = parity.train_one(parity.UNDERFLOW, "fp32", 0, shifted, cpu)
+    row_p, curve_p, hist_p = parity.train_one("gpt2-tiny", "fp32", 0, plain, cpu)
+    # AdamW is invariant to the loss's scale when eps scales with it: the same training
+    assert row_u["eval_loss"] == pytest.approx(row_p["eval_loss"], rel=1e-4)
+    assert [c["loss"] for c in curve_u] == pytest.approx([c["loss"] for c in curve_p], rel=1e-4)
+    assert {row_u["model"], *(c["model"] for c in curve_u)} == {parity.UNDERFLOW}
+    # ... but every gradient sits log2(2^19 / (16 * 32)) = 10 bins lower
+    def top(hist, kind):
+        return max(h["log2_bin"] for h in hist if h["kind"] == kind and h["step"] == 0)
+    for kind in ("activation", "weight"):
+        assert top(hist_p, kind) - top(hist_u, kind) == 10
+    assert top(hist_u, "activation") < -14  # every activation gradient below FP16's normal floor
+    assert row_u["underflow_frac"] > 0.1 > row_p["underflow_frac"]
+    assert {h["step"] for h in hist_u} == {0, 3, 5}  # the probe steps
+    assert parity.train_one(parity.UNDERFLOW, "bf16", 0, shifted, cpu)[2] == []  # FP32's only
 
 
 def test_markov_chain_entropy_rate_and_sampling() -> None:
@@ -126,21 +181,24 @@ def test_gratings_carry_no_class_information_in_mean_colour() -> None:
 
 
 def _tiny_setup(name: str, steps: int) -> parity.Setup:
-    return replace(parity.setup_for(models.get(name)), steps=steps, sample_every=2,
+    return replace(parity.setup_for(name), steps=steps, sample_every=2,
                    eval_batches=1)
 
 
 def test_same_seed_gives_identical_fp32_losses() -> None:
     setup = _tiny_setup("gpt2-tiny", 4)
     cpu = torch.device("cpu")
-    a, curve_a = parity.train_one("gpt2-tiny", "fp32", 1, setup, cpu)
-    b, curve_b = parity.train_one("gpt2-tiny", "fp32", 1, setup, cpu)
-    c, _ = parity.train_one("gpt2-tiny", "fp32", 2, setup, cpu)
+    a, curve_a, _ = parity.train_one("gpt2-tiny", "fp32", 1, setup, cpu)
+    b, curve_b, _ = parity.train_one("gpt2-tiny", "fp32", 1, setup, cpu)
+    c, _, _ = parity.train_one("gpt2-tiny", "fp32", 2, setup, cpu)
     assert [r["loss"] for r in curve_a] == [r["loss"] for r in curve_b]
     assert a["eval_loss"] == b["eval_loss"]
     assert c["eval_loss"] != a["eval_loss"]  # the seed really changes weights and data
     assert a["optimal_loss"] == pytest.approx(parity.Task(models.get("gpt2-tiny"),
                                                           setup).chain.entropy_rate)
+    assert [c["time_s"] for c in curve_a] == sorted(c["time_s"] for c in curve_a)
+    assert a["train_time_s"] == pytest.approx(curve_a[-1]["time_s"])
+    assert 0 < a["step_time_ms"] < 1e3 * a["train_time_s"]
 
 
 def test_bad_input() -> None:
@@ -170,6 +228,31 @@ def test_real_parity_run_passes_mixed_precision_and_fails_broken(tmp_path) -> No
     assert list(curves.columns) == list(parity.CURVE_COLUMNS)
     assert curves[curves["precision"] == "fp16"]["scale"].notna().all()
     assert curves[curves["precision"] == "fp32"]["scale"].isna().all()
+
+
+@pytest.mark.slow
+def test_without_loss_scaling_fp16_fails_the_underflow_task_and_scaling_rescues_it(
+        tmp_path) -> None:
+    path = parity.run_parity(tmp_path, models=[parity.UNDERFLOW],
+                             precisions=["fp32", "fp16", "bf16", "fp16-noscale"], seeds=3,
+                             device="cpu")
+    frame = pd.read_csv(path)
+    verdicts = frame.groupby("precision")["verdict"].first().to_dict()
+    assert verdicts == {"fp32": "PASS", "fp16": "PASS", "bf16": "PASS", "fp16-noscale": "FAIL"}
+    noscale = frame[frame["precision"] == "fp16-noscale"]
+    assert (noscale["nonfinite_steps"] == 0).all()  # it fails by lost gradients, not overflow
+    assert (noscale["delta"] > noscale["tolerance"]).all()
+    assert (frame["underflow_frac"] > 0.1).all()  # the FP32 gradients FP16 would flush
+    fp16 = frame[frame["precision"] == "fp16"]
+    assert (fp16["scaler_scale_final"] >= 2.0**10).all()  # the scale that lifts them back
+    assert frame[frame["precision"] == "fp32"]["time_to_target_s"].notna().all()
+    hist = pd.read_csv(tmp_path / "grad_hist.csv")
+    assert set(hist["model"]) == {parity.UNDERFLOW}
+    activation = hist[(hist["kind"] == "activation")]
+    assert activation["log2_bin"].max() < -14  # all below FP16's normal floor, unscaled
+    curves = pd.read_csv(tmp_path / "parity_curves.csv")
+    assert curves[curves["precision"] == "fp16"]["skipped"].notna().all()
+    assert curves[curves["precision"] == "fp32"]["skipped"].isna().all()
 
 
 def test_a_crash_is_recorded_and_finished_runs_are_reused(tmp_path, monkeypatch) -> None:
@@ -204,6 +287,9 @@ def test_a_crash_is_recorded_and_finished_runs_are_reused(tmp_path, monkeypatch)
     assert again["error"].isna().all()
     kept = frame[frame["precision"] == "fp32"]["eval_loss"].tolist()
     assert again[again["precision"] == "fp32"]["eval_loss"].tolist() == kept
+    hist = pd.read_csv(tmp_path / "grad_hist.csv")  # FP32 seed 0's, kept from the first pass
+    assert list(hist.columns) == list(parity.HIST_COLUMNS)
+    assert set(hist["kind"]) == {"activation", "weight"} and set(hist["step"]) == {0, 1, 2}
     # Another setup (more steps) is another experiment: nothing is reused.
     calls.clear()
     parity.run_parity(tmp_path, **{**run, "steps": 4})
