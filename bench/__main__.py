@@ -113,7 +113,8 @@ def _add_cell(sub: argparse._SubParsersAction) -> None:
         "warmup steps, then a timed window measuring step time, memory, power and FLOPs. "
         "Writes one JSON record (also for a failed cell, exit 1); bad input exits 2.")
     p.add_argument("--model", required=True, help="model name (see `ampbench models`)")
-    p.add_argument("--precision", required=True, help="fp32 | tf32 | fp16 | bf16 | fp16-noscale")
+    p.add_argument("--precision", required=True,
+                   help="fp32 | tf32 | fp16 | bf16 | fp16-noscale | fp8 | fp8-rowwise")
     p.add_argument("--batch-size", type=_positive_int, required=True,
                    help="samples per micro-batch")
     p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (language models)")
@@ -188,8 +189,13 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
         "over several seeds for its seed-to-seed band, and judge each policy's final eval "
         "loss against it: PASS, FAIL or INCONCLUSIVE. Writes parity.csv and prints the "
         "verdict table; exit 1 when a policy fails.")
-    p.add_argument("--models", type=_csv, help="comma-separated model names")
-    p.add_argument("--precisions", type=_csv, help="comma-separated policies")
+    p.add_argument("--models", type=_csv,
+                   help="comma-separated model names or parity tasks (gpt2-tiny-underflow; "
+                        "default: the tiny models and that task on CPU, the full-size ones and "
+                        "that task on CUDA)")
+    p.add_argument("--precisions", type=_csv,
+                   help="comma-separated policies (default: all that run natively here; FP8 "
+                        "off CUDA is emulated and only on request)")
     p.add_argument("--steps", type=_positive_int, help="training steps per run")
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per policy (default 3)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")

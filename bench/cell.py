@@ -28,7 +28,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class Trainer:
     targets: Any
     grad_accum: int = 1
     memory_format: str | None = None  # image models: "channels_last" | "contiguous"
+    conversion: dict[str, Any] = field(default_factory=dict)  # the policy's record fields
 
     def step(self) -> Any:
         """One optimizer step over ``grad_accum`` micro-batches; returns the loss, unsynced."""
@@ -173,6 +174,7 @@ def prepare(
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(seed)
     net = pol.prepare_model(spec.build().to(device))
+    conversion = pol.record_fields(net)  # before DDP and torch.compile wrap the model
     inputs, targets = spec.make_batch(batch_size, size, device=device,
                                       seed=seed if data_seed is None else data_seed)
     layout = None
@@ -196,7 +198,7 @@ def prepare(
     if compile:
         net = torch.compile(net)
     return Trainer(spec, pol, device, net, optimizer, pol.scaler(device.type), inputs, targets,
-                   grad_accum, layout)
+                   grad_accum, layout, conversion)
 
 
 def _validate(args: argparse.Namespace) -> tuple[models.ModelSpec, precision.Policy, int]:
@@ -394,6 +396,7 @@ def _train_and_measure(
         "scaler_scale_final": float(trainer.scaler.get_scale()) if scaling else None,
         "scaler_skipped_steps": (len(losses) - trainer.optimizer_steps()) if scaling else None,
         "memory_format": trainer.memory_format,
+        **trainer.conversion,
         "warmup_steps": warmup,  # what ran: more than asked for under DDP
     }
 
@@ -452,6 +455,8 @@ def summary_line(record: dict[str, Any]) -> str:
         line += " [wide spread: IQR > 10% of median]"
     if record.get("host_bound"):
         line += " [host-bound: the GPU waits for the host's kernel launches]"
+    if record.get("emulated"):
+        line += " [emulated: software FP8, its speed is not FP8's]"
     return line
 
 

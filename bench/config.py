@@ -22,6 +22,7 @@ A TOML matrix::
     grad_accum = [1]
     compile = [false]
     compile_precisions = ["bf16"]   # with compile = [false, true]: the policies run compiled
+    compile_only = []       # with compile = [false, true]: the policies that run compiled only
     world_size = [1]
     nnodes = 1
     parity = false
@@ -84,6 +85,8 @@ class Matrix:
     compile: tuple[bool, ...] = (False,)
     # The policies that also run compiled when ``compile`` holds true (gpu-quick: bf16 only).
     compile_precisions: tuple[str, ...] = precision.NAMES
+    # Of those, the policies that run compiled only, no eager cells (gpu-quick: the FP8 ones).
+    compile_only: tuple[str, ...] = ()
     world_size: tuple[int, ...] = (1,)
     nnodes: int = 1
     repeats: int = 1
@@ -157,8 +160,14 @@ class Cell:
 
 
 def gpu() -> Matrix:
-    """The GPU sweep: full-size reference models, the four main policies, eager and
-    torch.compile (what people train with today)."""
+    """The GPU sweep: full-size reference models, the four main policies and the two FP8 ones,
+    eager and torch.compile (what people train with today).
+
+    FP8 is meant to run compiled: torch.compile fuses torchao's amax, scale and cast kernels
+    around each FP8 matmul, which eager runs one by one; the eager FP8 cells show that cost.
+    The FP8 cells need torchao (``pip install -e .[fp8]``) and compute capability 8.9+;
+    without either they are ``unsupported`` records and the sweep goes on.
+    """
     return Matrix(
         name="gpu",
         models=(
@@ -166,14 +175,16 @@ def gpu() -> Matrix:
             ModelAxis("bert-base", (16, 32, 64, 128), 128),
             ModelAxis("gpt2-small", (4, 8, 16, 32), 1024),
         ),
-        precisions=("fp32", "tf32", "fp16", "bf16"),
+        precisions=("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise"),
         compile=(False, True),
         device="cuda", warmup=10, steps=50, timeout_s=900.0, parity=True,
     )
 
 
 def cpu() -> Matrix:
-    """Tiny models, small batches, all five policies: 30 cells in a few minutes on 2 cores."""
+    """Tiny models, small batches, the five policies of autocast and TF32: 30 cells in a few
+    minutes on 2 cores. Not FP8: off CUDA torchao only emulates it, slowly, and emulated
+    speed says nothing (``--precisions fp8`` runs it anyway, for its numerics)."""
     return Matrix(
         name="cpu",
         models=(
@@ -181,14 +192,15 @@ def cpu() -> Matrix:
             ModelAxis("bert-tiny", (4, 8), 32),
             ModelAxis("gpt2-tiny", (4, 8), 64),
         ),
-        precisions=precision.NAMES,
+        precisions=("fp32", "tf32", "fp16", "bf16", "fp16-noscale"),
         device="cpu", warmup=5, steps=30, timeout_s=300.0, parity=True,
     )
 
 
 def gpu_quick() -> Matrix:
-    """A complete GPU run in at most 8 minutes: the full-size models at one realistic batch
-    each under fp32, tf32, fp16 and bf16, bf16 also under torch.compile, a short parity.
+    """A complete GPU run in about 14 minutes (two or three `--time-budget 9m` commands): the
+    full-size models at one realistic batch each under fp32, tf32, fp16 and bf16, bf16 also
+    under torch.compile, fp8 and fp8-rowwise under torch.compile only, a short parity.
 
     Batches are per-GPU batches people train with, and each fits in fp32 on a 40 GB GPU:
     ResNet-50 256 at 224 px (NVIDIA DeepLearningExamples' per-GPU batch), BERT-base 64 at
@@ -208,6 +220,10 @@ def gpu_quick() -> Matrix:
     4 policies x 2 seeds) in ~85 s, mostly model builds, evaluation and batches made on the
     CPU. Runner start and report ~15 s. Total ~7.5 minutes; compile time is the least certain
     part. ``timeout_s`` (180 s) is what ``--time-budget`` allows a cell not run yet.
+
+    FP8 (an estimate, not yet measured anywhere): 6 compiled cells at ~55 s of compiling and
+    ~8 s of start-up each, ~6.5 minutes, and 12 more parity runs (eager), ~45 s: ~14.5 minutes
+    in all, 23 processes. Without torchao the FP8 cells are `unsupported` records in seconds.
     """
     return Matrix(
         name="gpu-quick",
@@ -216,8 +232,12 @@ def gpu_quick() -> Matrix:
             ModelAxis("bert-base", (64,), 128),
             ModelAxis("gpt2-small", (16,), 1024),
         ),
-        precisions=("fp32", "tf32", "fp16", "bf16"),
-        compile=(False, True), compile_precisions=("bf16",),
+        # fp8 and fp8-rowwise only compiled: torch.compile is how FP8 is meant to run fast
+        # (it fuses torchao's scale and cast kernels); they need torchao (a wheel carried to
+        # the box) and compute capability 8.9+, else they are `unsupported` records.
+        precisions=("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise"),
+        compile=(False, True), compile_precisions=("bf16", "fp8", "fp8-rowwise"),
+        compile_only=("fp8", "fp8-rowwise"),
         device="cuda", warmup=5, steps=20, timeout_s=180.0, calibration=2,
         parity=True, parity_steps=40, parity_seeds=2,
     )
@@ -275,14 +295,16 @@ def check_limit(key: str, value: float, source: str) -> None:
 
 
 def _check(value: Any, kind: str, key: str, source: str) -> Any:
-    """``value`` converted to ``kind`` (int, pos-int, float, bool, str, list[...]) or BadInput."""
+    """``value`` converted to ``kind`` (int, pos-int, float, bool, str, list[...], list0[...]:
+    a list that may be empty) or BadInput."""
     def bad(expected: str) -> BadInput:
         return BadInput(f"{source}: '{key}' must be {expected}, got {value!r}")
 
-    if kind.startswith("list[") and kind.endswith("]"):
-        inner = kind[5:-1]
-        if not isinstance(value, list) or not value:
-            raise bad(f"a non-empty list of {inner}")
+    if kind.startswith(("list[", "list0[")) and kind.endswith("]"):
+        inner = kind[kind.index("[") + 1:-1]
+        empty_ok = kind.startswith("list0[")
+        if not isinstance(value, list) or not (value or empty_ok):
+            raise bad(f"a {'' if empty_ok else 'non-empty '}list of {inner}")
         return tuple(_check(v, inner, key, source) for v in value)
     if kind in ("int", "pos-int"):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -315,6 +337,7 @@ _TOP: dict[str, str] = {
     "repeats": "pos-int", "calibration": "int", "warmup": "int", "steps": "pos-int",
     "device": "str",
     "timeout_s": "float", "parity": "bool", "compile_precisions": "list[str]",
+    "compile_only": "list0[str]",
     "parity_steps": "int", "parity_seeds": "pos-int",
 }
 
@@ -362,7 +385,7 @@ def from_dict(data: dict[str, Any], source: str = "matrix") -> Matrix:
     for key, kind in _TOP.items():
         if key in data:
             values[key] = _check(data[key], kind, key, source)
-    for key in ("precisions", "compile_precisions"):
+    for key in ("precisions", "compile_precisions", "compile_only"):
         for name in values.get(key, ()):
             if name not in precision.NAMES:
                 raise BadInput(f"{source}: {key}: unknown precision '{name}'; "

@@ -25,6 +25,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from bench import amd
 from bench.power import decode_reasons, open_nvml
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -92,7 +93,7 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         info["device_count"] = torch.cuda.device_count()
         info["cuda_version"] = torch.version.cuda
         info["cudnn_version"] = torch.backends.cudnn.version()
-        info["driver_version"] = _driver_version()
+        info["driver_version"] = amd.driver_version() if torch.version.hip else _driver_version()
     return info
 
 
@@ -241,10 +242,13 @@ def cpu_governors(root: Path = Path("/sys/devices/system/cpu")) -> dict[str, int
     return dict(counts) or None
 
 
-def noise_warnings(nvml: dict[str, Any], governors: dict[str, int] | None) -> list[str]:
-    """What in this environment makes step times or power numbers noisy, one line each."""
+def noise_warnings(nvml: dict[str, Any], governors: dict[str, int] | None,
+                   amdsmi: dict[str, Any] | None = None) -> list[str]:
+    """What in this environment makes step times or power numbers noisy, one line each
+    (``amdsmi``: amdsmi's view of AMD GPUs, bench/amd.py's ``state()``)."""
     warnings = []
-    for gpu in nvml.get("gpus", []):
+    amd_gpus = (amdsmi or {}).get("gpus", [])
+    for gpu in [*nvml.get("gpus", []), *amd_gpus]:
         label = f"GPU {gpu['index']}"
         procs = gpu.get("processes") or []
         if procs:
@@ -262,6 +266,8 @@ def noise_warnings(nvml: dict[str, Any], governors: dict[str, int] | None) -> li
         if gpu.get("persistence_mode") is False:
             warnings.append(f"{label}: persistence mode is off: the driver may unload between "
                             "runs, so each one starts cold (`nvidia-smi -pm 1`)")
+    for gpu in amd_gpus:
+        warnings += amd.noise_warnings(gpu)
     other = sorted(g for g in governors or {} if g != "performance")
     if other:
         warnings.append(f"CPU frequency governor is {', '.join(other)}, not performance: host "
@@ -270,23 +276,62 @@ def noise_warnings(nvml: dict[str, Any], governors: dict[str, int] | None) -> li
 
 
 def environment() -> dict[str, Any]:
-    """Everything `ampbench env` reports: fingerprint, CPU, NVML state and noise warnings."""
-    # NVML first: it must list the GPU's processes before torch touches CUDA in this one.
+    """Everything `ampbench env` reports: fingerprint, CPU, NVML state (and amdsmi's, under a
+    ROCm build of torch or where amdsmi finds AMD GPUs) and noise warnings."""
+    # NVML and amdsmi first: they must list the GPU's processes before torch touches the GPU
+    # in this one.
     nvml = nvml_state()
+    amdsmi = amd.state()
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     governors = cpu_governors()
-    return {
+    report: dict[str, Any] = {
         "fingerprint": fingerprint(device),
         "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "governors": governors},
         "nvml": nvml,
-        "warnings": noise_warnings(nvml, governors),
     }
+    shows_amd = bool(torch.version.hip or amdsmi["gpus"])
+    if shows_amd:
+        report["amdsmi"] = {**amdsmi, "hip_version": torch.version.hip}
+    report["warnings"] = noise_warnings(nvml, governors, amdsmi if shows_amd else None)
+    return report
 
 
 def _mhz(now: Any, top: Any) -> str:
     return f"{now if now is not None else '?'}/{top if top is not None else '?'} MHz"
+
+
+def _power_rows(gpu: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The rows of a GPU's table that NVML and amdsmi both fill."""
+    limit, default_w = gpu["power_limit_w"], gpu["power_limit_default_w"]
+    procs = gpu["processes"]
+    return [
+        ("power", "?" if gpu["power_w"] is None else f"{gpu['power_w']:.0f} W"),
+        ("power limit", "?" if limit is None else f"{limit:.0f} W (default "
+         + ("?" if default_w is None else f"{default_w:.0f} W") + ")"),
+        ("temperature", "?" if gpu["temp_c"] is None else f"{gpu['temp_c']:g} C"),
+        ("clock event reasons", ", ".join(gpu["clock_event_reasons"] or []) or "none"),
+        ("other processes", "?" if procs is None else len(procs)),
+    ]
+
+
+def _render_amd(amdsmi: dict[str, Any]) -> list[str]:
+    if not amdsmi["available"]:
+        return [f"amdsmi: not available ({amdsmi['reason']})"]
+    hip = amdsmi.get("hip_version")
+    lines = [f"amdsmi: driver {amdsmi['driver_version']}, amdsmi {amdsmi['amdsmi_version']}"
+             + (f", torch built for ROCm {hip}" if hip else "")]
+    for gpu in amdsmi["gpus"]:
+        rows = [
+            ("performance level", gpu["perf_level"] or "?"),
+            ("compute partition", gpu["compute_partition"] or "?"),
+            ("GFX clock", _mhz(gpu["sm_clock_mhz"], gpu["sm_clock_max_mhz"]) + " (now/max)"),
+            ("memory clock", _mhz(gpu["mem_clock_mhz"], gpu["mem_clock_max_mhz"])),
+            *_power_rows(gpu),
+        ]
+        lines += ["", f"GPU {gpu['index']}: {gpu['name']}", tabulate(rows, tablefmt="plain")]
+    return lines
 
 
 def _render(report: dict[str, Any]) -> str:
@@ -309,24 +354,19 @@ def _render(report: dict[str, Any]) -> str:
                         else f"SM {app[0]} / memory {app[1]} MHz (default {default[0]} / "
                              f"{default[1]})")
             locked = {True: "yes", False: "no", None: "unknown"}[gpu["clocks_locked"]]
-            limit, default_w = gpu["power_limit_w"], gpu["power_limit_default_w"]
-            procs = gpu["processes"]
             rows = [
                 ("state", gpu["pstate"] or "?"),
                 ("SM clock", _mhz(gpu["sm_clock_mhz"], gpu["sm_clock_max_mhz"]) + " (now/max)"),
                 ("memory clock", _mhz(gpu["mem_clock_mhz"], gpu["mem_clock_max_mhz"])),
                 ("applications clocks", app_text),
                 ("clocks held by a user setting", locked),
-                ("power", "?" if gpu["power_w"] is None else f"{gpu['power_w']:.0f} W"),
-                ("power limit", "?" if limit is None else f"{limit:.0f} W (default "
-                 + ("?" if default_w is None else f"{default_w:.0f} W") + ")"),
-                ("temperature", "?" if gpu["temp_c"] is None else f"{gpu['temp_c']} C"),
                 ("persistence mode", {True: "on", False: "off", None: "?"}[
                     gpu["persistence_mode"]]),
-                ("clock event reasons", ", ".join(gpu["clock_event_reasons"] or []) or "none"),
-                ("other processes", "?" if procs is None else len(procs)),
+                *_power_rows(gpu),
             ]
             lines += ["", f"GPU {gpu['index']}: {gpu['name']}", tabulate(rows, tablefmt="plain")]
+    if "amdsmi" in report:
+        lines += ["", *_render_amd(report["amdsmi"])]
     lines.append("")
     if report["warnings"]:
         lines.append("Warnings (these make numbers noisy):")

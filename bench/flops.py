@@ -5,11 +5,11 @@
 no memory. torch is imported lazily so the peak table is usable without it.
 
 MFU (model FLOPs utilization) = achieved FLOP/s / the device's dense peak for the policy's
-math: the FP32 (non-tensor) peak for ``fp32``, the TF32 tensor peak for ``tf32``, the FP16/BF16
-tensor peak (FP32 accumulate) for the autocast policies. The table also holds the FP8 tensor
-peak (FP32 accumulate) where the GPU has one, for an FP8 policy (``device_peak_tflops(name,
-"fp8")``). An unknown device, a CPU included, gets no MFU (and one warning), never a guessed
-number; ``--peak-tflops`` supplies one.
+math: the full-precision FP32 peak for ``fp32`` (NVIDIA: non-tensor; AMD: see the table), the
+TF32 tensor peak for ``tf32``, the FP16/BF16 tensor peak (FP32 accumulate) for the autocast
+policies. The table also holds the FP8 tensor peak (FP32 accumulate) where the GPU has one,
+for an FP8 policy (``device_peak_tflops(name, "fp8")``). An unknown device, a CPU included,
+gets no MFU (and one warning), never a guessed number; ``--peak-tflops`` supplies one.
 """
 
 from __future__ import annotations
@@ -45,6 +45,21 @@ log = logging.getLogger(__name__)
 #   B200: HGX B200 datasheet, per GPU: FP32 75, TF32 2.2 P*, FP16/BF16 4.5 P*, FP8 9 P*.
 #       TF32 checked: 2.2 P is the sparse figure (the footnote covers every tensor row, and it
 #       is half of FP16/BF16 as on every other part), so dense is 1.1 P, not 2.2 P.
+# AMD Instinct datasheets print dense figures with the sparse ones beside them. The fp32 column
+# is what the table means by it for NVIDIA too: the peak of the fastest units that do IEEE FP32
+# math, which is what the fp32 policy runs on. NVIDIA's tensor cores cannot (hence "non-tensor"
+# there); AMD's matrix cores can, and rocBLAS / hipBLASLt run FP32 GEMMs on them, so the AMD
+# rows hold the "FP32 Matrix" figure (the vector figure would let MFU pass 100%). TF32 only
+# where the matrix cores have it (CDNA3); a tf32 cell on CDNA2 gets no MFU.
+#   MI300X: "AMD Instinct MI300X Accelerator" datasheet: FP32 vector 163.4, FP32 matrix 163.4,
+#       TF32 653.7 (1,307.4 with sparsity), FP16/BF16 1,307.4 (2,614.9), FP8 2,614.9 (5,229.8).
+#   MI325X: "AMD Instinct MI325X Accelerator" datasheet: the same compute as MI300X (163.4 /
+#       163.4 / 653.7 / 1,307.4 / 2,614.9), more and faster memory.
+#   MI250X: "AMD Instinct MI250X Accelerator" datasheet, per OAM module: FP32 vector 47.9,
+#       FP32 matrix 95.7, FP16/BF16 383. No TF32, no FP8. The module is two GCDs, and ROCm and
+#       torch see each GCD as one GPU (110 of the 220 CUs), so the row is half the module's.
+#   MI210: "AMD Instinct MI210 Accelerator" datasheet: FP32 vector 22.6, FP32 matrix 45.3,
+#       FP16/BF16 181.0. No TF32, no FP8 (one GCD: one GPU).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100 SXM": {"fp32": 67.0, "tf32": 495.0, "fp16": 989.0, "bf16": 989.0, "fp8": 1979.0},
     "H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0, "fp8": 1513.0},
@@ -60,6 +75,10 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "A10": {"fp32": 31.2, "tf32": 62.5, "fp16": 125.0, "bf16": 125.0},
     "RTX 4090": {"fp32": 82.6, "tf32": 82.6, "fp16": 165.2, "bf16": 165.2, "fp8": 330.3},
     "B200": {"fp32": 75.0, "tf32": 1100.0, "fp16": 2250.0, "bf16": 2250.0, "fp8": 4500.0},
+    "MI300X": {"fp32": 163.4, "tf32": 653.7, "fp16": 1307.4, "bf16": 1307.4, "fp8": 2614.9},
+    "MI325X": {"fp32": 163.4, "tf32": 653.7, "fp16": 1307.4, "bf16": 1307.4, "fp8": 2614.9},
+    "MI250X GCD": {"fp32": 47.85, "fp16": 191.5, "bf16": 191.5},
+    "MI210": {"fp32": 45.3, "fp16": 181.0, "bf16": 181.0},
 }
 KINDS = ("fp32", "tf32", "fp16", "bf16", "fp8")
 
@@ -82,6 +101,15 @@ _NAMES: tuple[tuple[str, str], ...] = (
     (r"a10", "A10"),
     (r"geforce rtx 4090", "RTX 4090"),
     (r"b200", "B200"),
+    # As ROCm prints them ("AMD Instinct MI300X"), also as a virtual function (SR-IOV, "VF")
+    # or with its form factor ("OAM"), which have the whole GPU's peak. Not matched: MI300A,
+    # MI308X (other parts), and "MI250X/MI250", the name ROCm gives a GCD of either part: an
+    # MI250 GCD has 104 CUs, not 110. A GPU in a compute partition mode (CPX, DPX) keeps the
+    # whole GPU's name; `ampbench env` warns about that.
+    (r"(amd )?(instinct )?mi300x( vf| oam)?", "MI300X"),
+    (r"(amd )?(instinct )?mi325x( vf| oam)?", "MI325X"),
+    (r"(amd )?(instinct )?mi250x", "MI250X GCD"),
+    (r"(amd )?(instinct )?mi210", "MI210"),
 )
 
 _warned: set[tuple[str, str | None]] = set()
@@ -104,8 +132,11 @@ def device_key(device_name: str) -> str | None:
 
 
 def math_kind(policy_name: str) -> str:
-    """Which peak a policy runs against: fp32 | tf32 | fp16 | bf16 (fp16-noscale is fp16)."""
+    """Which peak a policy runs against: fp32 | tf32 | fp16 | bf16 | fp8 (fp16-noscale is fp16;
+    the FP8 policies' linears, most of a transformer's FLOPs, run FP8 matmuls)."""
     policy = precision.get(policy_name)  # an unknown name raises ValueError
+    if policy.fp8_recipe is not None:
+        return "fp8"
     if policy.autocast_dtype == "bfloat16":
         return "bf16"
     if policy.autocast_dtype == "float16":

@@ -22,6 +22,9 @@ def expand(matrix: Matrix) -> list[Cell]:
         ):
             if compiled and policy not in matrix.compile_precisions:
                 continue
+            # Compiled only, when the matrix compiles at all (else such a policy runs eager).
+            if not compiled and policy in matrix.compile_only and True in matrix.compile:
+                continue
             # Ascending batches: an OOM at b lets the runner skip every larger batch of the group.
             for batch in sorted(set(axis.batch_sizes)):
                 cells.append(Cell(

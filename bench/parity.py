@@ -657,6 +657,8 @@ def run_parity(
 
         torch.cuda.set_device(dev)  # cuda:N's own stream and context, as a cell does
     model_names = model_names or default_models(dev)
+    if not precisions:  # by default no emulated policy (FP8 off CUDA): slow, and no news
+        chosen = [n for n in chosen if not _resolve_policy(n)[0].emulated_on(dev.type)]
     run_dir = paths.output_dir(run_dir, "parity run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     with paths.lock(run_dir, "ampbench parity"):  # re-entrant: a runner may hold it already

@@ -1,4 +1,4 @@
-"""NVML power, energy, clocks and throttling during a timed window (torch-free).
+"""GPU power, energy, clocks and throttling in a timed window: NVML, amdsmi on AMD (torch-free).
 
 Used by the cell (bench/cell.py):
 
@@ -39,6 +39,10 @@ instance on it. Such a cell says so (``power_scope=shared_gpu``, else ``gpu``) a
 warning, and leaves ``joules_per_sample`` empty: the GPU's energy cannot be split between the
 instances.
 
+AMD GPUs. Under a ROCm build of torch the same monitor reads the GPU through amdsmi, AMD's own
+library (bench/amd.py): same fields, sources and fallbacks, its violation status decoded to the
+clock-event reasons above.
+
 Without NVML (no driver, no library) or when an NVML call fails inside the window, the cell
 goes on: every field is empty, ``energy_source`` is ``none``, and one warning is logged per
 process. A CPU cell (``device_index=None``) has nothing to sample and logs nothing.
@@ -50,6 +54,7 @@ import contextlib
 import logging
 import operator
 import statistics
+import sys
 import threading
 import time
 from collections import Counter
@@ -206,7 +211,56 @@ class Sample:
     reasons: int | None = None
 
 
-class _Gpu:
+class GpuReader:
+    """One GPU's readers, chosen once for what its driver and board support; a vendor's
+    subclass sets them and says which of its library's errors mean "not supported here"."""
+
+    power_source: str | None = None  # "instant" or "average" (a ~1 s moving average)
+    shared = False  # the readings are a whole GPU's, shared with other partitions of it
+    has_counter = False  # an energy counter (energy_mj) is readable
+    read_power: Callable[[], float] | None = None
+    read_reasons: Callable[[], int] | None = None  # clock-event bits (REASON_BITS)
+    fast: dict[str, Callable[[], float]]  # Sample fields read every sample
+    slow: dict[str, Callable[[], float]]  # and every SLOW_EVERY-th
+
+    def _not_supported(self, exc: Exception) -> bool:
+        """Whether ``exc`` means this board, driver or user cannot have the reading."""
+        raise NotImplementedError
+
+    def energy_mj(self) -> float:
+        """The energy counter: millijoules since some fixed point."""
+        raise NotImplementedError
+
+    def _works(self, fn: Callable[[], Any]) -> bool:
+        """Whether a query is supported here; other errors (a lost GPU) propagate."""
+        try:
+            fn()
+            return True
+        except (AttributeError, KeyError):  # bindings too old to have the function or field
+            return False
+        except Exception as exc:
+            if self._not_supported(exc):
+                return False
+            raise
+
+    def _supported(self, readers: dict[str, Callable[[], float]]) -> dict[str, Callable[[], float]]:
+        return {name: fn for name, fn in readers.items() if self._works(fn)}
+
+    def sample(self, full: bool = True) -> Sample:
+        """Read what this GPU supports (``full=False``: not the slow-changing readings).
+
+        A library error here propagates: the window failed.
+        """
+        # Power first, right after its timestamp: the energy integral pairs the two.
+        t_s = time.perf_counter()
+        power_w = self.read_power() if self.read_power else None
+        reasons = int(self.read_reasons()) if self.read_reasons else None
+        readers = {**self.fast, **self.slow} if full else self.fast
+        values = {name: float(fn()) for name, fn in readers.items()}
+        return Sample(t_s, power_w=power_w, reasons=reasons, **values)
+
+
+class _Gpu(GpuReader):
     """One GPU's NVML readers, chosen once for what this driver and board support."""
 
     def __init__(self, nvml: ModuleType, device: int | str) -> None:
@@ -241,9 +295,12 @@ class _Gpu:
                 self.handle, nvml.NVML_TEMPERATURE_GPU),
             "gpu_util_pct": lambda: nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu,
         }
-        self.fast = {name: fn for name, fn in fast.items() if self._works(fn)}
-        self.slow = {name: fn for name, fn in slow.items() if self._works(fn)}
+        self.fast = self._supported(fast)
+        self.slow = self._supported(slow)
         self.has_counter = self._works(self.energy_mj)
+
+    def _not_supported(self, exc: Exception) -> bool:
+        return isinstance(exc, self.nvml.NVMLError) and exc.value in self._unsupported
 
     def _query(self, name: str, *args: Any) -> Any:
         """NVML function ``name``'s answer; None where the bindings or the board lack it."""
@@ -253,20 +310,8 @@ class _Gpu:
         try:
             return fn(*args)
         except self.nvml.NVMLError as exc:
-            if exc.value in self._unsupported:
+            if self._not_supported(exc):
                 return None
-            raise
-
-    def _works(self, fn: Callable[[], Any]) -> bool:
-        """Whether a query is supported here; other NVML errors (a lost GPU) propagate."""
-        try:
-            fn()
-            return True
-        except AttributeError:  # bindings too old to have the function
-            return False
-        except self.nvml.NVMLError as exc:
-            if exc.value in self._unsupported:
-                return False
             raise
 
     def _pick_power(self) -> Callable[[], float] | None:
@@ -302,18 +347,33 @@ class _Gpu:
     def energy_mj(self) -> int:
         return int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
 
-    def sample(self, full: bool = True) -> Sample:
-        """Read what this GPU supports (``full=False``: not the slow-changing readings).
 
-        An NVMLError here propagates: the window failed.
-        """
-        # Power first, right after its timestamp: the energy integral pairs the two.
-        t_s = time.perf_counter()
-        power_w = self.read_power() if self.read_power else None
-        reasons = int(self.read_reasons()) if self.read_reasons else None
-        readers = {**self.fast, **self.slow} if full else self.fast
-        values = {name: float(fn()) for name, fn in readers.items()}
-        return Sample(t_s, power_w=power_w, reasons=reasons, **values)
+@dataclass(frozen=True)
+class Backend:
+    """A vendor's monitoring library: its name in messages, how to open and close it, and its
+    reader of one GPU (by index or by the UUID torch prints)."""
+
+    name: str
+    open: Callable[[], ModuleType]  # raises RuntimeError saying why the library is absent
+    close: Callable[[ModuleType], None]
+    gpu: Callable[[ModuleType, int | str], GpuReader]
+
+
+NVML = Backend("NVML", open_nvml, lambda nvml: nvml.nvmlShutdown(), _Gpu)
+
+
+def backend() -> Backend:
+    """amdsmi (bench/amd.py) under a ROCm build of torch, else NVML.
+
+    torch is not imported for this (the module stays torch-free): a cell has imported it
+    before it measures anything, and a process without torch has no GPU of its own to read.
+    """
+    torch = sys.modules.get("torch")
+    if getattr(getattr(torch, "version", None), "hip", None):
+        from bench.amd import AMDSMI
+
+        return AMDSMI
+    return NVML
 
 
 def _field_value(nvml: ModuleType, value: Any) -> float:
@@ -461,9 +521,10 @@ def combine_power(per_gpu: Sequence[dict[str, Any]], num_samples: int) -> dict[s
 
 
 class PowerMonitor:
-    """Samples one GPU through NVML while the timed window runs.
+    """Samples one GPU through NVML (amdsmi under a ROCm build of torch) while the timed
+    window runs.
 
-    ``device_index`` is NVML's index of the GPU, or its UUID (what
+    ``device_index`` is the library's index of the GPU, or its UUID (what
     ``torch.cuda.get_device_properties(d).uuid`` prints), which stays right under
     CUDA_VISIBLE_DEVICES and CUDA's own device order; None for a CPU cell.
     """
@@ -482,13 +543,15 @@ class PowerMonitor:
         self.min_counter_window_s = min_counter_window_s
         self.idle_power_w: float | None = None
         self.samples: list[Sample] = []
-        self._gpu: _Gpu | None = None
+        self._gpu: GpuReader | None = None
+        self._backend = NVML
+        self._library: ModuleType | None = None
         self._power_source: str | None = None
         self._shared = False  # a MIG instance: the power is its whole GPU's
         self._problem: str | None = None  # why this monitor has nothing to report
         self._window_s = 0.0
         self._counter_j: float | None = None
-        self._e0_mj: int | None = None
+        self._e0_mj: float | None = None
         self._t0 = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -496,39 +559,41 @@ class PowerMonitor:
         # process, which shares the GIL and the cores with the training loop.
         self.sampler_cpu_s: float | None = None
 
-    # -- NVML lifetime ------------------------------------------------------------------------
-    def _open(self) -> _Gpu | None:
+    # -- library lifetime ---------------------------------------------------------------------
+    def _open(self) -> GpuReader | None:
         if self._gpu is not None or self._problem is not None:
             return self._gpu
         if self.device_index is None:
             self._problem = "no GPU in this cell"  # a CPU cell: nothing to say
             return None
+        self._backend = lib = backend()
         try:
-            nvml = open_nvml()
+            self._library = lib.open()
         except RuntimeError as exc:
-            self._fail(f"NVML not available ({exc})")
+            self._fail(f"{lib.name} not available ({exc})")
             return None
         try:
-            self._gpu = _Gpu(nvml, self.device_index)
+            self._gpu = lib.gpu(self._library, self.device_index)
         except Exception as exc:
-            self._fail(f"NVML cannot open GPU {self.device_index} ({_text(exc)})")
-            nvml.nvmlShutdown()
+            self._fail(f"{lib.name} cannot open GPU {self.device_index} ({_text(exc)})")
+            self._close()
             return None
         self._power_source = self._gpu.power_source
         self._shared = self._gpu.shared
         if self._shared:
-            _warn_once(f"GPU {self.device_index} is a MIG instance or in MIG mode: power, "
-                       "energy, clocks and throttle reasons are the whole GPU's, shared by all "
-                       "its MIG instances (power_scope=shared_gpu); joules_per_sample stays "
-                       "empty", kind="mig")
+            _warn_once(f"GPU {self.device_index} is a MIG instance or in MIG mode (an AMD "
+                       "GPU: in a compute partition mode): power, energy, clocks and throttle "
+                       "reasons are the whole GPU's, shared by all its MIG instances "
+                       "(partitions) (power_scope=shared_gpu); joules_per_sample stays empty",
+                       kind="mig")
         return self._gpu
 
     def _close(self) -> None:
-        if self._gpu is not None:
-            # Shutting down a broken NVML must not fail the cell.
+        if self._library is not None:
+            # Shutting down a broken library must not fail the cell.
             with contextlib.suppress(Exception):
-                self._gpu.nvml.nvmlShutdown()
-            self._gpu = None
+                self._backend.close(self._library)
+            self._library = self._gpu = None
 
     def _fail(self, reason: str) -> None:
         self._problem = reason
@@ -553,7 +618,7 @@ class PowerMonitor:
                     break
                 time.sleep(min(self.interval_ms / 1e3, duration_s / 5))
         except Exception as exc:
-            self._fail(f"NVML failed while reading idle power ({_text(exc)})")
+            self._fail(f"{self._backend.name} failed while reading idle power ({_text(exc)})")
             self._close()
             return
         self.idle_power_w = statistics.median(readings)
@@ -569,7 +634,7 @@ class PowerMonitor:
             self._t0 = time.perf_counter()
             self.samples.append(gpu.sample())
         except Exception as exc:
-            self._fail(f"NVML failed at the start of the window ({_text(exc)})")
+            self._fail(f"{self._backend.name} failed at the start of the window ({_text(exc)})")
             self._close()
             return self
         self._thread = threading.Thread(target=self._run, args=(gpu,), name="ampbench-nvml",
@@ -599,7 +664,7 @@ class PowerMonitor:
             try:
                 self.samples.append(gpu.sample(full=i % SLOW_EVERY == 0))
             except Exception as exc:
-                self._problem = f"NVML failed inside the window ({_text(exc)})"
+                self._problem = f"{self._backend.name} failed inside the window ({_text(exc)})"
                 return
 
     def __exit__(
@@ -622,7 +687,8 @@ class PowerMonitor:
                     self._counter_j = (gpu.energy_mj() - self._e0_mj) / 1e3
                 self._window_s = t1 - self._t0
             except Exception as exc:
-                self._problem = f"NVML failed at the end of the window ({_text(exc)})"
+                self._problem = (f"{self._backend.name} failed at the end of the window "
+                                 f"({_text(exc)})")
         if self._problem is not None:
             self._fail(self._problem)
         self._close()

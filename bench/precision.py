@@ -1,16 +1,34 @@
-"""Precision policies: what each of fp32, tf32, fp16, bf16 and fp16-noscale switches on.
+"""Precision policies: what each of fp32, tf32, fp16, bf16, fp16-noscale, fp8 and fp8-rowwise
+switches on.
 
 A Policy is data; the training step (bench/cell.py) has one code path and asks the policy for
 its autocast context and its GradScaler. Parts a policy does not use simply do nothing
 (``nullcontext()``, a disabled scaler), as in nanoGPT. torch is imported lazily, so names can be
 validated without it. Master weights and optimizer state stay FP32 under every policy.
+
+The FP8 policies swap the model's ``nn.Linear`` layers for torchao's ``Float8Linear``
+(``prepare_model``; torchao is the optional extra ``.[fp8]``, imported only here and only for
+them) and run everything else under bf16 autocast. Off CUDA they run in torchao's emulation
+mode: right numerics for tests and parity, meaningless speed, and the record says so.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
+
+FP8_INSTALL = "pip install -e .[fp8]"
+# torch._scaled_mm needs both dimensions of an FP8 weight to be multiples of 16; torchao would
+# fail on the first step of a layer that is not, so such layers stay in bf16.
+_FP8_MULTIPLE = 16
+_FP8_CAPABILITY = (8, 9)  # Ada (sm_89), Hopper (sm_90), Blackwell: FP8 tensor cores
+# ROCm GPUs whose FP8 matmuls torch._scaled_mm and torchao support: MI300 series (FNUZ
+# formats), MI350 series and RDNA4 (OCP formats).
+_FP8_HIP_ARCHS = ("gfx942", "gfx950", "gfx12")
+_FP8_NAMES_SHOWN = 8  # unconverted layers named in a record before "and N more"
 
 
 @dataclass(frozen=True)
@@ -20,6 +38,7 @@ class Policy:
     loss_scaling: bool  # dynamic GradScaler
     tf32: bool  # TF32 for FP32 matmuls and cuDNN convolutions (CUDA only)
     role: str
+    fp8_recipe: str | None = None  # torchao float8 training recipe: "tensorwise" | "rowwise"
 
     def apply_backend_flags(self) -> None:
         """Set TF32 on or off for matmul AND cuDNN; call before building the model."""
@@ -44,13 +63,54 @@ class Policy:
         return torch.amp.GradScaler(device_type, enabled=self.loss_scaling)
 
     def prepare_model(self, model: Any) -> Any:
-        """The model this policy trains: ``model`` itself, unless the policy converts layers."""
-        return model
+        """The model this policy trains: ``model`` itself, unless the policy converts layers.
+
+        FP8 policies: the convertible ``nn.Linear`` layers of ``model`` (already on its
+        device) become torchao ``Float8Linear``, in place; emulated unless on CUDA.
+        """
+        if self.fp8_recipe is None:
+            return model
+        with _quiet_import():
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        emulate = self.emulated_on(next(model.parameters()).device.type)
+        config = replace(Float8LinearConfig.from_recipe_name(self.fp8_recipe), emulate=emulate)
+        return convert_to_float8_training(model, module_filter_fn=_fp8_convertible,
+                                          config=config)
+
+    def emulated_on(self, device_type: str) -> bool:
+        """Whether this policy's low-precision math is emulated in software on such a device
+        (FP8 off CUDA): right numerics, meaningless speed."""
+        return self.fp8_recipe is not None and device_type != "cuda"
+
+    def record_fields(self, model: Any) -> dict[str, Any]:
+        """What the record says about the prepared ``model``: whether its low-precision math
+        was emulated, and for FP8 how many ``nn.Linear`` layers were converted and which not."""
+        if self.fp8_recipe is None:
+            return {"emulated": False}
+        from torch import nn
+        from torchao.float8.float8_linear import Float8Linear
+
+        converted, unconverted = 0, []
+        for name, module in model.named_modules():
+            if isinstance(module, Float8Linear):
+                converted += 1
+            elif isinstance(module, nn.Linear):
+                unconverted.append(f"{name} ({module.in_features}x{module.out_features})")
+        text = ", ".join(unconverted[:_FP8_NAMES_SHOWN]) or "none"
+        if len(unconverted) > _FP8_NAMES_SHOWN:
+            text += f" and {len(unconverted) - _FP8_NAMES_SHOWN} more"
+        return {"emulated": self.emulated_on(next(model.parameters()).device.type),
+                "fp8_converted": converted, "fp8_unconverted": text}
 
     def unsupported_reason(self, device: Any) -> str | None:
         """Why this device cannot run the policy, or None when it can."""
         import torch
 
+        if self.fp8_recipe is not None:
+            reason = _fp8_unsupported_reason(device)
+            if reason:
+                return reason
         if device.type == "cuda":
             # Of ``device`` itself: torch.cuda.is_bf16_supported asks the current device.
             capability = torch.cuda.get_device_capability(device)
@@ -76,6 +136,10 @@ POLICIES: dict[str, Policy] = {
         Policy("fp16", "float16", True, False, "mixed precision with dynamic loss scaling"),
         Policy("bf16", "bfloat16", False, False, "mixed precision, FP32 range"),
         Policy("fp16-noscale", "float16", False, False, "ablation: FP16 without loss scaling"),
+        Policy("fp8", "bfloat16", False, False,
+               "torchao FP8 linears, tensorwise scales, bf16 autocast for the rest", "tensorwise"),
+        Policy("fp8-rowwise", "bfloat16", False, False,
+               "torchao FP8 linears, rowwise scales, bf16 autocast for the rest", "rowwise"),
     )
 }
 NAMES: tuple[str, ...] = tuple(POLICIES)
@@ -87,3 +151,48 @@ def get(name: str) -> Policy:
         return POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown precision '{name}'; valid: {', '.join(NAMES)}") from None
+
+
+def _fp8_convertible(module: Any, name: str) -> bool:
+    """torchao's module_filter_fn: a Linear whose weight _scaled_mm can take."""
+    return module.in_features % _FP8_MULTIPLE == 0 and module.out_features % _FP8_MULTIPLE == 0
+
+
+@contextmanager
+def _quiet_import() -> Iterator[None]:
+    """Importing torchao logs a warning per prebuilt kernel library it cannot load (CUDA
+    libraries absent on a CPU machine, MX kernels): kernels FP8 training does not use."""
+    quieted = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(quieted, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _fp8_unsupported_reason(device: Any) -> str | None:
+    """Why ``device`` cannot train in FP8 through torchao, or None (CPU: emulated)."""
+    import torch
+
+    try:
+        with _quiet_import():
+            import torchao.float8  # noqa: F401
+    except Exception as exc:  # absent, or built for another torch: either way no FP8 here
+        problem = "".join(str(exc).splitlines()[:1]) or type(exc).__name__
+        return f"FP8 needs torchao ({problem}); install it with: {FP8_INSTALL}"
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if torch.version.hip:
+        arch = torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+        if not arch.startswith(_FP8_HIP_ARCHS):
+            return f"{name} ({arch}) has no FP8 matmuls that torchao supports"
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability < _FP8_CAPABILITY:
+        return (f"{name} has no FP8 tensor cores (compute capability "
+                f"{capability[0]}.{capability[1]}; FP8 needs 8.9 or newer: Ada, Hopper, Blackwell)")
+    return None

@@ -333,7 +333,9 @@ def summarize(records: Iterable[dict[str, Any]]) -> str:
         show_size = len({c[1] for c in columns}) > 1
         body = []
         for policy in dict.fromkeys(r["precision"] for r in rows):
-            line = [policy]
+            emulated = any(store.truthy(r.get("emulated")) for r in rows
+                           if r["precision"] == policy)
+            line = [f"{policy} (emulated)" if emulated else policy]
             for column in columns:
                 value = estimates.get((model, policy, column))
                 base = estimates.get((model, "fp32", column))

@@ -20,8 +20,9 @@ from typing import Any
 
 from bench import BadInput
 
-SCHEMA_VERSION = 3  # 2: calibration and the per-cell noise columns; 3: host timing,
-# memory_format, wall_s, throttle_shares/power_capped/power_scope, throttled = thermal/hw only
+SCHEMA_VERSION = 4  # 2: calibration and the per-cell noise columns; 3: host timing,
+# memory_format, wall_s, throttle_shares/power_capped/power_scope, throttled = thermal/hw only;
+# 4: emulated, fp8_converted, fp8_unconverted
 
 IDENTITY = (
     "schema", "run_id", "cell_id", "model", "precision", "batch_size", "seq_len", "image_size",
@@ -50,13 +51,17 @@ POWER = (
 NUMERICS = (
     "loss_first", "loss_last", "nonfinite_steps", "scaler_scale_final", "scaler_skipped_steps",
 )
+# What the policy did to the model (bench/precision.py): whether its low-precision math ran
+# emulated in software (FP8 off CUDA: its speed says nothing about FP8), and for FP8 how many
+# nn.Linear layers torchao converted and which it left in bf16 ("name (in x out), ...").
+CONVERSION = ("emulated", "fp8_converted", "fp8_unconverted")
 ENVIRONMENT = (
     "device", "device_name", "device_count", "driver_version", "torch_version", "cuda_version",
     "torch_cuda_build", "cudnn_version", "python_version", "machine_id", "git_sha", "git_dirty",
     "timestamp",
 )
 FIELDS: tuple[str, ...] = (
-    IDENTITY + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + ENVIRONMENT
+    IDENTITY + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + CONVERSION + ENVIRONMENT
 )
 
 # Derived into results.csv from all of a cell's processes (the same on each of its rows): the
@@ -147,7 +152,7 @@ def load_jsonl(path: Path, problem: Callable[[Any], str | None]) -> list[Any]:
 # Record fields that hold numbers (or null) and whole numbers of at least 0 or 1: a record
 # read back with anything else in them is damaged.
 _RECORD_INTS = {"repeat": 0, "batch_size": 0, "seq_len": 1, "image_size": 1, "grad_accum": 1,
-                "world_size": 1, "warmup_steps": 0, "timed_steps": 0}
+                "world_size": 1, "warmup_steps": 0, "timed_steps": 0, "fp8_converted": 0}
 _RECORD_NUMBERS = tuple(f for f in TIMING if f not in ("host_bound", "memory_format")) + (
     MEMORY + COMPUTE + NUMERICS) + (
     "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "energy_check_pct",
@@ -285,7 +290,8 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
 REQUIRED = ("model", "precision", "batch_size", "status")
 WHOLE = {"batch_size": 0, "seq_len": 1, "image_size": 1, "grad_accum": 1, "world_size": 1,
          "repeat": 0, "warmup_steps": 0, "timed_steps": 0, "device_count": 0,
-         "nonfinite_steps": 0, "scaler_skipped_steps": 0, "max_batch": 0, "num_processes": 0}
+         "nonfinite_steps": 0, "scaler_skipped_steps": 0, "max_batch": 0, "num_processes": 0,
+         "fp8_converted": 0}
 NON_NEGATIVE = (
     "step_ms_median", "step_ms_iqr", "step_ms_min", "samples_per_s", "tokens_per_s",
     "startup_s", *MEMORY, "flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,17 @@ def cli_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "2")
     return env
+
+
+@pytest.fixture
+def run_python(cli_env: dict[str, str]) -> Callable[..., None]:
+    """Runs Python code in a fresh interpreter (the repository importable) and fails the test,
+    with the child's stderr, when it does not exit 0: checks of what a process imports."""
+    def run(code: str, timeout: float = 60) -> None:
+        proc = subprocess.run([sys.executable, "-c", code], env=cli_env, capture_output=True,
+                              text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr
+    return run
 
 
 @pytest.fixture

@@ -87,7 +87,7 @@ def test_error_keeps_the_exception_message(tmp_path, monkeypatch):
     ("args", "message"),
     [
         (["--model", "gpt3"], "unknown model 'gpt3'; valid: resnet50"),
-        (["--precision", "fp8"], "unknown precision 'fp8'; valid: fp32"),
+        (["--precision", "fp4"], "unknown precision 'fp4'; valid: fp32"),
         (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
         (["--seq-len", "4096"], "seq_len 4096 is longer than gpt2-tiny's context of 128"),
         (["--device", "tpu9"], "unknown device 'tpu9'; valid: cpu, cuda"),

@@ -16,21 +16,21 @@ def test_gpu_preset_is_the_documented_sweep():
         "bert-base": ((16, 32, 64, 128), 128),
         "gpt2-small": ((4, 8, 16, 32), 1024),
     }
-    assert m.precisions == ("fp32", "tf32", "fp16", "bf16") and m.parity
+    assert m.precisions == ("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise") and m.parity
     assert (m.world_size, m.nnodes) == ((1,), 1)
     assert m.compile == (False, True)  # eager and torch.compile, both reported
 
 
-def test_cpu_preset_is_tiny_and_covers_every_policy():
+def test_cpu_preset_is_tiny_and_covers_every_policy_but_emulated_fp8():
     m = config.cpu()
-    assert set(m.precisions) == set(precision.NAMES)
+    assert set(m.precisions) == set(precision.NAMES) - {"fp8", "fp8-rowwise"}
     assert all(a.name.endswith("-tiny") for a in m.models)
     assert len(matrix.expand(m)) <= 30 and m.device == "cpu" and m.parity
     quick = config.quick()
     assert len(matrix.expand(quick)) <= 6 and not quick.parity
 
 
-def test_gpu_quick_is_one_batch_per_full_size_model_and_bf16_compiled():
+def test_gpu_quick_is_one_batch_per_full_size_model_bf16_and_fp8_compiled():
     m = config.preset("gpu-quick")
     cells = matrix.expand(m)
     assert {(c.model, c.batch_size, c.seq_len or c.image_size) for c in cells} == {
@@ -38,8 +38,9 @@ def test_gpu_quick_is_one_batch_per_full_size_model_and_bf16_compiled():
     eager = {(c.model, c.precision) for c in cells if not c.compile}
     assert len(eager) == 12 and {p for _, p in eager} == {"fp32", "tf32", "fp16", "bf16"}
     assert {(c.model, c.precision) for c in cells if c.compile} == {
-        ("resnet50", "bf16"), ("bert-base", "bf16"), ("gpt2-small", "bf16")}
-    assert len(cells) == 15 and m.device == "cuda" and m.parity
+        (model, policy) for model in ("resnet50", "bert-base", "gpt2-small")
+        for policy in ("bf16", "fp8", "fp8-rowwise")}  # FP8 compiled only
+    assert len(cells) == 21 and m.device == "cuda" and m.parity
     assert (m.parity_steps, m.parity_seeds) == (40, 2)
 
 
@@ -50,8 +51,8 @@ def test_compile_precisions_and_parity_length_come_from_toml_and_are_checked():
         ("fp32", False), ("tf32", False), ("fp16", False), ("fp16", True), ("bf16", False)]
     assert (m.parity_steps, m.parity_seeds) == (7, 2)
     assert config.from_dict(m.to_dict()) == m
-    with pytest.raises(BadInput, match="compile_precisions: unknown precision 'fp8'"):
-        config.from_dict({"models": {"gpt2-tiny": {}}, "compile_precisions": ["fp8"]})
+    with pytest.raises(BadInput, match="compile_precisions: unknown precision 'fp4'"):
+        config.from_dict({"models": {"gpt2-tiny": {}}, "compile_precisions": ["fp4"]})
     with pytest.raises(BadInput, match="'parity_seeds' must be at least 2"):
         config.from_dict({"models": {"gpt2-tiny": {}}, "parity_seeds": 1})
 
@@ -82,7 +83,7 @@ def test_matrix_survives_a_round_trip_through_meta_json():
     ("unknown_key.toml", "unknown key 'stepz'"),
     ("wrong_type.toml", "'models.gpt2-tiny.batch_sizes' must be a non-empty list of pos-int"),
     ("unknown_model.toml", "unknown model 'gpt5-huge'"),
-    ("unknown_policy.toml", "unknown precision 'fp8'"),
+    ("unknown_policy.toml", "unknown precision 'fp4'"),
     ("malformed.toml", "not valid TOML"),
 ])
 def test_bad_toml_is_one_line_exit_2_and_nothing_written(name, message, tmp_path, capsys):

@@ -6,6 +6,14 @@ from bench import precision
 from bench.cell import prepare
 
 TINY = ["resnet-tiny", "bert-tiny", "gpt2-tiny"]
+CPU = torch.device("cpu")
+
+
+def _skip_unless_cpu_runs(policy: str) -> None:
+    """FP8 needs torchao (the test extra has it): without it, its policies skip here."""
+    reason = precision.get(policy).unsupported_reason(CPU)
+    if reason:
+        pytest.skip(reason)
 
 
 def test_fp32_turns_tf32_off_for_matmul_and_cudnn_and_tf32_turns_it_on():
@@ -25,6 +33,8 @@ def test_fp32_turns_tf32_off_for_matmul_and_cudnn_and_tf32_turns_it_on():
         ("fp16", torch.float16, True),
         ("bf16", torch.bfloat16, False),
         ("fp16-noscale", torch.float16, False),
+        ("fp8", torch.bfloat16, False),  # what torchao does not convert runs in bf16
+        ("fp8-rowwise", torch.bfloat16, False),
     ],
 )
 def test_policy_semantics(name, dtype, scaled):
@@ -38,13 +48,14 @@ def test_policy_semantics(name, dtype, scaled):
 
 
 def test_unknown_policy_lists_the_valid_names():
-    with pytest.raises(ValueError, match="fp16-noscale"):
-        precision.get("fp8")
+    with pytest.raises(ValueError, match="fp16-noscale, fp8, fp8-rowwise"):
+        precision.get("fp4")
 
 
 @pytest.mark.parametrize("policy", precision.NAMES)
 @pytest.mark.parametrize("model", TINY)
 def test_every_tiny_model_trains_under_every_policy(model, policy):
+    _skip_unless_cpu_runs(policy)
     trainer = prepare(model, policy, batch_size=2)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     losses = torch.stack([trainer.step() for _ in range(3)])
@@ -87,5 +98,9 @@ def test_grad_accum_averages_micro_batches():
 
 def test_cpu_runs_every_policy():
     for policy in precision.POLICIES.values():
-        assert policy.unsupported_reason(torch.device("cpu")) is None
+        if policy.fp8_recipe is None:
+            assert policy.unsupported_reason(CPU) is None
+        else:  # emulated when torchao is there, else how to install it
+            reason = policy.unsupported_reason(CPU)
+            assert reason is None or reason.endswith("pip install -e .[fp8]")
     assert models.get("gpt2-tiny")  # registry import stays cheap

@@ -450,3 +450,12 @@ def test_a_time_budget_leaves_parity_runs_for_the_resume(tmp_path, monkeypatch, 
     assert sorted(frame["seed"]) == [0, 1] and set(frame["steps"]) == {3}
     assert len(_lines(out)) == 1  # the cell did not run again
     assert "incomplete" not in json.loads((out / store.META).read_text())
+
+
+def test_the_console_summary_labels_emulated_policies():
+    records = [dict(model="gpt2-tiny", precision=p, batch_size=4, seq_len=64, status="ok",
+                    samples_per_s=sps, emulated=p == "fp8")
+               for p, sps in (("fp32", 100.0), ("fp8", 40.0))]
+    text = runner.summarize(records)
+    assert "fp8 (emulated)" in text and "fp32 (emulated)" not in text
+    assert "b=4" in text
