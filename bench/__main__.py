@@ -179,6 +179,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="search the largest batch that fits")
     p.add_argument("--no-parity", action="store_true", help="skip the accuracy-parity stage")
     p.add_argument("--no-report", action="store_true", help="skip writing report.md and plots")
+    _add_prices(p, "results.csv and the report get",
+                "kept in meta.json, so a resumed run and `report` use it too")
     p.set_defaults(handler="bench.runner:main")
 
 
@@ -203,6 +205,15 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="bench.parity:main")
 
 
+def _add_prices(p: argparse.ArgumentParser, gives: str, where: str) -> None:
+    p.add_argument("--price-per-hour", metavar="USD", type=_positive_float,
+                   help=f"price of one device for one hour: {gives} the cost of 1M samples "
+                        f"({where})")
+    p.add_argument("--price-per-kwh", metavar="USD", type=_positive_float,
+                   help=f"price of a kWh: {gives} the energy cost of 1M samples where energy "
+                        f"was measured ({where})")
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report", help="write report.md and plots for a run directory",
@@ -210,6 +221,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "with its tables and plots/; needs no torch.")
     p.add_argument("run_dir", nargs="?", help="run directory (default: the latest run)")
     p.add_argument("--out", type=_out_dir, help="output directory (default: the run directory)")
+    _add_prices(p, "the report gets", "default: the price the run recorded in meta.json")
     p.set_defaults(handler="bench.report:main")
 
     p = sub.add_parser(

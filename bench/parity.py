@@ -589,6 +589,12 @@ def default_models(device: Any) -> list[str]:
     return [*GPU_SETUPS, UNDERFLOW] if device.type == "cuda" else list(CPU_SETUPS)
 
 
+def tasks_for(precisions: Iterable[str]) -> list[str]:
+    """The parity-only tasks a run adds to its models: the underflow task whenever it measures
+    an FP16 policy, whose loss scaling that task puts to the test."""
+    return [UNDERFLOW] if {"fp16", "fp16-noscale"} & set(precisions) else []
+
+
 def _validate(models_: Sequence[str] | None, precisions: Sequence[str] | None,
               steps: int | None, seeds: int) -> tuple[list[str] | None, list[str]]:
     for name in models_ or ():

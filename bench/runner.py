@@ -558,7 +558,8 @@ def _parity(run_dir: Path, mx: Matrix, device: str, budget: Budget | None) -> li
     def stage() -> None:
         try:
             path = parity.run_parity(
-                run_dir, models=[a.name for a in mx.models], precisions=list(mx.precisions),
+                run_dir, models=[a.name for a in mx.models] + parity.tasks_for(mx.precisions),
+                precisions=list(mx.precisions),
                 steps=mx.parity_steps or None, seeds=mx.parity_seeds, device=device,
                 time_left=budget.left if budget else None, unknown_s=mx.timeout_s)
         except parity.OutOfTime as stop:
@@ -598,6 +599,13 @@ def _mark_incomplete(run_dir: Path, budget: Budget | None, cells: list[str],
     store.write_meta(run_dir, {**meta, "warnings": warnings})
 
 
+def _prices(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, float]:
+    """The run's prices for meta.json: the flags', else those a resumed run recorded."""
+    given = {key: getattr(args, key, None) for key in store.PRICES}
+    kept = store.prices({k: v for k, v in meta.items() if given.get(k) is None})
+    return {**kept, **{k: float(v) for k, v in given.items() if v is not None}}
+
+
 def main(args: argparse.Namespace) -> int:
     """`ampbench run`: sweep the matrix into a run directory; exit 0 when the sweep finished,
     3 when --time-budget stopped it and 128+N when signal N did (Ctrl-C, SIGTERM, SIGHUP),
@@ -615,6 +623,7 @@ def main(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, session: _Session) -> int:
     budget = _budget(args)
     base, run_dir, meta = _choose_matrix(args)
+    prices = _prices(args, meta)
     mx = config.override(
         base, models_=args.models, precisions=args.precisions, batch_sizes=args.batch_sizes,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats,
@@ -644,7 +653,7 @@ def _run(args: argparse.Namespace, session: _Session) -> int:
     store.write_meta(run_dir, {
         "run_id": run_id, "created": meta.get("created") or env["timestamp"],
         "updated": env["timestamp"], **env, "cpu_model": cpu_model(),
-        "find_max_batch": bool(args.find_max_batch), "matrix": mx.to_dict(),
+        "find_max_batch": bool(args.find_max_batch), "matrix": mx.to_dict(), **prices,
     })
     settings = Settings(run_id, device, mx.warmup, mx.steps, mx.timeout_s, env, launcher,
                         rdzv_endpoint)

@@ -205,9 +205,10 @@ def write_csv(run_dir: Path, records: Iterable[dict[str, Any]] | None = None) ->
     for field in FIELDS:
         if field not in frame.columns:
             frame[field] = None
-    frame = _with_cell_noise(frame)
-    extra = [c for c in frame.columns if c not in FIELDS + CELL_NOISE]
-    frame = frame[list(FIELDS + CELL_NOISE) + extra]
+    frame = _with_costs(_with_cell_noise(frame), read_meta(run_dir))
+    derived = CELL_NOISE + tuple(c for c in COST if c in frame.columns)
+    extra = [c for c in frame.columns if c not in FIELDS + derived]
+    frame = frame[list(FIELDS + derived) + extra]
     if "throttle_reasons" in frame.columns:
         frame["throttle_reasons"] = frame["throttle_reasons"].map(
             lambda v: ";".join(v) if isinstance(v, list) else v
@@ -244,6 +245,65 @@ def _with_cell_noise(frame: Any) -> Any:
             None if spread is None else spread * 100, _finite_or_none(est.spread * 100),
             est.source]
     return frame.astype({c: "object" for c in CELL_NOISE}).where(pd.notna(frame), None)
+
+
+# Prices a run was given (``--price-per-hour``, ``--price-per-kwh``, USD), kept in meta.json so
+# that results.csv and a later ``report`` price the run the same way.
+PRICES = ("price_per_hour", "price_per_kwh")
+# Derived into results.csv only when the run has a price: an empty column would read as "cost
+# not measured", and a run without one keeps the columns it always had. ``usd_per_1m_samples``
+# is the cell's (from ``cell_samples_per_s``, the same on each of its rows) with that value's
+# relative standard error; ``energy_usd_per_1m_samples`` is the row's own measured energy.
+COST = ("usd_per_1m_samples", "usd_per_1m_samples_err_pct", "energy_usd_per_1m_samples")
+
+
+def check_price(value: Any, name: str) -> float:
+    """``value`` as a price in USD (a finite number above 0), or BadInput naming ``name``."""
+    number = _parse_number(value) if not isinstance(value, str) or value.strip() else None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise BadInput(f"{name}: expected a price in USD above 0, got '{value}'")
+    return number
+
+
+def prices(meta: dict[str, Any]) -> dict[str, float]:
+    """The prices meta.json records (PRICES keys present), checked: BadInput when damaged."""
+    return {key: check_price(meta[key], f"{META} {key}") for key in PRICES
+            if meta.get(key) is not None}
+
+
+def usd_per_1m_samples(price_per_hour: float, world_size: Any, samples_per_s: Any) -> float:
+    """What a million samples cost on ``world_size`` devices at ``price_per_hour`` each."""
+    rate, devices = _parse_number(samples_per_s), _parse_number(world_size)
+    devices = devices if devices is not None and math.isfinite(devices) else 1.0
+    if rate is None or not rate > 0 or not math.isfinite(rate):
+        return math.nan
+    return price_per_hour * devices / 3600.0 / rate * 1e6
+
+
+def energy_usd_per_1m_samples(price_per_kwh: float, joules_per_sample: Any) -> float:
+    """The measured energy of a million samples at ``price_per_kwh`` (NaN where unmeasured)."""
+    joules = _parse_number(joules_per_sample)
+    if joules is None or not math.isfinite(joules) or joules < 0:
+        return math.nan
+    return price_per_kwh * joules * 1e6 / 3.6e6
+
+
+def _with_costs(frame: Any, meta: dict[str, Any]) -> Any:
+    """``frame`` with the COST columns its run's prices allow (none without a price)."""
+    given = prices(meta)
+    frame = frame.copy()
+    if "price_per_hour" in given:
+        frame["usd_per_1m_samples"] = [
+            _finite_or_none(usd_per_1m_samples(given["price_per_hour"], ws, sps))
+            for ws, sps in zip(frame["world_size"], frame["cell_samples_per_s"], strict=True)]
+        # Cost is inversely proportional to throughput: the same relative error.
+        frame["usd_per_1m_samples_err_pct"] = frame["cell_samples_per_s_err_pct"].where(
+            frame["usd_per_1m_samples"].notna(), None)
+    if "price_per_kwh" in given:
+        frame["energy_usd_per_1m_samples"] = [
+            _finite_or_none(energy_usd_per_1m_samples(given["price_per_kwh"], j))
+            for j in frame["joules_per_sample"]]
+    return frame
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -297,7 +357,7 @@ NON_NEGATIVE = (
     "startup_s", *MEMORY, "flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct",
     "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "joules_per_sample",
     "sm_clock_mhz_avg", "scaler_scale_final", "cell_samples_per_s",
-    "cell_samples_per_s_err_pct", "process_spread_pct", "noise_pct", "host_ms_median",
+    "cell_samples_per_s_err_pct", "process_spread_pct", "noise_pct", "host_ms_median", *COST,
 )
 SIGNED = ("loss_first", "loss_last", "energy_check_pct", "temp_max_c", "queued_ms_median")
 

@@ -93,6 +93,17 @@ def test_language_models_report_tokens_and_joules_per_token(tmp_path):
     assert "| gpt2-tiny | not judged (noise not measured)" in summary  # one process, no spread
 
 
+def test_emulated_cells_are_noted_and_never_the_summary_s_finding(tmp_path):
+    rows = [_record(precision="fp32", samples_per_s=100.0, repeat=r) for r in range(3)]
+    rows += [_record(precision="fp8", samples_per_s=500.0, repeat=r, emulated=True,
+                     fp8_converted=0, fp8_unconverted="fc (64x10)") for r in range(3)]
+    text = report.render(report.load(_run_dir(tmp_path, rows)))
+    assert "Emulated: these cells ran their low-precision math in software" in text
+    assert text.split("Emulated:")[1].split("\n")[0].endswith("claims them: fp8, batch 8.")
+    summary = text.split("## Summary")[1].split("##")[0]
+    assert "fp8" not in summary, summary  # 5x faster, emulated: no finding
+
+
 def test_max_batch_records_and_world_sizes_get_their_own_tables(tmp_path):
     rows = [
         _record(precision="fp32", samples_per_s=100.0),

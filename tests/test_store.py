@@ -75,6 +75,39 @@ def test_results_csv_states_each_cells_value_and_noise_across_its_processes(tmp_
     assert two["noise_source"] == "repeats"
 
 
+def test_a_price_in_meta_adds_the_cost_of_a_million_samples_to_results_csv(tmp_path):
+    store.write_meta(tmp_path, {"price_per_hour": 3.6, "price_per_kwh": 0.36})
+    for repeat, value in enumerate([100.0, 101.0, 99.0]):  # the cell: 100 samples/s, 1% apart
+        store.append(tmp_path, _timed(1, repeat, value, joules_per_sample=2.0, world_size=1))
+    store.append(tmp_path, _timed(2, 0, 50.0, world_size=4))  # no energy measured
+    store.append(tmp_path, {**_record(3), "status": "oom"})
+    frame = pd.read_csv(store.write_csv(tmp_path))
+    assert list(frame.columns) == [*store.FIELDS, *store.CELL_NOISE, *store.COST]
+    one, four, oom = (frame[frame["batch_size"] == b].iloc[0] for b in (1, 2, 3))
+    # $3.6 per device-hour = $0.001 per device-second; 1M samples at 100/s take 10,000 s.
+    assert one["usd_per_1m_samples"] == pytest.approx(10.0)
+    assert one["usd_per_1m_samples_err_pct"] == pytest.approx(1.0 / np.sqrt(3))
+    assert four["usd_per_1m_samples"] == pytest.approx(4 * 0.001 * 1e6 / 50)  # 4 devices
+    assert one["energy_usd_per_1m_samples"] == pytest.approx(0.2)  # 2 MJ = 0.556 kWh x $0.36
+    assert np.isnan(four["energy_usd_per_1m_samples"])
+    assert np.isnan(oom["usd_per_1m_samples"])
+
+
+def test_without_a_price_results_csv_has_no_cost_columns(tmp_path):
+    store.write_meta(tmp_path, {"run_id": "r"})
+    store.append(tmp_path, _timed(1, 0, 100.0, joules_per_sample=2.0))
+    frame = pd.read_csv(store.write_csv(tmp_path))
+    assert not set(store.COST) & set(frame.columns)
+
+
+@pytest.mark.parametrize("price", ["cheap", -1, 0, "nan", float("inf"), True])
+def test_a_damaged_price_in_meta_is_bad_input_naming_it(tmp_path, price):
+    store.write_meta(tmp_path, {"price_per_hour": price})
+    store.append(tmp_path, _timed(1, 0, 100.0))
+    with pytest.raises(BadInput, match=r"meta.json price_per_hour: expected a price in USD"):
+        store.write_csv(tmp_path)
+
+
 def test_empty_record_refuses_unknown_fields():
     with pytest.raises(ValueError, match="samples_per_sec"):
         store.empty_record(samples_per_sec=1.0)

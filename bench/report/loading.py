@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ PLOTS = "plots"
 INDEX = "README.md"
 PARITY = "parity.csv"
 CURVES = "parity_curves.csv"
+GRAD_HIST = "grad_hist.csv"  # FP32 gradient magnitudes per log2 bin (bench/parity.py)
+PEERS = "peers.csv"  # `ampbench peers --out RUN_DIR/peers.csv` (bench/peers.py)
 
 POLICY_ORDER = ("fp32", "tf32", "fp16", "bf16", "fp16-noscale")
 KEY = store.KEY
@@ -50,7 +52,12 @@ class Run:
     cells: pd.DataFrame  # one row per cell: KEY, status, medians of the ok repeats, flags
     max_batch: pd.DataFrame  # model, precision, status, max_batch (empty without a search)
     parity: pd.DataFrame | None  # one row per (model, precision); None without parity.csv
-    curves: pd.DataFrame | None  # model, precision, seed, step, loss
+    curves: pd.DataFrame | None  # model, precision, seed, step, loss (, scale, skipped, time_s)
+    # parity.csv as written: one row per (model, precision, seed), numbers as numbers.
+    parity_runs: pd.DataFrame | None = None
+    grad_hist: pd.DataFrame | None = None  # model, kind, step, log2_bin, count, zeros
+    peers: pd.DataFrame | None = None  # peers.csv as written
+    prices: dict[str, float] = field(default_factory=dict)  # store.PRICES keys given
 
     @property
     def device_name(self) -> str:
@@ -153,6 +160,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         row["contended"] = "others_cpu_pct" in ok and any(map(load_.contended,
                                                               ok["others_cpu_pct"]))
         row["host_bound"] = "host_bound" in ok and any(map(store.truthy, ok["host_bound"]))
+        row["emulated"] = "emulated" in ok and any(map(store.truthy, ok["emulated"]))
         row["throttle_reasons"] = ";".join(reasons)
         errors = [str(e).strip() for e in group["error"].dropna() if str(e).strip()]
         row["error"] = errors[0] if errors else ""
@@ -164,6 +172,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     columns = [*KEY, "status", *METRICS, *(f"{m}_err" for m in _NOISY), "noise_pct",
                "noise_source", "step_spread_pct", "throttled", "contended", "host_bound",
+               "emulated",
                "throttle_reasons", "error", "repeats", "calibration_processes", "failed_repeats",
                "device_name"]
     cells = pd.DataFrame(rows, columns=columns)
@@ -183,11 +192,30 @@ def _max_batch(frame: pd.DataFrame) -> pd.DataFrame:
     return out.drop_duplicates(["model", "precision"], keep="last")[columns]
 
 
-def _parity(path: Path) -> pd.DataFrame | None:
-    """parity.csv folded to one row per (model, precision), or None when it is absent."""
+# parity.csv's numbers the report reads per seed (timing and the scale the scaler settled on).
+_PARITY_NUMBERS = ("steps_to_target", "scaler_scale_final", "train_time_s", "step_time_ms",
+                   "time_to_target_s", "final_train_loss")
+
+
+def _parity_runs(path: Path) -> pd.DataFrame | None:
+    """parity.csv with one row per (model, precision, seed), or None when it is absent."""
     frame = _read_csv(path, ("model", "precision"), {"seed": 0},
-                      ("eval_loss", "eval_accuracy", "delta", "tolerance", "optimal_loss"))
+                      ("eval_loss", "eval_accuracy", "delta", "tolerance", "optimal_loss",
+                       *_PARITY_NUMBERS))
     if frame is None or frame.empty:
+        return None
+    frame = frame.copy()
+    frame["model"] = frame["model"].astype(str)
+    frame["precision"] = frame["precision"].astype(str)
+    for column in _PARITY_NUMBERS:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame \
+            else math.nan
+    return frame
+
+
+def _parity(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    """parity.csv's rows folded to one row per (model, precision); None when there are none."""
+    if frame is None:
         return None
     rows = []
     for (model, precision), group in frame.groupby(["model", "precision"], sort=False):
@@ -234,11 +262,59 @@ def _curves(path: Path) -> pd.DataFrame | None:
     frame["loss"] = loss.where(loss.abs() != math.inf)
     frame["model"] = frame["model"].astype(str)
     frame["precision"] = frame["precision"].astype(str)
+    for column in ("scale", "skipped", "time_s"):  # empty for a policy without a scaler
+        frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame \
+            else math.nan
     return frame.dropna(subset=["step"])
 
 
-def load(run_dir: Path | str) -> Run:
-    """Read a run directory (results.csv, meta.json, parity files) into a Run."""
+_HIST_COLUMNS = ("model", "kind", "step", "log2_bin", "count", "zeros")
+
+
+def _grad_hist(path: Path) -> pd.DataFrame | None:
+    """grad_hist.csv (whole numbers checked), or None when it is absent or empty."""
+    # log2_bin is empty on the row of a group whose elements were all zero.
+    frame = _read_csv(path, [c for c in _HIST_COLUMNS if c != "log2_bin"],
+                      {"step": 0, "count": 0, "zeros": 0}, ("log2_bin",))
+    if frame is None or frame.empty:
+        return None
+    if "log2_bin" not in frame.columns:
+        raise BadInput(f"{path}: missing column(s) log2_bin")
+    frame = frame.copy()
+    bins = pd.to_numeric(frame["log2_bin"], errors="coerce")
+    if not (bins.dropna() % 1 == 0).all():
+        raise BadInput(f"{path}: column log2_bin holds a fraction, not a power of two's "
+                       "exponent")
+    frame["log2_bin"] = bins
+    for column in ("model", "kind"):
+        frame[column] = frame[column].astype(str).str.strip()
+    for column in ("step", "count", "zeros"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame.dropna(subset=["count"])
+
+
+def _peers(path: Path) -> pd.DataFrame | None:
+    """peers.csv as `ampbench peers` wrote it, or None when it is absent."""
+    frame = _read_csv(path, ("model", "precision", "status"))
+    return None if frame is None or frame.empty else frame
+
+
+def prices(meta: dict[str, Any], price_per_hour: float | None = None,
+           price_per_kwh: float | None = None) -> dict[str, float]:
+    """The prices a report uses: those given here, else those the run kept in meta.json."""
+    given = {"price_per_hour": price_per_hour, "price_per_kwh": price_per_kwh}
+    # A price given replaces the recorded one, damaged or not.
+    found = store.prices({k: v for k, v in meta.items() if given.get(k) is None})
+    for key, value in given.items():
+        if value is not None:
+            found[key] = store.check_price(value, f"--{key.replace('_', '-')}")
+    return found
+
+
+def load(run_dir: Path | str, price_per_hour: float | None = None,
+         price_per_kwh: float | None = None) -> Run:
+    """Read a run directory (results.csv, meta.json, parity files) into a Run; a price given
+    here overrides the one the run recorded."""
     path = Path(run_dir)
     if not path.is_dir():
         raise BadInput(f"{run_dir}: no such run directory")
@@ -246,13 +322,19 @@ def load(run_dir: Path | str) -> Run:
         raise BadInput(f"{run_dir}: not a run directory (no {store.RESULTS} or {store.RECORDS})")
     # The reader the gate uses too: both refuse the same files; a damaged line is skipped here.
     raw = _normalise(store.load_results(path, strict=False))
+    meta = store.read_meta(path)
+    runs = _parity_runs(path / PARITY)
     return Run(
         path=path,
-        meta=store.read_meta(path),
+        meta=meta,
         cells=aggregate(raw[~raw["max_batch_search"]]),
         max_batch=_max_batch(raw),
-        parity=_parity(path / PARITY),
+        parity=_parity(runs),
         curves=_curves(path / CURVES),
+        parity_runs=runs,
+        grad_hist=_grad_hist(path / GRAD_HIST),
+        peers=_peers(path / PEERS),
+        prices=prices(meta, price_per_hour, price_per_kwh),
     )
 
 

@@ -13,7 +13,9 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench import noise, store
+from bench.report import accuracy, peers
 from bench.report.loading import PLOTS, REPORT, THROTTLED_MARK, Run, _ordered, load
+from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE
 from bench.report.plots import plot
 from bench.report.tables import (
     _fmt_width,
@@ -47,8 +49,9 @@ def _best(model: _Model, ratio_of: Any, better: int, fmt: Any) -> str:
     """The best of ``ratio_of(cell)`` over ok non-fp32 cells that is beyond noise in the good
     direction (``better`` +1: above 1; -1: below 1), as 'text (policy, batch N)'; 'none beyond
     noise' when no cell's interval excludes no change that way, 'n/a' when nothing compares."""
-    candidates = [cell for _, cell in model.cells.iterrows()
-                  if cell["status"] == "ok" and cell["precision"] != "fp32"]
+    candidates = [cell for _, cell in model.cells.iterrows()  # emulated speed is no finding
+                  if cell["status"] == "ok" and cell["precision"] != "fp32"
+                  and not cell["emulated"]]
     found = [(r, cell) for cell in candidates
              if not _contended(model, cell) and (r := ratio_of(cell)) is not None]
     if not found:
@@ -277,29 +280,43 @@ _PLOT_TITLES = {
 }
 
 
+_PARITY_PLOTS = (f"{GRAD_RANGE}-", f"{LOSS_SCALE}-")  # one per parity model
+
+
 def render(run: Run, plots: Sequence[str] = ()) -> str:
     """report.md text for a run; ``plots`` are the plot names written beside it."""
     lines = [f"# ampbench report: {run.device_name}", "", *_environment(run), _noise_line(run),
              "", *_summary(run)]
-    for name in run.cells["model"].drop_duplicates():
-        lines += _model_section(run, name)
+    benchmarked = list(run.cells["model"].drop_duplicates())
+    for name in benchmarked:
+        lines += _model_section(run, name, accuracy.block(run, name, plots))
+    for name in accuracy.models(run):
+        if name not in benchmarked:  # a parity task with no benchmark cells of its own
+            lines += [f"## {name} (parity task)", "", "No benchmark cells: parity only.", "",
+                      *accuracy.block(run, name, plots)]
     lines += _max_batch_section(run)
-    if plots:
+    lines += peers.section(run)
+    shown = [name for name in plots if not name.startswith(_PARITY_PLOTS)]  # in their section
+    if shown:
         lines += ["## Plots", ""]
-        for name in plots:
+        for name in shown:
             lines += [f"![{_PLOT_TITLES.get(name, name)}]({PLOTS}/{name}.png)", ""]
         lines += [f"Error bars: the noise interval (±{noise.Z:g} standard errors). SVG versions "
                   f"beside them in `{PLOTS}/`.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_report(run_dir: Path | str, out_dir: Path | str | None = None) -> Path:
-    """Write report.md and plots/ for a run (into ``out_dir`` when given); returns report.md."""
-    run = load(run_dir)
+def write_report(run_dir: Path | str, out_dir: Path | str | None = None,
+                 price_per_hour: float | None = None,
+                 price_per_kwh: float | None = None) -> Path:
+    """Write report.md and plots/ for a run (into ``out_dir`` when given); returns report.md.
+    A price given here overrides the one the run recorded in meta.json."""
+    run = load(run_dir, price_per_hour, price_per_kwh)
     out = Path(out_dir) if out_dir is not None else run.path
     out.mkdir(parents=True, exist_ok=True)
     written = plot(run, out / PLOTS)
-    for name in set(_PLOT_TITLES) - {p.stem for p in written}:  # stale from an earlier report
+    stale = {p.stem for prefix in _PARITY_PLOTS for p in (out / PLOTS).glob(f"{prefix}*.png")}
+    for name in (set(_PLOT_TITLES) | stale) - {p.stem for p in written}:  # from an earlier one
         for suffix in (".png", ".svg"):
             (out / PLOTS / f"{name}{suffix}").unlink(missing_ok=True)
     path = out / REPORT

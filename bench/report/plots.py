@@ -474,6 +474,10 @@ def plot(run: Run, out: Path) -> list[Path]:
         written += _pareto_plot(plotter)
         written += _loss_plot(plotter)
         written += _max_batch_plot(plotter)
+        # Imported here: parity_plots draws with this module's _Plotter.
+        from bench.report.parity_plots import plot_parity
+
+        written += plot_parity(plotter)
     return written
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from bench import noise
+from bench import noise, store
 from bench.report.loading import (
     _SECONDARY,
     _SECONDARY_HEADERS,
@@ -76,6 +76,18 @@ def _fmt_pct(value: Any) -> str:
 
 def _fmt_int(value: Any) -> str:
     return f"{int(value)}" if _is_num(value) else ""
+
+
+def _fmt_usd(value: float, error: Any) -> str | None:
+    """'$0.123 ±0.004': a price with its noise interval (``error``: relative standard error),
+    to the digits the value shows; None where there is no value."""
+    if not _is_num(value):
+        return None
+    digits = max(2, 2 - math.floor(math.log10(abs(value)))) if value else 2
+    text = f"${value:,.{digits}f}"
+    if not _is_num(error):
+        return text + " (noise unknown)"
+    return text + f" ±{noise.Z * float(error) * abs(value):.{digits}f}"
 
 
 # A cell whose processes or steps spread wider than this is flagged with the advice to fix it.
@@ -227,7 +239,8 @@ def _table(model: _Model, text: Any, always: bool = False) -> str | None:
                     disable_numparse=True)
 
 
-def _model_section(run: Run, name: str) -> list[str]:
+def _model_section(run: Run, name: str, parity: Sequence[str] = ()) -> list[str]:
+    """A model's section: its metric tables, then ``parity`` (the parity block's lines)."""
     model = _model(run, name)
     lines = [f"## {name}", ""]
     shape = _shape(model)
@@ -272,6 +285,17 @@ def _model_section(run: Run, name: str) -> list[str]:
     def mfu(cell: pd.Series) -> str | None:
         return f"{cell['mfu_pct']:.1f}%" if _is_num(cell["mfu_pct"]) else None
 
+    price_hour, price_kwh = run.prices.get("price_per_hour"), run.prices.get("price_per_kwh")
+
+    def cost(cell: pd.Series) -> str | None:
+        value = store.usd_per_1m_samples(price_hour or 0, cell["world_size"],
+                                         cell["samples_per_s"])
+        return _fmt_usd(value, cell.get("samples_per_s_err"))
+
+    def energy_cost(cell: pd.Series) -> str | None:
+        value = store.energy_usd_per_1m_samples(price_kwh or 0, cell["joules_per_sample"])
+        return _fmt_usd(value, cell.get("joules_per_sample_err"))
+
     over = "over fp32 (over tf32)" if has_tf32 else "over fp32"
     sections = [
         (f"Throughput, {model.rate_unit}", rate, None),
@@ -282,6 +306,13 @@ def _model_section(run: Run, name: str) -> list[str]:
          "energy: not measured (no NVML power readings)"),
         ("MFU (model FLOPs utilisation)", mfu, "MFU: no peak FLOP/s known for this device"),
     ]
+    if price_hour is not None:
+        per = f"${price_hour:g} per device-hour" + (
+            " x world size" if (model.cells["world_size"] > 1).any() else "")
+        sections.append((f"Cost, $ per 1M samples (at {per})", cost, "cost: no throughput"))
+    if price_kwh is not None:
+        sections.append((f"Energy cost, $ per 1M samples (at ${price_kwh:g} per kWh)",
+                         energy_cost, "energy cost: energy not measured"))
     skipped = []
     any_ok = bool((model.cells["status"] == "ok").any())
     for title, text, missing in sections:
@@ -295,10 +326,8 @@ def _model_section(run: Run, name: str) -> list[str]:
     if scaling:
         lines += ["**Scaling efficiency vs world size 1** (samples/s(ws) / (ws x samples/s(1)))",
                   "", scaling, ""]
-    parity = _parity_table(run, name)
     if parity:
-        lines += ["**Accuracy parity** (final eval loss against the FP32 seed band)", "",
-                  parity, ""]
+        lines += parity
     elif run.parity is None:
         skipped.append("parity: not run")
     notes = _notes(model)
@@ -353,6 +382,12 @@ def _notes(model: _Model) -> list[str]:
                      f"while it ran, so its numbers measure them too (not claimed in the "
                      f"summary; rerun on an idle machine): "
                      f"{'; '.join(_label(c, model.row_keys) for _, c in contended.iterrows())}.")
+    emulated = model.cells[model.cells["emulated"]]
+    if len(emulated):
+        notes.append("Emulated: these cells ran their low-precision math in software (FP8 off "
+                     "CUDA), so the numerics are right but the speed says nothing about the "
+                     "hardware; no summary claims them: "
+                     f"{'; '.join(_label(c, model.row_keys) for _, c in emulated.iterrows())}.")
     host_bound = model.cells[model.cells["host_bound"]]
     if len(host_bound):
         items = [f"{_label(cell, model.row_keys)} (host {_fmt_sig(cell['host_ms_median'])} ms "
@@ -405,48 +440,3 @@ def _scaling_table(model: _Model) -> str | None:
     multi = _Model(model.name, model.cells[model.cells["world_size"] != 1],
                    model.row_keys, model.policies, model.language)
     return _table(multi, efficiency)
-
-
-def _parity_table(run: Run, name: str) -> str | None:
-    if run.parity is None:
-        return None
-    rows = run.parity[run.parity["model"] == name].set_index("precision")
-    if rows.empty:
-        return None
-    policies = _ordered(list(rows.index))
-
-    def row(label: str, text: Any) -> list[str]:
-        return [label, *(text(rows.loc[p]) for p in policies)]
-
-    def number(column: str, fmt: str) -> Any:
-        return lambda r: format(r[column], fmt) if _is_num(r[column]) else ""
-
-    def delta(r: pd.Series) -> str:
-        if not _is_num(r["delta"]):
-            return ""
-        text = f"{r['delta']:+.3g}" if r["delta"] else "0"
-        return text + (f" (±{r['tolerance']:.3g})" if _is_num(r["tolerance"]) else "")
-
-    seeds = sorted({int(s) for s in rows["seeds"]})
-    body = [
-        row("verdict", lambda r: r["verdict"] or ("reference" if r.name == "fp32" else "")),
-        row(f"eval loss (mean of {'/'.join(map(str, seeds))} seeds)", number("eval_loss", ".4g")),
-        row("change vs fp32 (tolerance)", delta),
-        row("eval accuracy", lambda r: f"{r['eval_accuracy'] * 100:.1f}%"
-            if _is_num(r["eval_accuracy"]) else ""),
-        row("non-finite steps", lambda r: _fmt_int(r["nonfinite_steps"])),
-    ]
-    if rows["optimal_loss"].notna().any():  # a source whose entropy rate is known exactly
-        body.insert(2, row("achievable optimum (entropy rate)", number("optimal_loss", ".4g")))
-    if rows["scaler_skipped_steps"].notna().any():
-        body.append(row("loss-scaler skipped steps", lambda r: _fmt_int(r["scaler_skipped_steps"])))
-    if rows["underflow_frac"].notna().any():
-        # Measured on FP32 gradients: what FP16 without loss scaling would flush to zero.
-        body.append(row("FP32 gradients below FP16's range", lambda r: f"{r['underflow_frac']:.2%}"
-                        if _is_num(r["underflow_frac"]) else ""))
-    if rows["crashed"].any():
-        body.append(row("crashed runs (see parity.csv)", lambda r: _fmt_int(r["crashed"])))
-    return tabulate(body, headers=["", *policies], tablefmt="github", disable_numparse=True,
-                    colalign=["left"] + ["right"] * len(policies))
-
-

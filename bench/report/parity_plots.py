@@ -1,0 +1,187 @@
+"""The parity section's figures, one of each per parity model: where the FP32 gradients fall in
+FP16's range before and after loss scaling (``grad_range-<model>``, the histogram of
+Micikevicius et al., 2018, "Mixed Precision Training"), and the GradScaler's scale over
+training with its skipped steps (``loss_scale-<model>``). torch-free."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from bench.report import gradients
+from bench.report.gradients import (
+    FP16_MAX,
+    FP16_NORMAL_LOG2,
+    FP16_OVERFLOW_LOG2,
+    FP16_TINY_LOG2,
+    Shares,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from bench.report.plots import _Plotter
+
+GRAD_RANGE = "grad_range"
+LOSS_SCALE = "loss_scale"
+_UNSCALED, _SCALED = "#7f7f7f", "#029e73"  # grey: FP32 as measured; fp16's colour: scaled
+_LOST = "#d55e00"  # what FP16 loses: outside its range, skipped steps
+_SEED_COLOURS = ("#0173b2", "#029e73", "#cc78bc", "#56b4e9", "#949494", "#ca9161")
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _pow2(exponent: int) -> str:
+    """'2⁻²⁴': superscript digits, not mathtext (whose parser costs seconds per report)."""
+    return "2" + str(exponent).translate(_SUPERSCRIPT)
+
+
+def plot_name(kind: str, model: str) -> str:
+    """The file stem of a per-model figure: ``grad_range-gpt2-tiny``."""
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}"
+
+
+def _range_panel(ax: Axes, item: Shares) -> None:
+    from matplotlib.ticker import MultipleLocator, PercentFormatter
+
+    hist = item.histogram
+    shift = item.log2_scale
+    ax.axvspan(-200, FP16_TINY_LOG2, color=_LOST, alpha=0.07, lw=0)
+    ax.axvspan(FP16_OVERFLOW_LOG2, 200, color=_LOST, alpha=0.07, lw=0)
+    ax.bar(hist.index, hist.to_numpy(), width=1.0, align="edge", color=_UNSCALED, alpha=0.55,
+           label="FP32 gradients (unscaled)")
+    if shift is not None and shift != 0:
+        ax.stairs(hist.to_numpy(), [*(hist.index + shift), hist.index[-1] + shift + 1],
+                  color=_SCALED, lw=1.8, baseline=None,
+                  label=f"\u00d7 loss scale {_pow2(shift)} (fp16 runs)")
+    # FP16's limits, labelled above the panel where no bar or box can cover them.
+    for x, style, label in ((FP16_TINY_LOG2, "--", _pow2(FP16_TINY_LOG2)),
+                            (FP16_NORMAL_LOG2, ":", _pow2(FP16_NORMAL_LOG2)),
+                            (math.log2(FP16_MAX), "-", "65504")):
+        ax.axvline(x, color=_LOST, ls=style, lw=1.3)
+        ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8,
+                    color=_LOST)
+    edges = [*hist.index, hist.index[-1] + 1]
+    if shift is not None:
+        edges += [edges[0] + shift, edges[-1] + shift]
+    low = min(min(edges), FP16_TINY_LOG2) - 2
+    high = max(max(edges), FP16_OVERFLOW_LOG2) + 2
+    ax.set_xlim(low, high)
+    ax.set_ylim(0, max(float(hist.max()), 1e-9) * 1.45)  # headroom for the shares box
+    ax.xaxis.set_major_locator(MultipleLocator(8 if high - low > 40 else 4))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    tiny = _pow2(FP16_TINY_LOG2)
+    lines = [f"below {tiny}: {gradients.pct(item.below())}"]
+    if shift is not None:
+        lines += [f"below {tiny} after \u00d7{_pow2(shift)}: {gradients.pct(item.below(shift))}",
+                  f"above 65504 after \u00d7{_pow2(shift)}: {gradients.pct(item.above(shift))}"]
+    lines.append(f"exactly zero: {gradients.pct(item.zero_share)} of all elements")
+    # In the top corner over the lower bars (either histogram's), where it hides least.
+    third = (high - low) / 3
+    pairs = [(hist.index, hist)] + ([(hist.index + shift, hist)] if shift else [])
+    heights = [(b, h) for bins, values in pairs for b, h in zip(bins, values, strict=True)]
+    left = max((h for b, h in heights if b < low + third), default=0.0)
+    right = max((h for b, h in heights if b + 1 > high - third), default=0.0)
+    x, align = (0.02, "left") if left <= right else (0.98, "right")
+    ax.text(x, 0.97, "\n".join(lines), transform=ax.transAxes, ha=align, va="top", fontsize=7,
+            bbox={"facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+    steps = ", ".join(map(str, item.steps))
+    ax.set_title(f"{item.kind} gradients (step{'s' if len(item.steps) > 1 else ''} {steps})",
+                 pad=16)
+    ax.set_xlabel("log\u2082 |gradient|  (the bar at b: 2\u1d47 to 2\u1d47\u207a\u00b9)")
+    ax.set_ylabel("share of non-zero elements")
+
+
+def _range_plot(plotter: _Plotter, model: str) -> list[Path]:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    items = gradients.shares(plotter.run, model)
+    items = [i for i in items if i.nonzero]
+    if not items:
+        return []
+    fig, axes = plotter.figure(len(items), f"{model}: FP32 gradients against FP16's range",
+                               width=5.2, height=3.6)
+    for ax, item in zip(axes, items, strict=True):
+        _range_panel(ax, item)
+    handles = [Patch(color=_UNSCALED, alpha=0.55, label="FP32 gradients (unscaled)")]
+    shift = items[0].log2_scale
+    if shift:
+        handles.append(Line2D([], [], color=_SCALED, lw=1.8,
+                              label=f"the same \u00d7 {_pow2(shift)}, the fp16 runs' loss scale"))
+    handles.append(Patch(color=_LOST, alpha=0.15, label="outside FP16's range"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    return plotter.save(fig, plot_name(GRAD_RANGE, model))
+
+
+def scaled_curves(curves: pd.DataFrame | None, model: str) -> pd.DataFrame:
+    """The model's curve points that carry a loss scale (the runs with a GradScaler)."""
+    if curves is None:
+        return pd.DataFrame()
+    rows = curves[(curves["model"] == model) & curves["scale"].notna() & (curves["scale"] > 0)]
+    return rows.sort_values(["precision", "seed", "step"])
+
+
+def _scale_plot(plotter: _Plotter, model: str) -> list[Path]:
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    rows = scaled_curves(plotter.run.curves, model)
+    if rows.empty:
+        return []
+    fig, axes = plotter.figure(1, f"{model}: loss scale over training", width=6.4, height=3.4)
+    ax = axes[0]
+    runs = list(rows.groupby(["precision", "seed"], sort=False))
+    palette = [_SEED_COLOURS[i % len(_SEED_COLOURS)] for i in range(len(runs))]
+    handles = []
+    for i, ((policy, seed), line) in enumerate(runs):
+        label = f"{policy} seed {int(seed)}" if rows["precision"].nunique() > 1 \
+            else f"seed {int(seed)}"
+        # Seeds often share a scale for long stretches: wide lines under narrow, dashed
+        # ones on top, so each stays visible where they coincide.
+        style = {"color": palette[i], "lw": max(3.4 - 1.1 * i, 1.2),
+                 "ls": ("-", "--", ":", "-.")[i % 4], "alpha": 0.9}
+        ax.step(line["step"], line["scale"], where="post", **style)
+        handles.append(Line2D([], [], label=label, **style))
+    skipped = rows[rows["skipped"].fillna(0) > 0]
+    # One mark per point, the counts of the seeds that skipped there.
+    for (step, scale), point in skipped.groupby(["step", "scale"], sort=True):
+        counts = [int(c) for c in point["skipped"]]
+        text = f"{counts[0]}" if len(counts) == 1 else (
+            f"{counts[0]} (×{len(counts)} seeds)" if len(set(counts)) == 1
+            else "+".join(map(str, counts)))
+        ax.scatter([step], [scale], marker="x", s=45, color=_LOST, zorder=4, linewidths=1.8)
+        ax.annotate(text, (step, scale), xytext=(4, 5), textcoords="offset points",
+                    fontsize=7, color=_LOST)
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_locator(LogLocator(base=2, numticks=8))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _pow2(round(math.log2(v)))
+                                               if v > 0 else ""))
+    low, high = rows["scale"].min(), rows["scale"].max()
+    ax.set_ylim(low / 2, high * 2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("GradScaler scale")
+    if rows["skipped"].notna().any():
+        handles.append(Line2D([], [], ls="none", marker="x", color=_LOST,
+                              label="skipped steps in the window\n(count beside)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5),
+               frameon=False)
+    return plotter.save(fig, plot_name(LOSS_SCALE, model))
+
+
+def plot_parity(plotter: _Plotter) -> list[Path]:
+    """Both figures for every parity model whose data they need."""
+    written: list[Path] = []
+    for model in gradients.models(plotter.run):
+        written += _range_plot(plotter, model)
+    curves = plotter.run.curves
+    for model in [] if curves is None else curves["model"].drop_duplicates():
+        written += _scale_plot(plotter, model)
+    return written
