@@ -308,7 +308,10 @@ def _add_peers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_non_negative_int, default=5,
                    help="untimed warmup steps of each model (default 5)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
-    p.add_argument("--out", type=_out_csv, help="also write the table to this CSV file")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", type=_out_csv, help="also write the table to this CSV file")
+    out.add_argument("--out-dir", metavar="RUN_DIR", type=_out_dir,
+                     help="also write the table to RUN_DIR/peers.csv, where the report finds it")
     p.set_defaults(handler="bench.peers:main")
 
 

@@ -223,7 +223,7 @@ def _validate(args: argparse.Namespace) -> tuple[models.ModelSpec, precision.Pol
     return spec, pol, size
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     import torch
 
     # The runner reads a child's stderr with the same words (bench/failures.py).
@@ -267,7 +267,7 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
                                  pol.name, args.peak_tflops))
         record["status"] = "ok"
     except Exception as exc:
-        record["status"] = "oom" if _is_oom(exc) else "error"
+        record["status"] = "oom" if is_oom(exc) else "error"
         error = "".join(traceback.format_exception_only(exc)).strip()[-2000:]
         record["error"] = f"rank {ranks.rank}: {error}" if ranks else error
     return record

@@ -1,31 +1,39 @@
 """Peers: ampbench's reference models next to the ones people train, in one process.
 
     python -m bench peers --models gpt2-small,resnet50 --precisions fp32,bf16 --out peers.csv
+    python -m bench peers --out-dir results/runs/RUN_ID      # writes RUN_DIR/peers.csv
 
 Each model is paired with its peer (Hugging Face transformers' GPT2LMHeadModel and
 BertForMaskedLM with SDPA attention, torchvision's resnet50 / resnet18), our weights are copied
-into it, and the pair is compared: parameter counts, the largest logit difference and the loss
-difference in eval mode on the same batch, then the same training step (bench/cell.py's Trainer:
-one optimizer, scaler and autocast per policy) timed with steps interleaved ours/peer, so that
-noise hits both alike. The peers' libraries are the optional extra ``peers``, imported here only.
+into it, and the pair is compared: parameter counts, the largest logit difference in eval mode
+and in train mode (the same RNG seed before each forward, so dropout draws the same masks;
+ResNet's BatchNorm uses the batch's statistics) and the loss difference in eval mode on the same
+batch, then the same training step (bench/cell.py's Trainer: one optimizer, scaler and autocast
+per policy) timed with steps interleaved ours/peer, so that noise hits both alike. One CSV row
+per (model, policy), COLUMNS below, the environment on every row. The peers' libraries are the
+optional extra ``peers``, imported here only.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import importlib
+import os
 import statistics
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, config, precision
-from bench.cell import Trainer, prepare, resolve_device
+from bench import BadInput, config, paths, precision, store
+from bench.cell import Trainer, is_oom, prepare, resolve_device
+from bench.env import fingerprint
 from bench.measure import GIB, StepTimer, peak_memory, reset_peak_memory, summarize
 
 DEFAULT_MODELS = ("gpt2-small", "bert-base", "resnet50", "resnet18")
+PEERS_CSV = "peers.csv"  # its name in a run directory (--out-dir RUN_DIR)
 EXTRA_HINT = "pip install -e .[peers]"
 # The library each family's peer comes from; resnet-tiny has no torchvision counterpart
 # (torchvision's ResNets have a fixed stem width).
@@ -56,6 +64,18 @@ def check_library(model: str) -> None:
             f"fails to import ({type(exc).__name__}: {first})"
         raise PeerMissing(f"{model}'s peer needs {name}, which {why}; install the extra: "
                           f"{EXTRA_HINT}") from None
+
+
+def describe_peer(model: str) -> tuple[str, str | None]:
+    """(the peer's class or builder, its library's version or None where it does not import)."""
+    family = models.get(model).family
+    name = {"gpt": "transformers.GPT2LMHeadModel", "bert": "transformers.BertForMaskedLM"}.get(
+        family, f"torchvision.models.{model}")
+    try:
+        version = importlib.import_module(library(model)).__version__
+    except Exception:  # missing or broken: the row's status says which
+        version = None
+    return name, version
 
 
 def build_peer(model: str) -> Any:
@@ -177,31 +197,68 @@ def num_params(module: Any) -> int:
 class Equivalence:
     params_ours: int
     params_peer: int
-    logit_max_abs_diff: float
-    loss_abs_diff: float
+    logit_max_abs_diff: float  # eval mode
+    logit_max_abs_diff_train: float  # train mode, the same seed before each forward
+    loss_abs_diff: float  # eval mode
 
 
-def compare(model: str, ours: Any, peer: Any, inputs: Any, targets: Any) -> Equivalence:
-    """Parameter counts, max |logit difference| and |loss difference| in eval mode, FP32."""
+@contextlib.contextmanager
+def _untouched(*modules: Any) -> Any:
+    """Restore each module's mode and buffers (BatchNorm's running statistics) afterwards."""
+    import torch
+
+    saved = [(m.training, [(b, b.clone()) for b in m.buffers()]) for m in modules]
+    try:
+        yield
+    finally:
+        for m, (training, buffers) in zip(modules, saved, strict=True):
+            m.train(training)
+            with torch.no_grad():
+                for buffer, value in buffers:
+                    buffer.copy_(value)
+
+
+def compare(model: str, ours: Any, peer: Any, inputs: Any, targets: Any,
+            seed: int = 0) -> Equivalence:
+    """Parameter counts, max |logit difference| in eval and train mode and |loss difference| in
+    eval mode, FP32; the models are left as they were."""
     import torch
 
     spec = models.get(model)
+    peer_logits = _Logits(peer, spec.family)
     precision.get("fp32").apply_backend_flags()
-    was_training = ours.training, peer.training
-    ours.eval()
-    peer.eval()
-    try:
-        with torch.no_grad():
-            logits_ours = ours(inputs).float()
-            logits_peer = _Logits(peer, spec.family)(inputs).float()
-            loss_ours = spec.loss(ours, inputs, targets)
-            loss_peer = spec.loss(_Logits(peer, spec.family), inputs, targets)
-    finally:
-        ours.train(was_training[0])
-        peer.train(was_training[1])
+    with _untouched(ours, peer), torch.no_grad():
+        ours.train()
+        peer.train()
+        torch.manual_seed(seed)
+        train_ours = ours(inputs).float()
+        torch.manual_seed(seed)
+        train_peer = peer_logits(inputs).float()
+        ours.eval()
+        peer.eval()
+        logits_ours = ours(inputs).float()
+        logits_peer = peer_logits(inputs).float()
+        loss_ours = spec.loss(ours, inputs, targets)
+        loss_peer = spec.loss(peer_logits, inputs, targets)
     return Equivalence(num_params(ours), num_params(peer),
                        float((logits_ours - logits_peer).abs().max()),
+                       float((train_ours - train_peer).abs().max()),
                        float((loss_ours - loss_peer).abs()))
+
+
+def compare_fresh(model: str, batch_size: int, size: int, device: Any = "cpu",
+                  seed: int = 0) -> Equivalence:
+    """Build ``model`` and its peer as a cell would (seeded, unconverted by any policy), copy
+    the weights and compare them on one synthetic batch."""
+    import torch
+
+    spec = models.get(model)
+    torch.manual_seed(seed)
+    ours = spec.build().to(device)
+    peer = build_peer(model)
+    copy_weights(model, ours, peer)
+    inputs, targets = spec.make_batch(batch_size, size, device=device, seed=seed)
+    return compare(model, ours, peer.to(device), inputs, targets, seed)
 
 
 def _resident_bytes(trainer: Trainer) -> int:
@@ -217,7 +274,7 @@ def _peer_trainer(ours: Trainer, peer: Any) -> Trainer:
     import torch
 
     device = ours.device
-    peer = peer.to(device)
+    peer = ours.policy.prepare_model(peer.to(device))  # FP8 converts the peer's layers too
     if ours.memory_format == "channels_last":
         peer = peer.to(memory_format=torch.channels_last)
     peer.train()
@@ -268,39 +325,85 @@ def race(ours: Trainer, peer: Trainer, warmup: int, steps: int) -> dict[str, Any
     }
 
 
-COLUMNS = ("model", "precision", "status", "params_ours", "params_peer", "logit_max_abs_diff",
-           "loss_abs_diff", "ours_step_ms_median", "peer_step_ms_median",
-           "ratio_ours_per_peer_median", "ratio_ours_per_peer_iqr",
-           "ours_peak_mem_allocated_gib", "peer_peak_mem_allocated_gib")
+# One row per (model, policy); the report reads RUN_DIR/peers.csv by these names.
+RESULT = ("model", "precision", "status", "peer", "peer_version", "batch_size", "seq_len",
+          "image_size", "warmup_steps", "timed_steps", "params_ours", "params_peer",
+          "logit_max_abs_diff", "logit_max_abs_diff_train", "loss_abs_diff",
+          "ours_step_ms_median", "peer_step_ms_median", "ratio_ours_per_peer_median",
+          "ratio_ours_per_peer_iqr", "ours_peak_mem_allocated_gib", "peer_peak_mem_allocated_gib")
+COLUMNS = RESULT + store.ENVIRONMENT
+# What the table on stdout shows (the CSV has every column).
+_TABLE = ("model", "precision", "status", "params_ours", "params_peer", "logit_max_abs_diff",
+          "logit_max_abs_diff_train", "loss_abs_diff", "ours_step_ms_median",
+          "peer_step_ms_median", "ratio_ours_per_peer_median", "ratio_ours_per_peer_iqr",
+          "ours_peak_mem_allocated_gib", "peer_peak_mem_allocated_gib")
+
+
+def _blank_row(model: str, precision_name: str | None, environment: dict[str, Any]
+               ) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    peer, version = describe_peer(model)
+    row.update(environment, model=model, precision=precision_name, peer=peer,
+               peer_version=version)
+    return row
 
 
 def run_model(model: str, policies: list[str], batch_size: int | None, size: int | None,
-              device: Any, warmup: int, steps: int, seed: int = 0) -> list[dict[str, Any]]:
-    """One row per policy for ``model``: equivalence (the same for all), then the race."""
+              device: Any, warmup: int, steps: int, seed: int = 0,
+              environment: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per policy for ``model``: equivalence (once, in FP32 before any policy touches
+    the models: the same on every row), then the race."""
     spec = models.get(model)
     batch_size = batch_size or spec.default_batch_size
+    size = size or spec.default_size
     rows = []
     equivalence = None
     for name in policies:
-        row: dict[str, Any] = dict.fromkeys(COLUMNS)
-        row.update(model=model, precision=name)
+        row = _blank_row(model, name, environment or {})
+        row.update({"batch_size": batch_size, spec.size_arg: size, "warmup_steps": warmup,
+                    "timed_steps": steps})
         reason = precision.get(name).unsupported_reason(device)
         if reason:
             row["status"] = f"unsupported: {reason}"
             rows.append(row)
             continue
-        ours = prepare(model, name, batch_size, size, device=device, seed=seed)
-        peer_module = build_peer(model)
-        copy_weights(model, ours.model, peer_module)
-        peer = _peer_trainer(ours, peer_module)
-        if equivalence is None:
-            equivalence = compare(model, ours.model, peer_module, ours.inputs, ours.targets)
-            precision.get(name).apply_backend_flags()
-        row.update(vars(equivalence))
-        row.update(race(ours, peer, warmup, steps))
-        row["status"] = "ok"
+        try:
+            if equivalence is None:
+                equivalence = compare_fresh(model, batch_size, size, device, seed)
+            row.update(vars(equivalence))
+            row.update(_race_fresh(model, name, batch_size, size, device, warmup, steps, seed))
+            row["status"] = "ok"
+        except Exception as exc:  # one failing pair (an OOM, say) never ends the others' rows
+            row["status"] = f"{'oom' if is_oom(exc) else 'error'}: {_first_line(exc)}"
+            print(f"peers: {model} {name}: {row['status']}", file=sys.stderr)
+        finally:
+            _free(device)
         rows.append(row)
     return rows
+
+
+def _race_fresh(model: str, name: str, batch_size: int, size: int, device: Any, warmup: int,
+                steps: int, seed: int) -> dict[str, Any]:
+    """Build our trainer under policy ``name`` and the peer with our weights, and race them."""
+    ours = prepare(model, name, batch_size, size, device=device, seed=seed)
+    peer_module = build_peer(model)
+    copy_weights(model, ours.model, peer_module)
+    return race(ours, _peer_trainer(ours, peer_module), warmup, steps)
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
+def _free(device: Any) -> None:
+    """Give a pair's memory back before the next pair is built (after an OOM above all)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _validate(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -328,10 +431,24 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return chosen, args.precisions
 
 
-def main(args: argparse.Namespace) -> int:
-    """`ampbench peers`: the table of ours vs the peers; exit 2 for a missing explicit peer."""
-    from tabulate import tabulate
+def write_csv(rows: list[dict[str, Any]], path: Path | str) -> Path:
+    """Write the rows with COLUMNS to ``path`` (atomically replaced, parents created)."""
+    import pandas as pd
 
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    """`ampbench peers`: the table of ours vs the peers; exit 2 for a missing explicit peer,
+    1 when a pair failed (its row says why; the other pairs still ran)."""
     chosen, policies = _validate(args)
     missing = {}
     for model in chosen:
@@ -342,25 +459,34 @@ def main(args: argparse.Namespace) -> int:
                 raise BadInput(str(exc)) from None
             missing[model] = str(exc)
     device = resolve_device(args.device)
+    if args.out_dir is None:
+        return _run(args, chosen, policies, missing, device, args.out)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    # One process per run directory: not beside a runner timing in the same place.
+    with paths.lock(args.out_dir, "ampbench peers"):
+        return _run(args, chosen, policies, missing, device, Path(args.out_dir) / PEERS_CSV)
+
+
+def _run(args: argparse.Namespace, chosen: list[str], policies: list[str],
+         missing: dict[str, str], device: Any, out: Path | str | None) -> int:
+    from tabulate import tabulate
+
+    environment = {k: v for k, v in fingerprint(str(device)).items() if k in store.ENVIRONMENT}
     rows = []
     for model in chosen:
         if model in missing:
-            rows.append({**dict.fromkeys(COLUMNS), "model": model,
+            rows.append({**_blank_row(model, None, environment),
                          "status": f"skipped: {missing[model]}"})
-            continue
-        spec = models.get(model)
-        size = getattr(args, spec.size_arg)
-        rows.extend(run_model(model, policies, args.batch_size, size, device, args.warmup,
-                              args.steps))
-    if args.out:
-        with open(args.out, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    table = [{k: ("n/a" if v is None and k.endswith("_gib") and row["status"] == "ok" else v)
-              for k, v in row.items()} for row in rows]
+        else:
+            print(f"peers: {model} under {', '.join(policies)}", file=sys.stderr, flush=True)
+            size = getattr(args, models.get(model).size_arg)
+            rows.extend(run_model(model, policies, args.batch_size, size, device, args.warmup,
+                                  args.steps, environment=environment))
+        if out:  # after every model: an interrupted run keeps the models it finished
+            write_csv(rows, out)
+    table = [{k: ("n/a" if row[k] is None and k.endswith("_gib") and row["status"] == "ok"
+                  else row[k]) for k in _TABLE} for row in rows]
     print(tabulate(table, headers="keys", intfmt=",", floatfmt=".4g", tablefmt="github"))
-    if missing:
-        for line in missing.values():
-            print(line, file=sys.stderr)
-    return 0
+    for line in missing.values():
+        print(line, file=sys.stderr)
+    return 1 if any(row["status"].startswith(("oom", "error")) for row in rows) else 0

@@ -13,15 +13,17 @@ from bench.__main__ import main
 
 
 def _equivalence(model: str, batch_size: int = 2, size: int | None = None) -> peers.Equivalence:
-    import torch
+    return peers.compare_fresh(model, batch_size, size or models.get(model).default_size)
 
-    spec = models.get(model)
-    torch.manual_seed(0)
-    ours = spec.build()
-    peer = peers.build_peer(model)
-    peers.copy_weights(model, ours, peer)
-    inputs, targets = spec.make_batch(batch_size, size or spec.default_size, seed=1)
-    return peers.compare(model, ours, peer, inputs, targets)
+
+def _torchvision() -> None:
+    """Skip, naming why, where torchvision does not import (absent, or built for another torch:
+    PyPI's torchvision beside a local CPU build of torch fails on its C++ operators)."""
+    try:
+        importlib.import_module("torchvision")
+    except Exception as exc:  # a torchvision built for another torch fails with more than this
+        first = (str(exc).splitlines() or [""])[0]
+        pytest.skip(f"torchvision does not import: {type(exc).__name__}: {first}")
 
 
 @pytest.mark.parametrize("model", ["gpt2-tiny", "bert-tiny"])
@@ -30,6 +32,8 @@ def test_tiny_transformers_equal_their_peers(model):
     eq = _equivalence(model)
     assert eq.params_ours == eq.params_peer
     assert eq.logit_max_abs_diff < 1e-5
+    # Train mode with the same seed: dropout sits in the same places and draws the same masks.
+    assert eq.logit_max_abs_diff_train < 1e-5
     assert eq.loss_abs_diff < 1e-4
 
 
@@ -43,14 +47,33 @@ def test_full_size_transformers_equal_their_peers(model):
     assert eq.loss_abs_diff < 1e-4
 
 
-def test_resnet18_equals_torchvision():
-    try:
-        importlib.import_module("torchvision")
-    except Exception as exc:  # a torchvision built for another torch fails with more than this
-        pytest.skip(f"torchvision does not import: {type(exc).__name__}")
-    eq = _equivalence("resnet18", size=64)
-    assert eq.params_ours == eq.params_peer
+@pytest.mark.parametrize("model", ["resnet18", "resnet50"])
+def test_resnets_equal_torchvision_in_eval_and_train_mode(model):
+    _torchvision()
+    eq = _equivalence(model, size=64)
+    assert eq.params_ours == eq.params_peer == {"resnet18": 11_689_512,
+                                                "resnet50": 25_557_032}[model]
+    # The same kernels in the same order: exactly equal, BatchNorm's running statistics (eval)
+    # and the batch's (train) alike.
     assert eq.logit_max_abs_diff == 0.0
+    assert eq.logit_max_abs_diff_train == 0.0
+    assert eq.loss_abs_diff == 0.0
+
+
+def test_compare_leaves_batchnorm_statistics_and_modes_as_they_were():
+    _torchvision()
+    import torch
+
+    spec = models.get("resnet18")
+    ours, peer = spec.build(), peers.build_peer("resnet18")
+    peers.copy_weights("resnet18", ours, peer)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    inputs, targets = spec.make_batch(2, 64, seed=1)
+    peers.compare("resnet18", ours, peer, inputs, targets)
+    assert ours.training and peer.training
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(peer.bn1.running_mean, before["bn1.running_mean"])
 
 
 def test_a_peer_parameter_ours_lacks_is_named():
@@ -65,7 +88,7 @@ def test_a_peer_parameter_ours_lacks_is_named():
 
 def test_peers_cli_writes_the_table_and_csv(tmp_path, capsys):
     pytest.importorskip("transformers")
-    out = tmp_path / "peers.csv"
+    out = tmp_path / "new" / "peers.csv"  # its directory is made
     assert main(["peers", "--models", "gpt2-tiny", "--precisions", "fp32,bf16", "--steps", "2",
                  "--warmup", "1", "--device", "cpu", "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
@@ -74,6 +97,48 @@ def test_peers_cli_writes_the_table_and_csv(tmp_path, capsys):
     assert float(rows[0]["logit_max_abs_diff"]) < 1e-5
     assert float(rows[0]["ratio_ours_per_peer_median"]) > 0
     assert "gpt2-tiny" in capsys.readouterr().out
+
+
+def test_a_failing_pair_is_its_row_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    real = peers.race
+
+    def race(ours, peer, warmup, steps):
+        if ours.policy.name == "fp32":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(ours, peer, warmup, steps)
+
+    monkeypatch.setattr(peers, "race", race)
+    out = tmp_path / "peers.csv"
+    assert main(["peers", "--models", "gpt2-tiny,bert-tiny", "--precisions", "fp32,bf16",
+                 "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)]) == 1
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["model"], r["precision"], r["status"].split(":")[0]) for r in rows] == [
+        ("gpt2-tiny", "fp32", "oom"), ("gpt2-tiny", "bf16", "ok"),
+        ("bert-tiny", "fp32", "oom"), ("bert-tiny", "bf16", "ok")]
+    assert "out of memory" in rows[0]["status"]
+    # The equivalence was measured before the race failed: the row keeps it.
+    assert float(rows[0]["logit_max_abs_diff"]) < 1e-5
+    assert "gpt2-tiny fp32: oom" in capsys.readouterr().err
+
+
+def test_out_dir_writes_peers_csv_with_the_columns_the_report_reads(tmp_path):
+    _torchvision()
+    run_dir = tmp_path / "run"
+    assert main(["peers", "--models", "resnet18", "--precisions", "fp32", "--batch-size", "2",
+                 "--image-size", "64", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--out-dir", str(run_dir)]) == 0
+    with (run_dir / peers.PEERS_CSV).open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == peers.COLUMNS
+        (row,) = list(reader)
+    assert (row["model"], row["precision"], row["status"]) == ("resnet18", "fp32", "ok")
+    assert row["peer"] == "torchvision.models.resnet18" and row["peer_version"]
+    assert (row["batch_size"], row["image_size"], row["seq_len"]) == ("2", "64", "")
+    assert row["params_ours"] == row["params_peer"] == "11689512"
+    assert float(row["logit_max_abs_diff"]) == float(row["logit_max_abs_diff_train"]) == 0.0
+    assert float(row["ours_step_ms_median"]) > 0 and float(row["peer_step_ms_median"]) > 0
+    assert row["device"] == "cpu" and row["torch_version"]
 
 
 def _without(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
@@ -108,13 +173,17 @@ def test_resnet50_without_torchvision_is_one_line_and_exit_2(capsys):
     assert err.count("\n") == 1 and "torchvision" in err and ".[peers]" in err, err
 
 
-def test_the_default_set_without_peer_libraries_is_skipped_rows(monkeypatch, capsys):
+def test_the_default_set_without_peer_libraries_is_skipped_rows(monkeypatch, capsys, tmp_path):
     _without(monkeypatch, "transformers", "torchvision")
-    assert main(["peers", "--device", "cpu"]) == 0
+    assert main(["peers", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for model in peers.DEFAULT_MODELS:
         assert f"| {model}" in out
     assert out.count("skipped") == len(peers.DEFAULT_MODELS)
+    with (tmp_path / peers.PEERS_CSV).open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == list(peers.DEFAULT_MODELS)
+    assert all(r["status"].startswith("skipped: ") and r["peer"] for r in rows)
 
 
 def test_a_model_without_a_peer_is_bad_input(capsys):

@@ -1,5 +1,5 @@
 """The "Peers" section of report.md: our models next to transformers' and torchvision's, from
-``RUN_DIR/peers.csv`` (``ampbench peers --out RUN_DIR/peers.csv``, bench/peers.py): whether
+``RUN_DIR/peers.csv`` (``ampbench peers --out-dir RUN_DIR``, bench/peers.py): whether
 they compute the same thing, and our step time over theirs with its spread. torch-free."""
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ def _params(row: pd.Series) -> str:
     return f"{ours:,.0f}" + (" (equal)" if ours == peer else f" vs {peer:,.0f}")
 
 
-def _diff(row: pd.Series, column: str) -> str:
-    value = _number(row, column)
-    return "" if value is None else f"{value:.2g}"
+def _diff(row: pd.Series, *columns: str) -> str:
+    """The differences in ``columns`` joined by ' / ' ('' where none was measured)."""
+    values = [_number(row, c) for c in columns]
+    if all(v is None for v in values):
+        return ""
+    return " / ".join("n/a" if v is None else f"{v:.2g}" for v in values)
 
 
 def _ratio(row: pd.Series) -> str:
@@ -64,10 +67,12 @@ def section(run: Run) -> list[str]:
     for _, row in run.peers.iterrows():
         status, precision = _text(row.get("status")), _text(row.get("precision"))
         body.append([row["model"], _peer(row), precision, status, _params(row),
-                     _diff(row, "logit_max_abs_diff"), _diff(row, "loss_abs_diff"), _ms(row),
+                     _diff(row, "logit_max_abs_diff", "logit_max_abs_diff_train"),
+                     _diff(row, "loss_abs_diff"), _ms(row),
                      _ratio(row)])
     table = tabulate(body, headers=["model", "peer", "policy", "status",
-                                    "parameters (ours vs peer)", "max logit diff", "loss diff",
+                                    "parameters (ours vs peer)", "max logit diff, eval / train",
+                                    "loss diff",
                                     "step ms, ours / peer", "step time ours / peer"],
                      tablefmt="github", disable_numparse=True)
     return ["## Peers", "",
