@@ -594,7 +594,8 @@ def default_models(device: Any) -> list[str]:
 
 def tasks_for(precisions: Iterable[str]) -> list[str]:
     """The parity-only tasks a run adds to its models: the underflow task whenever it measures
-    an FP16 policy, whose loss scaling that task puts to the test."""
+    an FP16 policy, whose loss scaling that task puts to the test (with the fp16-noscale
+    ablation beside it, see task_policies)."""
     return [UNDERFLOW] if {"fp16", "fp16-noscale"} & set(precisions) else []
 
 
@@ -619,10 +620,20 @@ def _validate(models_: Sequence[str] | None, precisions: Sequence[str] | None,
     return (list(models_) if models_ else None), chosen
 
 
+def task_policies(model: str, precisions: Sequence[str]) -> list[str]:
+    """The policies parity trains on ``model``: ``precisions``, except that the underflow task
+    always judges the fp16-noscale ablation (the question it exists for, asked or not) and
+    leaves tf32 out (TF32 does not touch FP16's range: on that task it is fp32's twin)."""
+    if model != UNDERFLOW:
+        return list(precisions)
+    names = {n for n in precisions if n != "tf32"} | {"fp16-noscale"}
+    return [n for n in (*precision.NAMES, BROKEN) if n in names]
+
+
 def _runs(model_names: Sequence[str], precisions: Sequence[str],
           seeds: int) -> Iterator[tuple[str, str, int]]:
     for model in model_names:
-        for name in precisions:
+        for name in task_policies(model, precisions):
             for seed in range(seeds):
                 yield model, name, seed
 

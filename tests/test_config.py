@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import BadInput, config, matrix, precision
+from bench import BadInput, config, matrix, parity
 from bench.__main__ import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "matrix"
@@ -21,11 +21,16 @@ def test_gpu_preset_is_the_documented_sweep():
     assert m.compile == (False, True)  # eager and torch.compile, both reported
 
 
-def test_cpu_preset_is_tiny_and_covers_every_policy_but_emulated_fp8():
+def test_cpu_preset_is_tiny_and_leaves_the_ablation_to_the_underflow_task():
     m = config.cpu()
-    assert set(m.precisions) == set(precision.NAMES) - {"fp8", "fp8-rowwise"}
+    assert m.precisions == ("fp32", "tf32", "fp16", "bf16")  # no emulated FP8
     assert all(a.name.endswith("-tiny") for a in m.models)
-    assert len(matrix.expand(m)) <= 30 and m.device == "cpu" and m.parity
+    assert len(matrix.expand(m)) <= 24 and m.device == "cpu" and m.parity
+    # Its parity stage adds the underflow task, which judges fp16-noscale all the same.
+    assert parity.tasks_for(m.precisions) == [parity.UNDERFLOW]
+    assert parity.task_policies(parity.UNDERFLOW, ["fp32", *m.precisions]) == [
+        "fp32", "fp16", "bf16", "fp16-noscale"]
+    assert parity.task_policies("gpt2-tiny", m.precisions) == list(m.precisions)
     quick = config.quick()
     assert len(matrix.expand(quick)) <= 6 and not quick.parity
 

@@ -352,3 +352,10 @@ def test_a_time_budget_starts_no_parity_run_it_cannot_finish(tmp_path) -> None:
     assert len(pd.read_csv(path)) == 4
     assert (tmp_path / parity.RUNS).read_text().splitlines()[:2] == runs
     assert len((tmp_path / parity.RUNS).read_text().splitlines()) == 4
+
+
+def test_the_underflow_task_always_judges_the_ablation_and_leaves_tf32_out() -> None:
+    asked = ["fp32", "tf32", "bf16", "fp8", parity.BROKEN]
+    assert parity.task_policies(parity.UNDERFLOW, asked) == [
+        "fp32", "bf16", "fp16-noscale", "fp8", parity.BROKEN]
+    assert parity.task_policies("gpt2-tiny", asked) == asked  # other tasks: as asked

@@ -76,8 +76,9 @@ _INDEX_INTRO = """\
 # Published runs
 
 Each published run lives in `results/<device>/<date>/`: `results.csv` (one row per cell and
-repeat), `meta.json` (environment and matrix), `parity.csv` and `parity_curves.csv` when
-accuracy parity ran, `report.md` (tables) and `plots/`. Publish a run with
+repeat), `meta.json` (environment and matrix), `parity.csv`, `parity_curves.csv` and
+`grad_hist.csv` when accuracy parity ran, `peers.csv` when `ampbench peers --out-dir` ran,
+`report.md` (tables) and `plots/`. Publish a run with
 
 ```bash
 python -m bench publish results/runs/<run_id>
