@@ -237,8 +237,8 @@ def test_time_to_accuracy_against_fp32_worked_by_hand(priced):
     # Medians 10 / 5 ms; each over 3 seeds with a 2% spread: error 2%/sqrt(3) per side,
     # sqrt(2) x that for the ratio, x 3 sigma x 2.00 = 0.098.
     assert table["step-time speedup over fp32"] == ["reference", "**2.00x** ±0.10", "1.00x ±0.05"]
-    assert table["steps to fp32's final loss (x fp32's)"] == ["200", "250 (1.25x)", "not reached"]
-    assert table["time to fp32's final loss, s"] == ["2.00", "1.25", "not reached"]
+    assert table["steps to the target (x fp32's)"] == ["200", "250 (1.25x)", "not reached"]
+    assert table["time to the target, s"] == ["2.00", "1.25", "not reached"]
     # 2.0 s / 1.25 s: faster per step by 2x, but 25% more steps.
     assert table["time-to-accuracy speedup over fp32"] == ["reference", "**1.60x** ±0.08",
                                                            "not reached"]
@@ -250,8 +250,8 @@ def test_a_policy_that_reached_the_target_in_some_seeds_says_so(priced):
     text = _section(priced[1], f"## {UNDERFLOW} (parity task)")
     table = _table(text, "Time to accuracy")
     assert table[""] == ["fp32", "fp16", "bf16", "fp16-noscale"]
-    assert table["time to fp32's final loss, s"][2] == "1.33 (2 of 3 seeds)"
-    assert table["steps to fp32's final loss (x fp32's)"][2] == "220 (1.10x) (2 of 3 seeds)"
+    assert table["time to the target, s"][2] == "1.33 (2 of 3 seeds)"
+    assert table["steps to the target (x fp32's)"][2] == "220 (1.10x) (2 of 3 seeds)"
     assert table["time-to-accuracy speedup over fp32"][3] == "not reached"
     assert "benchmark throughput speedup" not in table  # no cells of this task
     assert _table(text, "Accuracy parity")["verdict"][3] == "FAIL"
