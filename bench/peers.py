@@ -81,6 +81,13 @@ def describe_peer(model: str) -> tuple[str, str | None]:
 def build_peer(model: str) -> Any:
     """The peer of ``model`` at our config's sizes and dropout, freshly initialised."""
     check_library(model)
+    # transformers imports torchao where it is installed (the fp8 extra), which logs a line
+    # per prebuilt kernel library it cannot load: noise for a peer that uses none of them.
+    with precision.quiet_torchao():
+        return _build_peer(model)
+
+
+def _build_peer(model: str) -> Any:
     spec = models.get(model)
     cfg = spec.config
     if spec.family == "gpt":

@@ -70,7 +70,7 @@ class Policy:
         """
         if self.fp8_recipe is None:
             return model
-        with _quiet_import():
+        with quiet_torchao():
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
         emulate = self.emulated_on(next(model.parameters()).device.type)
@@ -159,7 +159,7 @@ def _fp8_convertible(module: Any, name: str) -> bool:
 
 
 @contextmanager
-def _quiet_import() -> Iterator[None]:
+def quiet_torchao() -> Iterator[None]:
     """Importing torchao logs a warning per prebuilt kernel library it cannot load (CUDA
     libraries absent on a CPU machine, MX kernels): kernels FP8 training does not use."""
     quieted = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
@@ -178,7 +178,7 @@ def _fp8_unsupported_reason(device: Any) -> str | None:
     import torch
 
     try:
-        with _quiet_import():
+        with quiet_torchao():
             import torchao.float8  # noqa: F401
     except Exception as exc:  # absent, or built for another torch: either way no FP8 here
         problem = "".join(str(exc).splitlines()[:1]) or type(exc).__name__

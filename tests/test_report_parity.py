@@ -98,10 +98,11 @@ def _grad_hist() -> list[dict[str, Any]]:
 
 
 _PEERS = [dict(model="gpt2-small", precision="bf16", status="ok",
-               peer="transformers.GPT2LMHeadModel", peer_version="4.46.0", params_ours=124439808,
+               peer="transformers.GPT2LMHeadModel", peer_version="4.46.0", batch_size=8,
+               seq_len=1024, image_size=None, params_ours=124439808,
                params_peer=124439808, logit_max_abs_diff=1.2e-5,
                logit_max_abs_diff_train=2.5e-6, loss_abs_diff=3e-7,
-               ours_step_ms_median=101.0, peer_step_ms_median=105.0,
+               ours_step_ms_median=1493.2, peer_step_ms_median=1552.0,
                ratio_ours_per_peer_median=0.962, ratio_ours_per_peer_iqr=0.011,
                ours_peak_mem_allocated_gib=None, peer_peak_mem_allocated_gib=None)]
 
@@ -344,8 +345,9 @@ def test_peers_section_only_with_peers_csv(priced, tmp_path):
     section = _section(priced[1], "## Peers")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| gpt2-small")]
-    assert rows == [["gpt2-small", "transformers.GPT2LMHeadModel (4.46.0)", "bf16", "ok",
-                     "124,439,808 (equal)", "1.2e-05 / 2.5e-06", "3e-07", "101 / 105",
+    assert rows == [["gpt2-small", "transformers.GPT2LMHeadModel (4.46.0)", "bf16", "8 x 1024",
+                     "ok",
+                     "124,439,808 (equal)", "1.2e-05 / 2.5e-06", "3e-07", "1,493 / 1,552",
                      "0.96x (IQR 0.01)"]]
     text = report.render(report.load(_run_dir(tmp_path / "run", parity=False, peers=False)))
     assert "## Peers" not in text

@@ -56,7 +56,14 @@ def _ms(row: pd.Series) -> str:
     ours, peer = _number(row, "ours_step_ms_median"), _number(row, "peer_step_ms_median")
     if ours is None or peer is None:
         return ""
-    return f"{ours:.3g} / {peer:.3g}"
+    return " / ".join(f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in (ours, peer))
+
+
+def _shape(row: pd.Series) -> str:
+    """'1 x 128': batch and sequence length or image size ('' where an older file lacks them)."""
+    batch = _number(row, "batch_size")
+    size = _number(row, "seq_len") or _number(row, "image_size")
+    return f"{batch:.0f} x {size:.0f}" if batch is not None and size is not None else ""
 
 
 def section(run: Run) -> list[str]:
@@ -66,11 +73,11 @@ def section(run: Run) -> list[str]:
     body: list[list[Any]] = []
     for _, row in run.peers.iterrows():
         status, precision = _text(row.get("status")), _text(row.get("precision"))
-        body.append([row["model"], _peer(row), precision, status, _params(row),
+        body.append([row["model"], _peer(row), precision, _shape(row), status, _params(row),
                      _diff(row, "logit_max_abs_diff", "logit_max_abs_diff_train"),
                      _diff(row, "loss_abs_diff"), _ms(row),
                      _ratio(row)])
-    table = tabulate(body, headers=["model", "peer", "policy", "status",
+    table = tabulate(body, headers=["model", "peer", "policy", "batch x size", "status",
                                     "parameters (ours vs peer)", "max logit diff, eval / train",
                                     "loss diff",
                                     "step ms, ours / peer", "step time ours / peer"],
