@@ -230,6 +230,8 @@ def gpu_quick() -> Matrix:
     FP8 (an estimate, not yet measured anywhere): 6 compiled cells at ~55 s of compiling and
     ~8 s of start-up each, ~6.5 minutes, and 12 more parity runs (eager), ~45 s: ~14.5 minutes
     in all, 23 processes. Without torchao the FP8 cells are `unsupported` records in seconds.
+    Parity's underflow task adds 12 runs of gpt2-tiny (fp32, fp16, fp16-noscale, bf16 and the
+    two FP8 policies, 2 seeds, 60 steps): seconds on a GPU.
     """
     return Matrix(
         name="gpu-quick",
