@@ -601,9 +601,7 @@ def _mark_incomplete(run_dir: Path, budget: Budget | None, cells: list[str],
 
 def _prices(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, float]:
     """The run's prices for meta.json: the flags', else those a resumed run recorded."""
-    given = {key: getattr(args, key, None) for key in store.PRICES}
-    kept = store.prices({k: v for k, v in meta.items() if given.get(k) is None})
-    return {**kept, **{k: float(v) for k, v in given.items() if v is not None}}
+    return store.prices(meta, {key: getattr(args, key, None) for key in store.PRICES})
 
 
 def main(args: argparse.Namespace) -> int:

@@ -265,10 +265,15 @@ def check_price(value: Any, name: str) -> float:
     return number
 
 
-def prices(meta: dict[str, Any]) -> dict[str, float]:
-    """The prices meta.json records (PRICES keys present), checked: BadInput when damaged."""
-    return {key: check_price(meta[key], f"{META} {key}") for key in PRICES
-            if meta.get(key) is not None}
+def prices(meta: dict[str, Any], given: dict[str, Any] | None = None) -> dict[str, float]:
+    """The PRICES that meta.json records, each replaced by the one in ``given`` (a flag's
+    value, None where not given), all checked: BadInput naming the damaged one."""
+    given = {key: value for key, value in (given or {}).items() if value is not None}
+    found = {key: check_price(meta[key], f"{META} {key}") for key in PRICES
+             if key not in given and meta.get(key) is not None}
+    found.update({key: check_price(value, f"--{key.replace('_', '-')}")
+                  for key, value in given.items()})
+    return found
 
 
 def usd_per_1m_samples(price_per_hour: float, world_size: Any, samples_per_s: Any) -> float:

@@ -1,8 +1,8 @@
 """The parity block of a model's section in report.md: the verdict table, time to accuracy
 against FP32 (MLPerf's measure: training time until FP32's final training loss, within the
-parity tolerance, is reached),
-where the FP32 gradients fall in FP16's range, and the loss scale's life, with their figures.
-A parity task without benchmark cells gets a section of its own. torch-free."""
+parity tolerance, is reached), where the FP32 gradients fall in FP16's range, and the loss
+scale's life, with their figures. A parity task without benchmark cells gets a section of its
+own. torch-free."""
 
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ def _bench_speedup(run: Run, name: str, policy: str) -> str:
 
 
 def time_table(run: Run, name: str) -> str | None:
-    """Per policy: step time, its speedup over fp32, steps and time to FP32's final training
-    loss and the time-to-accuracy speedup, next to the benchmark's throughput speedup; None
+    """Per policy: step time, its speedup over fp32, steps and time to the target and the
+    time-to-accuracy speedup, next to the benchmark's throughput speedup; None
     when parity.csv has no timing for ``name``."""
     runs = run.parity_runs
     if runs is None:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from bench import BadInput, noise, parity, store
 from bench import load as load_
+from bench.precision import NAMES as _POLICY_NAMES
 
 REPORT = "report.md"
 PLOTS = "plots"
@@ -20,9 +21,9 @@ INDEX = "README.md"
 PARITY = "parity.csv"
 CURVES = "parity_curves.csv"
 GRAD_HIST = "grad_hist.csv"  # FP32 gradient magnitudes per log2 bin (bench/parity.py)
-PEERS = "peers.csv"  # `ampbench peers --out RUN_DIR/peers.csv` (bench/peers.py)
+PEERS = "peers.csv"  # `ampbench peers --out-dir RUN_DIR` (bench/peers.py)
 
-POLICY_ORDER = ("fp32", "tf32", "fp16", "bf16", "fp16-noscale")
+POLICY_ORDER = _POLICY_NAMES  # the canonical order, FP8 beside the other policies
 KEY = store.KEY
 # Key columns besides the batch size that become extra row labels when they vary in a model.
 _SECONDARY = ("seq_len", "image_size", "grad_accum", "compile", "world_size")
@@ -302,13 +303,8 @@ def _peers(path: Path) -> pd.DataFrame | None:
 def prices(meta: dict[str, Any], price_per_hour: float | None = None,
            price_per_kwh: float | None = None) -> dict[str, float]:
     """The prices a report uses: those given here, else those the run kept in meta.json."""
-    given = {"price_per_hour": price_per_hour, "price_per_kwh": price_per_kwh}
     # A price given replaces the recorded one, damaged or not.
-    found = store.prices({k: v for k, v in meta.items() if given.get(k) is None})
-    for key, value in given.items():
-        if value is not None:
-            found[key] = store.check_price(value, f"--{key.replace('_', '-')}")
-    return found
+    return store.prices(meta, {"price_per_hour": price_per_hour, "price_per_kwh": price_per_kwh})
 
 
 def load(run_dir: Path | str, price_per_hour: float | None = None,

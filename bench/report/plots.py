@@ -22,11 +22,12 @@ from bench.report.tables import _estimate, _is_num, _memory_column, _model, _spe
 # One colour and marker per policy, the same in every plot of every report.
 _COLOURS = {
     "fp32": "#333333", "tf32": "#0173b2", "fp16": "#029e73", "bf16": "#de8f05",
-    "fp16-noscale": "#d55e00",
+    "fp16-noscale": "#d55e00", "fp8": "#cc78bc", "fp8-rowwise": "#ca9161",
 }
-_EXTRA_COLOURS = ("#cc78bc", "#ca9161", "#fbafe4", "#56b4e9", "#ece133", "#949494")
-_MARKERS = {"fp32": "o", "tf32": "s", "fp16": "^", "bf16": "D", "fp16-noscale": "v"}
-_EXTRA_MARKERS = ("P", "X", "*", "h", "<", ">")
+_EXTRA_COLOURS = ("#fbafe4", "#56b4e9", "#ece133", "#949494")
+_MARKERS = {"fp32": "o", "tf32": "s", "fp16": "^", "bf16": "D", "fp16-noscale": "v",
+            "fp8": "P", "fp8-rowwise": "X"}
+_EXTRA_MARKERS = ("*", "h", "<", ">")
 
 
 # ------------------------------------------------------------------------------ plots
