@@ -13,6 +13,9 @@ torch is big, so every session shares one copy instead of installing its own:
 Each session's virtualenv sees that torch through a ``.pth`` file, and the project is
 installed with torch pinned to it, so pip never downloads or replaces torch. Arguments after
 ``--`` pass through to the underlying command.
+
+``nox -s collect`` checks that every test module collects without the test extra, as on a bare
+GPU box, and under Python 3.10, the oldest supported; CI runs it after the tests.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 from pathlib import Path
 
 import nox
+from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
 nox.options.sessions = ["lint", "tests"]
@@ -33,7 +37,12 @@ nox.options.reuse_existing_virtualenvs = True
 TORCH_KNOB = "AMPBENCH_TORCH"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 MIN_TORCH = "2.4"  # as in pyproject.toml
+MIN_PYTHON = "3.10"  # as in pyproject.toml
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+SOURCES = ("bench", "models", "tests", "noxfile.py")
+# Test-only or optional imports that collection must not need. Only hypothesis and torchao are
+# checked absent: transformers and torchvision may come with a reused host torch's packages.
+ABSENT = ("hypothesis", "torchao")
 _PTH = "_ampbench_torch.pth"
 _STAMP = "ampbench-torch.txt"
 
@@ -134,6 +143,62 @@ def _install(session: nox.Session, extras: str = "") -> None:
     session.install("-c", str(pin), "-e", f".[{extras}]" if extras else ".")
 
 
+def _requirements(extra: str = "", names: tuple[str, ...] = ()) -> list[str]:
+    """pyproject.toml's dependencies (or an extra's), only ``names`` when given."""
+    project = nox.project.load_toml("pyproject.toml")["project"]
+    specs = project["optional-dependencies"][extra] if extra else project["dependencies"]
+    return [s for s in specs if not names or Requirement(s).name in names]
+
+
+def _has_python(version: str) -> bool:
+    """Whether ``pythonX.Y`` on PATH runs and is that version, as nox finds an interpreter (a
+    pyenv shim for a version that is not selected is on PATH but fails)."""
+    python = shutil.which(f"python{version}")
+    probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+    return bool(python) and _run_text([python, "-c", probe], timeout=60).strip() == version
+
+
+# Every file parses as the oldest supported Python (no except*, no PEP 695 generics): run by
+# that Python, with its own parser; by a newer one, with ast's best-effort feature_version.
+_PARSES = """
+import ast, sys
+from pathlib import Path
+version, *places = sys.argv[1:]
+paths = [f for p in map(Path, places) for f in (sorted(p.rglob("*.py")) if p.is_dir() else [p])]
+for path in paths:
+    ast.parse(path.read_text("utf-8"), path, feature_version=tuple(map(int, version.split("."))))
+print(f"{len(paths)} files of {', '.join(places)} parse as Python {version}")
+"""
+
+# pytest's collection in a virtualenv without torch: a module that stops at `import torch`
+# reports as skipped, naming why; any other collection error fails.
+_COLLECT_WITHOUT_TORCH = """
+import sys
+import pytest
+
+class NoTorch:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_make_collect_report(self, collector):
+        report = yield
+        if report.failed and str(report.longrepr).rstrip().endswith(
+                "ModuleNotFoundError: No module named 'torch'"):
+            report.outcome = "skipped"
+            why = "imports torch, which this collection runs without"
+            report.longrepr = (str(collector.path), None, why)
+        return report
+
+sys.exit(pytest.main(["--collect-only", "-q", "-m", "", *sys.argv[1:]], plugins=[NoTorch()]))
+"""
+
+# Fails, naming them, where any of the modules given is importable.
+_CHECK_ABSENT = """
+import importlib.util, sys
+found = [name for name in sys.argv[1:] if importlib.util.find_spec(name)]
+sys.exit(f"{', '.join(found)} importable here, beside the torch nox reuses? This check needs "
+         "them absent; with AMPBENCH_TORCH set nox installs a torch of its own" if found else 0)
+"""
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit and integration tests on CPU (GPU tests skip without CUDA)."""
@@ -142,10 +207,46 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def collect(session: nox.Session) -> None:
+    """Every test module collects without the test extra, as on a bare GPU box, and under 3.10.
+
+    Of the test extra only pytest and pytest-benchmark are installed; every marker is collected.
+    Then collect_py310 where a python3.10 runs, else every file is parsed as Python 3.10."""
+    _install(session)
+    session.install(*_requirements("test", ("pytest", "pytest-benchmark")))
+    session.log(f"checking that {' and '.join(ABSENT)} are not importable here")
+    session.run("python", "-c", _CHECK_ABSENT, *ABSENT, log=False)
+    session.run("python", "-m", "pytest", "--collect-only", "-q", "-m", "", *session.posargs)
+    if PYTHON == MIN_PYTHON:
+        return  # that was Python 3.10 already
+    if _has_python(MIN_PYTHON):
+        session.notify("collect_py310", session.posargs)
+    else:
+        session.log(f"no python{MIN_PYTHON} here: checking instead that every file parses as "
+                    f"Python {MIN_PYTHON} (ast's feature_version)")
+        session.run("python", "-c", _PARSES, MIN_PYTHON, *SOURCES, log=False)
+
+
+@nox.session(python=MIN_PYTHON)
+def collect_py310(session: nox.Session) -> None:
+    """Every file parses as Python 3.10 and every test module without torch collects there.
+
+    collect runs it where a python3.10 runs. No torch: a CPU build for 3.10 is on PyTorch's own
+    index only, and PyPI's Linux torch is a CUDA build of gigabytes. The modules that import
+    torch report as skipped, naming why."""
+    project = [s for s in _requirements() if Requirement(s).name != "torch"]
+    session.install("--no-deps", "-e", ".")
+    session.install(*project, *_requirements("test", ("pytest", "pytest-benchmark")))
+    session.run("python", "-c", _PARSES, MIN_PYTHON, *SOURCES, log=False)
+    session.log("pytest --collect-only without torch")
+    session.run("python", "-c", _COLLECT_WITHOUT_TORCH, *session.posargs, log=False)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff check."""
     session.install("ruff")
-    session.run("ruff", "check", "bench", "models", "tests", "noxfile.py", *session.posargs)
+    session.run("ruff", "check", *SOURCES, *session.posargs)
 
 
 @nox.session
