@@ -36,7 +36,7 @@ import models
 from bench import BadInput, config, failures, paths, precision, procs, store
 from bench.env import fingerprint
 from bench.flops import count_training_flops, mfu_fields
-from bench.measure import StepTimer, peak_memory, reset_peak_memory, summarize
+from bench.measure import StepTimer, peak_memory, reset_peak_memory, summarize, use_device
 from bench.power import PowerMonitor, combine_power
 
 _SPREAD_WARNING = 0.10  # IQR / median above this makes a number hard to trust
@@ -238,12 +238,9 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
     started = time.perf_counter()
     spec, pol, size = _validate(args)
     device = resolve_device(args.device, ranks)
-    if device.type == "cuda":
-        import torch
-
-        # Before anything touches CUDA: the timer's events, NCCL and the allocator work on the
-        # current device, and a process that never sets it also opens a context on GPU 0.
-        torch.cuda.set_device(device)
+    # Before anything touches CUDA: NCCL and the allocator work on the current device, and a
+    # process that never sets it also opens a context on GPU 0.
+    use_device(device)
     world_size = ranks.world_size if ranks else 1
     record = store.empty_record(
         run_id=args.run_id or None, cell_id=args.cell_id or None, model=spec.name,
@@ -254,7 +251,9 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
         repeat=args.repeat, warmup_steps=args.warmup, timed_steps=args.steps,
         **fingerprint(str(device)),
     )
-    reason = pol.unsupported_reason(device)
+    # Before any build or compile: a device without the policy's math, or under FP8 a model
+    # with no convertible layer, is an unsupported record in seconds.
+    reason = pol.unsupported_reason(device, spec)
     if reason:
         record.update(status="unsupported", error=reason)
         return record

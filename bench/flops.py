@@ -4,12 +4,17 @@
 ``torch.utils.flop_counter.FlopCounterMode``: exact for the code that runs, no real compute,
 no memory. torch is imported lazily so the peak table is usable without it.
 
-MFU (model FLOPs utilization) = achieved FLOP/s / the device's dense peak for the policy's
-math: the full-precision FP32 peak for ``fp32`` (NVIDIA: non-tensor; AMD: see the table), the
-TF32 tensor peak for ``tf32``, the FP16/BF16 tensor peak (FP32 accumulate) for the autocast
-policies. The table also holds the FP8 tensor peak (FP32 accumulate) where the GPU has one,
-for an FP8 policy (``device_peak_tflops(name, "fp8")``). An unknown device, a CPU included,
-gets no MFU (and one warning), never a guessed number; ``--peak-tflops`` supplies one.
+MFU (model FLOPs utilization) = achieved FLOP/s / a dense spec peak. ``mfu_pct`` is against the
+peak every policy of its kind can be compared on: the full-precision FP32 peak for ``fp32``
+(NVIDIA: non-tensor; AMD: see the table), the TF32 tensor peak for ``tf32``, and the FP16/BF16
+tensor peak (FP32 accumulate; the same figure on every listed part) for every autocast policy,
+fp16, bf16, fp16-noscale and the FP8 ones alike: an FP8 cell's MFU then reads beside bf16's, and
+above it only if FP8 made the step faster. FP8 policies also get ``mfu_fp8_pct`` against the FP8
+tensor peak (FP32 accumulate), the ceiling of their mixed FP8/BF16 math. ``mfu_flag`` says why
+an MFU is empty: no peak for the device (a CPU included; never a guessed number,
+``--peak-tflops`` supplies one), or above 100% of the policy's ceiling (the FP8 peak for FP8
+policies), which no real run reaches: the FLOP count or the peak is wrong, so the value is
+kept only in the flag's text, never in a column a table or plot would print.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import re
 from typing import Any
 
-from bench import precision
+from bench import precision, store
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +137,9 @@ def device_key(device_name: str) -> str | None:
 
 
 def math_kind(policy_name: str) -> str:
-    """Which peak a policy runs against: fp32 | tf32 | fp16 | bf16 | fp8 (fp16-noscale is fp16;
-    the FP8 policies' linears, most of a transformer's FLOPs, run FP8 matmuls)."""
+    """Which peak a policy's ``mfu_pct`` is against: fp32 | tf32 | fp16 | bf16 (fp16-noscale is
+    fp16; the FP8 policies are bf16, their autocast dtype, so their MFU compares with bf16's)."""
     policy = precision.get(policy_name)  # an unknown name raises ValueError
-    if policy.fp8_recipe is not None:
-        return "fp8"
     if policy.autocast_dtype == "bfloat16":
         return "bf16"
     if policy.autocast_dtype == "float16":
@@ -154,14 +157,20 @@ def device_peak_tflops(device_name: str, kind: str) -> float | None:
     warned = (device_name, None if key is None else kind)  # an unknown device: one warning
     if peak is None and warned not in _warned:
         _warned.add(warned)
-        what = f"'{device_name}'" if key is None else f"{kind} on {key} ('{device_name}')"
-        log.warning("MFU: no dense peak TFLOP/s known for %s; mfu_pct stays empty "
-                    "(pass --peak-tflops to give one)", what)
+        log.warning("MFU: no dense peak TFLOP/s known for %s; its MFU stays empty "
+                    "(pass --peak-tflops to give one)", _no_peak(device_name, kind))
     return peak
 
 
+def _no_peak(device_name: str, kind: str) -> str:
+    """What has no peak: 'fp8 on A100' for a known device, the device's name for another."""
+    key = device_key(device_name)
+    return f"{kind} on {key}" if key is not None else f"'{device_name}'"
+
+
 def peak_tflops(device_name: str, precision_name: str) -> float | None:
-    """Dense peak TFLOP/s of ``device_name`` for a policy; None (and one warning) if unknown."""
+    """Dense peak TFLOP/s of ``device_name`` that a policy's ``mfu_pct`` is against; None (and
+    one warning) if unknown."""
     return device_peak_tflops(device_name, math_kind(precision_name))
 
 
@@ -175,9 +184,31 @@ def mfu_pct(flops_per_step: float | None, step_s: float | None,
 
 def mfu_fields(flops_per_step: float | None, step_s: float | None, device_name: str,
                precision_name: str, override: float | None = None) -> dict[str, Any]:
-    """The record's ``peak_tflops`` and ``mfu_pct``; ``override`` (--peak-tflops) wins."""
-    peak = override if override is not None else peak_tflops(device_name, precision_name)
-    return {"peak_tflops": peak, "mfu_pct": mfu_pct(flops_per_step, step_s, peak)}
+    """The record's MFU fields: ``peak_tflops`` and ``mfu_pct`` against the policy's comparable
+    peak (``override``, --peak-tflops, wins), for FP8 policies ``peak_fp8_tflops`` and
+    ``mfu_fp8_pct`` against the FP8 peak, and ``mfu_flag`` ("" or why an MFU is empty)."""
+    kind = math_kind(precision_name)
+    peak = override if override is not None else device_peak_tflops(device_name, kind)
+    fields: dict[str, Any] = {"peak_tflops": peak,
+                              "mfu_pct": mfu_pct(flops_per_step, step_s, peak),
+                              "peak_fp8_tflops": None, "mfu_fp8_pct": None}
+    flags = [] if peak is not None else [f"no peak for {_no_peak(device_name, kind)}"]
+    ceiling = (kind, peak, fields["mfu_pct"])
+    if precision.get(precision_name).fp8_recipe is not None:
+        fp8 = device_peak_tflops(device_name, "fp8")
+        fields.update(peak_fp8_tflops=fp8, mfu_fp8_pct=mfu_pct(flops_per_step, step_s, fp8))
+        if fp8 is not None:
+            ceiling = ("fp8", fp8, fields["mfu_fp8_pct"])
+        elif f"no peak for {_no_peak(device_name, 'fp8')}" not in flags:
+            flags.append(f"no peak for {_no_peak(device_name, 'fp8')}")
+    # FP8 beyond the bf16 peak is a finding; beyond the FP8 peak, or any other policy beyond its
+    # own, no run can be: the value goes into the flag, no column holds it.
+    what, limit, value = ceiling
+    if value is not None and value > 100.0:
+        flags.append(f"{store.MFU_ABOVE_100}: {value:.1f}% of the {what} peak ({limit:g} TFLOP/s)")
+        fields.update(mfu_pct=None, mfu_fp8_pct=None)
+    fields["mfu_flag"] = "; ".join(flags)
+    return fields
 
 
 def count_training_flops(spec: Any, batch_size: int, size: int) -> int:

@@ -9,7 +9,9 @@ validated without it. Master weights and optimizer state stay FP32 under every p
 The FP8 policies swap the model's ``nn.Linear`` layers for torchao's ``Float8Linear``
 (``prepare_model``; torchao is the optional extra ``.[fp8]``, imported only here and only for
 them) and run everything else under bf16 autocast. Off CUDA they run in torchao's emulation
-mode: right numerics for tests and parity, meaningless speed, and the record says so.
+mode: right numerics for tests and parity, meaningless speed, and the record says so. A model
+none of whose ``nn.Linear`` layers converts (ResNet's one classifier, 2048x1000) would run
+nothing in FP8: ``unsupported_reason`` with the model says so, before anything is built.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ _FP8_CAPABILITY = (8, 9)  # Ada (sm_89), Hopper (sm_90), Blackwell: FP8 tensor c
 # ROCm GPUs whose FP8 matmuls torch._scaled_mm and torchao support: MI300 series (FNUZ
 # formats), MI350 series and RDNA4 (OCP formats).
 _FP8_HIP_ARCHS = ("gfx942", "gfx950", "gfx12")
-_FP8_NAMES_SHOWN = 8  # unconverted layers named in a record before "and N more"
+_FP8_NAMES_SHOWN = 8  # layers named in a record or a reason before "and N more"
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,38 @@ class Policy:
                 converted += 1
             elif isinstance(module, nn.Linear):
                 unconverted.append(f"{name} ({module.in_features}x{module.out_features})")
-        text = ", ".join(unconverted[:_FP8_NAMES_SHOWN]) or "none"
-        if len(unconverted) > _FP8_NAMES_SHOWN:
-            text += f" and {len(unconverted) - _FP8_NAMES_SHOWN} more"
         return {"emulated": self.emulated_on(next(model.parameters()).device.type),
-                "fp8_converted": converted, "fp8_unconverted": text}
+                "fp8_converted": converted, "fp8_unconverted": _listed(unconverted) or "none"}
 
-    def unsupported_reason(self, device: Any) -> str | None:
-        """Why this device cannot run the policy, or None when it can."""
+    def unsupported_reason(self, device: Any, model: Any = None) -> str | None:
+        """Why this device (or, given its ``models.ModelSpec``, this model) cannot run the
+        policy, or None when it can. Cheap: decided before anything is built on the device."""
+        reason = self._device_reason(device)
+        if reason is None and model is not None:
+            reason = self.model_reason(model)
+        return reason
+
+    def model_reason(self, spec: Any) -> str | None:
+        """Why this policy would not change ``spec``'s model, or None: for an FP8 policy, not
+        one of its ``nn.Linear`` layers is convertible (nothing would run in FP8). Built on the
+        meta device: no memory, no compute, milliseconds; any device, none needed."""
+        if self.fp8_recipe is None:
+            return None
+        import torch
+        from torch import nn
+
+        with torch.device("meta"):
+            net = spec.build()
+        linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+        if any(_fp8_convertible(m, name) for name, m in linears):
+            return None
+        if not linears:
+            return f"{spec.name} has no Linear layer; nothing would run in FP8"
+        names = _listed([f"{name} {m.in_features}x{m.out_features}" for name, m in linears])
+        return (f"no Linear layer of {spec.name} is convertible to FP8 ({names}: both "
+                f"dimensions must be multiples of {_FP8_MULTIPLE}); nothing would run in FP8")
+
+    def _device_reason(self, device: Any) -> str | None:
         import torch
 
         if self.fp8_recipe is not None:
@@ -156,6 +182,14 @@ def get(name: str) -> Policy:
 def _fp8_convertible(module: Any, name: str) -> bool:
     """torchao's module_filter_fn: a Linear whose weight _scaled_mm can take."""
     return module.in_features % _FP8_MULTIPLE == 0 and module.out_features % _FP8_MULTIPLE == 0
+
+
+def _listed(names: list[str]) -> str:
+    """The first few of ``names``, comma-separated, then "and N more"."""
+    text = ", ".join(names[:_FP8_NAMES_SHOWN])
+    if len(names) > _FP8_NAMES_SHOWN:
+        text += f" and {len(names) - _FP8_NAMES_SHOWN} more"
+    return text
 
 
 @contextmanager

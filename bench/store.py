@@ -20,9 +20,10 @@ from typing import Any
 
 from bench import BadInput
 
-SCHEMA_VERSION = 4  # 2: calibration and the per-cell noise columns; 3: host timing,
+SCHEMA_VERSION = 5  # 2: calibration and the per-cell noise columns; 3: host timing,
 # memory_format, wall_s, throttle_shares/power_capped/power_scope, throttled = thermal/hw only;
-# 4: emulated, fp8_converted, fp8_unconverted
+# 4: emulated, fp8_converted, fp8_unconverted; 5: peak_fp8_tflops, mfu_fp8_pct, mfu_flag, and an
+# FP8 row's mfu_pct is against the bf16 peak (it was against the FP8 peak: see _upgrade)
 
 IDENTITY = (
     "schema", "run_id", "cell_id", "model", "precision", "batch_size", "seq_len", "image_size",
@@ -38,7 +39,12 @@ TIMING = (
     "host_ms_median", "queued_ms_median", "host_bound", "memory_format",
 )
 MEMORY = ("peak_mem_allocated_gib", "peak_mem_reserved_gib", "peak_rss_gib")
-COMPUTE = ("flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct")
+# MFU (bench/flops.py): ``mfu_pct`` against the policy's comparable dense peak (bf16's for every
+# autocast policy, FP8 included), ``mfu_fp8_pct`` against the FP8 peak (FP8 policies only), and
+# ``mfu_flag``: "" or why an MFU is empty (no peak for the device; above 100%, with the value).
+COMPUTE = ("flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct", "peak_fp8_tflops",
+           "mfu_fp8_pct", "mfu_flag")
+MFU_ABOVE_100 = "above 100%"  # how mfu_flag starts for an MFU no run can reach
 POWER = (
     "power_avg_w", "power_max_w", "power_source", "idle_power_w", "energy_j", "energy_source",
     "energy_check_pct", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
@@ -154,7 +160,7 @@ def load_jsonl(path: Path, problem: Callable[[Any], str | None]) -> list[Any]:
 _RECORD_INTS = {"repeat": 0, "batch_size": 0, "seq_len": 1, "image_size": 1, "grad_accum": 1,
                 "world_size": 1, "warmup_steps": 0, "timed_steps": 0, "fp8_converted": 0}
 _RECORD_NUMBERS = tuple(f for f in TIMING if f not in ("host_bound", "memory_format")) + (
-    MEMORY + COMPUTE + NUMERICS) + (
+    MEMORY + tuple(f for f in COMPUTE if f != "mfu_flag") + NUMERICS) + (
     "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "energy_check_pct",
     "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c")
 
@@ -360,6 +366,7 @@ WHOLE = {"batch_size": 0, "seq_len": 1, "image_size": 1, "grad_accum": 1, "world
 NON_NEGATIVE = (
     "step_ms_median", "step_ms_iqr", "step_ms_min", "samples_per_s", "tokens_per_s",
     "startup_s", *MEMORY, "flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct",
+    "peak_fp8_tflops", "mfu_fp8_pct",
     "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "joules_per_sample",
     "sm_clock_mhz_avg", "scaler_scale_final", "cell_samples_per_s",
     "cell_samples_per_s_err_pct", "process_spread_pct", "noise_pct", "host_ms_median", *COST,
@@ -505,6 +512,32 @@ def load_results(source: Path | str, strict: bool = True) -> Any:
         raise BadInput(f"{path}: line {frame.attrs['lines'][row]}: unknown status "
                        f"'{frame['status'].iloc[row]}' (valid: {', '.join(STATUSES)})")
     frame["status"] = status
+    return _upgrade(frame)
+
+
+def _upgrade(frame: Any) -> Any:
+    """Rows of an older schema read as this one's. Before schema 5 an FP8 row's ``mfu_pct`` and
+    ``peak_tflops`` were against the FP8 peak: they move to ``mfu_fp8_pct`` and
+    ``peak_fp8_tflops``, and ``mfu_pct`` (against the bf16 peak) stays empty, flagged."""
+    if "schema" not in frame.columns or "fp8_converted" not in frame.columns:
+        return frame  # no FP8 row before schema 4
+    import pandas as pd
+
+    old = (pd.to_numeric(frame["schema"], errors="coerce") < 5) & frame["fp8_converted"].notna()
+    if not old.any():
+        return frame
+    frame = frame.copy()
+    for column in ("peak_tflops", "mfu_pct", "peak_fp8_tflops", "mfu_fp8_pct"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce") \
+            if column in frame.columns else math.nan
+    measured = old & frame["mfu_pct"].notna()
+    frame.loc[old, ["mfu_fp8_pct", "peak_fp8_tflops"]] = \
+        frame.loc[old, ["mfu_pct", "peak_tflops"]].to_numpy()
+    frame.loc[old, ["mfu_pct", "peak_tflops"]] = math.nan
+    if "mfu_flag" not in frame.columns:
+        frame["mfu_flag"] = None
+    frame["mfu_flag"] = frame["mfu_flag"].astype(object)
+    frame.loc[measured, "mfu_flag"] = "recorded before schema 5: MFU against the FP8 peak only"
     return frame
 
 

@@ -431,7 +431,8 @@ def test_other_amd_names_get_no_peak(name):
 
 def test_mi300x_mfu_is_against_its_dense_peak():
     fields = flops.mfu_fields(0.4 * 1307.4e12, 1.0, "AMD Instinct MI300X", "bf16")
-    assert fields == {"peak_tflops": 1307.4, "mfu_pct": pytest.approx(40.0)}
+    assert fields == {"peak_tflops": 1307.4, "mfu_pct": pytest.approx(40.0),
+                      "peak_fp8_tflops": None, "mfu_fp8_pct": None, "mfu_flag": ""}
     assert flops.device_peak_tflops("AMD Instinct MI300X", "tf32") == 653.7
     assert flops.device_peak_tflops("AMD Instinct MI300X", "fp8") == 2614.9
     # FP32 is the matrix figure, equal to the vector one on MI300X; MI210's is twice its vector.
@@ -443,5 +444,6 @@ def test_cdna2_has_no_tf32_or_fp8_peak(caplog):
     assert flops.device_peak_tflops("AMD Instinct MI210", "tf32") is None
     assert flops.device_peak_tflops("AMD Instinct MI250X", "fp8") is None
     assert flops.mfu_fields(1e12, 1.0, "AMD Instinct MI210", "tf32") == {
-        "peak_tflops": None, "mfu_pct": None}
+        "peak_tflops": None, "mfu_pct": None, "peak_fp8_tflops": None, "mfu_fp8_pct": None,
+        "mfu_flag": "no peak for tf32 on MI210"}
     assert any("tf32 on MI210" in w for w in _warnings(caplog))

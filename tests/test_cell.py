@@ -22,12 +22,14 @@ EXPECTED_TYPES = {
     "scaler_scale_final": float, "scaler_skipped_steps": int, "device": str,
     "device_name": str, "device_count": int, "torch_version": str, "python_version": str,
     "machine_id": str, "timestamp": str, "host_ms_median": float, "memory_format": type(None),
+    "mfu_flag": str,  # on this CPU: "no peak for '<its name>'"
 }
 # Filled on a GPU with NVML (or for a known device); empty on this CPU box.
 EMPTY_ON_CPU = (
-    "peak_tflops", "mfu_pct", "power_avg_w", "power_max_w", "idle_power_w", "energy_j",
-    "energy_check_pct", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
-    "throttle_reasons", "throttled", "driver_version", "cuda_version", "cudnn_version",
+    "peak_tflops", "mfu_pct", "peak_fp8_tflops", "mfu_fp8_pct", "power_avg_w", "power_max_w",
+    "idle_power_w", "energy_j", "energy_check_pct", "joules_per_sample", "sm_clock_mhz_avg",
+    "temp_max_c", "throttle_reasons", "throttled", "driver_version", "cuda_version",
+    "cudnn_version",
     "queued_ms_median", "host_bound",  # on CPU the host's time is the step time
 )
 
@@ -53,6 +55,7 @@ def test_record_has_every_schema_field_with_the_right_type(tmp_path, capsys):
     assert record["samples_per_s"] == pytest.approx(2 / (record["step_ms_median"] / 1e3))
     assert record["tokens_per_s"] == pytest.approx(64 * record["samples_per_s"])
     assert record["flops_per_step"] > 0 and record["achieved_tflops"] > 0
+    assert record["mfu_flag"] == f"no peak for '{record['device_name']}'"
     assert "gpt2-tiny fp16 b=2 T=64: ok" in capsys.readouterr().err
 
 
@@ -68,7 +71,8 @@ def test_failed_cell_still_writes_its_record(tmp_path, monkeypatch):
 
 
 def test_unsupported_policy_is_a_status_not_a_crash(tmp_path, monkeypatch):
-    monkeypatch.setattr("bench.precision.Policy.unsupported_reason", lambda self, d: "no fp16 here")
+    monkeypatch.setattr("bench.precision.Policy.unsupported_reason",
+                        lambda self, device, model=None: "no fp16 here")
     code, record = _cell(tmp_path)
     assert code == 1
     assert (record["status"], record["error"]) == ("unsupported", "no fp16 here")

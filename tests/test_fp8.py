@@ -1,5 +1,6 @@
 """The FP8 policies (torchao float8 training): conversion, emulated training on CPU, the record,
-where FP8 is unsupported and why, MFU's peak, and names validated without torch."""
+where FP8 is unsupported and why (a device without it, a model it would not touch), MFU's
+peaks, and names validated without torch."""
 
 import json
 import sys
@@ -82,7 +83,64 @@ def test_the_cell_record_says_emulated_and_the_summary_warns(tmp_path, capsys):
     assert record["status"] == "ok" and record["precision"] == "fp8-rowwise"
     assert record["emulated"] is True
     assert (record["fp8_converted"], record["fp8_unconverted"]) == (8, "none")
+    assert record["flops_per_step"] > 0 and record["mfu_fp8_pct"] is None  # a CPU: no peaks
+    assert record["mfu_flag"] == f"no peak for '{record['device_name']}'"
     assert "[emulated: software FP8" in capsys.readouterr().err
+
+
+@needs_torchao
+@pytest.mark.parametrize("model, classifier", [("resnet-tiny", "fc 64x10"),
+                                               ("resnet50", "fc 2048x1000")])
+def test_a_model_with_no_convertible_layer_is_unsupported_before_anything_is_built(
+        tmp_path, monkeypatch, capsys, model, classifier):
+    import bench.cell
+
+    def build(*args, **kwargs):
+        raise AssertionError("an FP8 cell that converts nothing built its model")
+
+    monkeypatch.setattr(bench.cell, "prepare", build)
+    monkeypatch.setattr(bench.cell, "count_training_flops", build)
+    out = tmp_path / "record.json"
+    assert main(["cell", "--model", model, "--precision", "fp8", "--batch-size", "2",
+                 "--device", "cpu", "--compile", "--out", str(out)]) == 1
+    record = json.loads(out.read_text())
+    assert record["status"] == "unsupported"
+    assert record["error"] == (
+        f"no Linear layer of {model} is convertible to FP8 ({classifier}: both dimensions must "
+        "be multiples of 16); nothing would run in FP8")
+    assert record["flops_per_step"] is None and record["step_ms_median"] is None
+    assert f"{model} fp8 b=2" in capsys.readouterr().err
+
+
+@needs_torchao
+def test_a_model_with_a_convertible_layer_is_supported():
+    import models
+
+    for name in FP8:
+        for model in ("gpt2-tiny", "bert-tiny", "gpt2-small"):
+            assert precision.get(name).unsupported_reason(torch.device("cpu"),
+                                                          models.get(model)) is None
+    # A policy without FP8 never asks the model.
+    assert precision.get("bf16").unsupported_reason(torch.device("cpu"),
+                                                    models.get("resnet50")) is None
+
+
+@needs_torchao
+def test_parity_skips_a_model_fp8_would_not_touch_and_says_why(tmp_path, monkeypatch, capsys):
+    from bench import parity
+
+    trained = []
+
+    def fake_train_one(model_name, policy_name, seed, *args, **kwargs):
+        trained.append((model_name, policy_name))
+        raise RuntimeError("not trained in this test")
+
+    monkeypatch.setattr(parity, "train_one", fake_train_one)
+    parity.run_parity(tmp_path, models=["resnet-tiny"], precisions=["fp32", "fp8"], seeds=2,
+                      steps=2, device="cpu")
+    assert trained == [("resnet-tiny", "fp32")] * 2
+    assert ("parity: skipping resnet-tiny fp8: no Linear layer of resnet-tiny is convertible "
+            "to FP8") in capsys.readouterr().err
 
 
 def test_a_policy_without_fp8_records_nothing_emulated():
@@ -123,11 +181,15 @@ def test_without_torchao_the_reason_says_how_to_install_it(monkeypatch, device):
     assert precision.get("bf16").unsupported_reason(torch.device("cpu")) is None
 
 
-def test_mfu_of_fp8_cells_uses_the_fp8_dense_peak():
-    assert flops.math_kind("fp8") == flops.math_kind("fp8-rowwise") == "fp8"
+def test_mfu_of_fp8_cells_is_against_the_bf16_peak_and_its_own_column_the_fp8_peak():
+    assert flops.math_kind("fp8") == flops.math_kind("fp8-rowwise") == "bf16"
     h100 = "NVIDIA H100 80GB HBM3"
-    assert flops.peak_tflops(h100, "fp8-rowwise") == flops.device_peak_tflops(h100, "fp8")
-    assert flops.peak_tflops(h100, "fp8") > 1.9 * flops.peak_tflops(h100, "bf16")
+    assert flops.peak_tflops(h100, "fp8-rowwise") == flops.peak_tflops(h100, "bf16") == 989.0
+    fields = flops.mfu_fields(989e12, 2.0, h100, "fp8")
+    assert fields["mfu_pct"] == pytest.approx(50.0)
+    assert fields["peak_fp8_tflops"] == 1979.0
+    assert fields["mfu_fp8_pct"] == pytest.approx(100 * 989 / 2 / 1979)
+    assert flops.mfu_fields(989e12, 2.0, h100, "bf16")["mfu_fp8_pct"] is None
 
 
 def test_the_fp8_policies_are_bf16_autocast_without_loss_scaling():

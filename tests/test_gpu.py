@@ -49,12 +49,19 @@ def test_each_policy_trains_each_full_size_model(tmp_path, model, policy):
         assert record["status"] == "unsupported"
         return
     fp8 = precision.get(policy).fp8_recipe is not None
+    if fp8 and model == "resnet50":  # its only Linear (2048x1000) is no multiple of 16
+        assert code == 1 and record["status"] == "unsupported", record["error"]
+        assert record["flops_per_step"] is None  # decided before anything was built
+        if precision.get(policy).unsupported_reason(torch.device("cuda")) is None:
+            assert record["error"].startswith("no Linear layer of resnet50 is convertible")
+        return
     if fp8 and record["status"] == "unsupported":  # no torchao, or a GPU before Ada
         pytest.skip(record["error"])
     assert code == 0 and record["status"] == "ok", record["error"]
-    if fp8:  # real FP8 matmuls; ResNet-50's only Linear (2048x1000) is no multiple of 16
-        assert record["emulated"] is False
-        assert (record["fp8_converted"] == 0) == (model == "resnet50"), record["fp8_unconverted"]
+    if fp8:  # real FP8 matmuls
+        assert record["emulated"] is False and record["fp8_converted"] > 0, \
+            record["fp8_unconverted"]
+        assert record["mfu_flag"] or record["mfu_fp8_pct"] < record["mfu_pct"]
     assert math.isfinite(record["loss_first"]) and record["samples_per_s"] > 0
     assert record["peak_mem_reserved_gib"] >= record["peak_mem_allocated_gib"] > 0
     spec = models.get(model)
@@ -103,11 +110,21 @@ def test_an_absurd_batch_is_oom_and_the_next_cell_gets_the_memory(tmp_path):
 def test_an_oom_in_process_gives_its_memory_back(tmp_path):
     import torch
 
+    def allocated() -> int:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated()
+
+    # A cell first, so what stays allocated on purpose (cuBLAS workspaces: 32 MiB each on an
+    # H100) is there before the failed cell too and only what the failed cell left is counted.
+    code, record = _cell(tmp_path / "warm.json", "gpt2-small", "bf16", 2)
+    assert code == 0 and record["status"] == "ok"
+    before = allocated()
     code, record = _cell(tmp_path / "big.json", "gpt2-small", "bf16", 4096)
     assert code == 1 and record["status"] == "oom"
-    gc.collect()
-    torch.cuda.empty_cache()
-    assert torch.cuda.memory_allocated() < 64 * 2**20  # the failed cell holds nothing
+    # 16 MiB of slack: GPT-2 small's weights alone are 475 MiB, so any tensor of the failed
+    # model, its gradients or its optimizer state that survived is far above it.
+    assert allocated() - before < 16 * 2**20
     code, record = _cell(tmp_path / "small.json", "gpt2-small", "bf16", 2)
     assert code == 0 and record["status"] == "ok"
 

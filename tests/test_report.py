@@ -104,6 +104,26 @@ def test_emulated_cells_are_noted_and_never_the_summary_s_finding(tmp_path):
     assert "fp8" not in summary, summary  # 5x faster, emulated: no finding
 
 
+def test_mfu_compares_fp8_with_bf16_shows_its_fp8_peak_and_never_prints_a_flagged_value(
+        tmp_path):
+    h100 = {"device_name": "NVIDIA H100 80GB HBM3"}
+    rows = [_record(precision="fp32", mfu_pct=10.0, mfu_flag="", **h100),
+            _record(precision="fp16", mfu_pct=None, mfu_flag="above 100%: 130.0% of the fp16 "
+                    "peak (989 TFLOP/s)", **h100),
+            _record(precision="bf16", mfu_pct=40.0, mfu_flag="", **h100),
+            _record(precision="fp8", mfu_pct=55.0, mfu_fp8_pct=27.5, mfu_flag="", **h100)]
+    text = report.render(report.load(_run_dir(tmp_path, rows)))
+    title = ("**MFU, % of the dense peak (fp32: FP32, tf32: TF32, the others: FP16/BF16, "
+             "comparable across them); FP8 policies also of the FP8 peak**")
+    table = text.split(title)[1].split("\n\n")[1]
+    assert table.splitlines()[-1] == ("|       8 |  10.0% | flagged |  40.0% | "
+                                      "55.0% (27.5% of FP8) |")
+    assert text.count("130.0%") == 1  # only in the note that says why it is not shown
+    assert ("MFU flagged: above 100% of the peak, which no run reaches, so the FLOP count or "
+            "the peak is wrong (pass --peak-tflops if the table's is); not shown as a number: "
+            "fp16, batch 8 (above 100%: 130.0% of the fp16 peak (989 TFLOP/s)).") in text
+
+
 def test_max_batch_records_and_world_sizes_get_their_own_tables(tmp_path):
     rows = [
         _record(precision="fp32", samples_per_s=100.0),

@@ -53,6 +53,37 @@ def test_results_csv_is_derived_with_the_schema_columns_first(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_mfu_columns_are_numbers_and_a_flag_beside_them(tmp_path, capsys):
+    store.append(tmp_path, {**_record(1, mfu_pct=40.0, mfu_fp8_pct=20.0, peak_tflops=989.0,
+                                      peak_fp8_tflops=1979.0, mfu_flag=""), "precision": "fp8"})
+    store.append(tmp_path, _record(2, mfu_flag="above 100%: 121.3% of the bf16 peak (989 "
+                                   "TFLOP/s)"))
+    store.append(tmp_path, {**_record(3), "mfu_fp8_pct": "fast"})  # damaged: skipped
+    frame = store.load_results(tmp_path)
+    assert frame["mfu_fp8_pct"].tolist()[0] == 20.0 and frame["batch_size"].tolist() == [1, 2]
+    assert frame["mfu_flag"].tolist()[1].startswith(store.MFU_ABOVE_100)
+    assert "line 3: mfu_fp8_pct 'fast' is not a number; skipped" in capsys.readouterr().err
+    with pytest.raises(BadInput, match="column mfu_fp8_pct holds -1, below 0"):
+        store.load_results(_csv(tmp_path, "model,precision,batch_size,status,mfu_fp8_pct\n"
+                                "gpt2-tiny,fp8,1,ok,-1\n"))
+
+
+def test_an_fp8_row_before_schema_5_keeps_its_mfu_as_the_fp8_one(tmp_path):
+    # Schema 4 measured an FP8 cell's mfu_pct against the FP8 peak; schema 5 against bf16's.
+    path = _csv(tmp_path, "schema,model,precision,batch_size,status,peak_tflops,mfu_pct,"
+                "fp8_converted\n"
+                "4,gpt2-small,fp8,8,ok,1979.0,21.0,48\n"
+                "4,gpt2-small,bf16,8,ok,989.0,35.0,\n"
+                "4,resnet50,fp8,8,error,,,\n"
+                "5,gpt2-small,fp8,8,ok,989.0,42.0,48\n")
+    frame = store.load_results(path)
+    assert frame["mfu_fp8_pct"].tolist()[0] == 21.0 and frame["peak_fp8_tflops"][0] == 1979.0
+    assert np.isnan(frame["mfu_pct"][0]) and np.isnan(frame["peak_tflops"][0])
+    assert frame["mfu_flag"][0] == "recorded before schema 5: MFU against the FP8 peak only"
+    assert frame["mfu_pct"].tolist()[1] == 35.0 and frame["mfu_pct"].tolist()[3] == 42.0
+    assert frame["mfu_flag"][1:].isna().all() and frame["mfu_fp8_pct"][1:].isna().all()
+
+
 def _timed(batch_size: int, repeat: int, samples_per_s: float, **fields: object) -> dict:
     return {**_record(batch_size, samples_per_s=samples_per_s, step_ms_median=10.0,
                       step_ms_iqr=0.0, timed_steps=30, **fields), "repeat": repeat}

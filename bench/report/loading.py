@@ -32,8 +32,9 @@ _SECONDARY_HEADERS = {"seq_len": "seq len", "image_size": "image", "grad_accum":
 _KEY_DEFAULTS: dict[str, Any] = {"grad_accum": 1, "world_size": 1, "compile": False}
 METRICS = (
     "samples_per_s", "tokens_per_s", "step_ms_median", "step_ms_iqr", "peak_mem_allocated_gib",
-    "peak_mem_reserved_gib", "peak_rss_gib", "achieved_tflops", "mfu_pct", "power_avg_w",
-    "energy_j", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c", "host_ms_median",
+    "peak_mem_reserved_gib", "peak_rss_gib", "achieved_tflops", "mfu_pct", "mfu_fp8_pct",
+    "power_avg_w", "energy_j", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
+    "host_ms_median",
 )
 # The worst status speaks for a cell none of whose repeats ran.
 THROTTLED_MARK = "†"
@@ -117,7 +118,7 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
         frame[column] = pd.to_numeric(values, errors="coerce") if values is not None else math.nan
     for column in ("throttled", "max_batch_search"):
         frame[column] = frame[column].map(store.truthy) if column in frame.columns else False
-    for column in ("throttle_reasons", "error", "device_name", "max_batch"):
+    for column in ("throttle_reasons", "error", "device_name", "max_batch", "mfu_flag"):
         if column not in frame.columns:
             frame[column] = None
     # A max-batch record is flagged, or at least carries its result.
@@ -163,6 +164,9 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         row["host_bound"] = "host_bound" in ok and any(map(store.truthy, ok["host_bound"]))
         row["emulated"] = "emulated" in ok and any(map(store.truthy, ok["emulated"]))
         row["throttle_reasons"] = ";".join(reasons)
+        # Why an MFU is empty, from any ok repeat: one impossible value makes the cell's suspect.
+        flags = (str(f).strip() for f in ok["mfu_flag"].dropna())
+        row["mfu_flag"] = "; ".join(dict.fromkeys(f for f in flags if f))
         errors = [str(e).strip() for e in group["error"].dropna() if str(e).strip()]
         row["error"] = errors[0] if errors else ""
         row["repeats"] = len(group)
@@ -173,7 +177,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     columns = [*KEY, "status", *METRICS, *(f"{m}_err" for m in _NOISY), "noise_pct",
                "noise_source", "step_spread_pct", "throttled", "contended", "host_bound",
-               "emulated",
+               "emulated", "mfu_flag",
                "throttle_reasons", "error", "repeats", "calibration_processes", "failed_repeats",
                "device_name"]
     cells = pd.DataFrame(rows, columns=columns)

@@ -283,7 +283,12 @@ def _model_section(run: Run, name: str, parity: Sequence[str] = ()) -> list[str]
         return change(cell, "joules_per_sample", _fmt_sig(model.energy(cell)))
 
     def mfu(cell: pd.Series) -> str | None:
-        return f"{cell['mfu_pct']:.1f}%" if _is_num(cell["mfu_pct"]) else None
+        if _mfu_impossible(cell):
+            return "flagged"  # the note under the table says why; never a number
+        text = f"{cell['mfu_pct']:.1f}%" if _is_num(cell["mfu_pct"]) else None
+        if _is_num(cell["mfu_fp8_pct"]):
+            text = f"{text or 'n/a'} ({cell['mfu_fp8_pct']:.1f}% of FP8)"
+        return text
 
     price_hour, price_kwh = run.prices.get("price_per_hour"), run.prices.get("price_per_kwh")
 
@@ -304,7 +309,7 @@ def _model_section(run: Run, name: str, parity: Sequence[str] = ()) -> list[str]
          "peak memory: not measured"),
         (f"Energy, {model.energy_unit} (change vs fp32)", energy,
          "energy: not measured (no NVML power readings)"),
-        ("MFU (model FLOPs utilisation)", mfu, "MFU: no peak FLOP/s known for this device"),
+        (_mfu_title(model), mfu, "MFU: no peak FLOP/s known for this device"),
     ]
     if price_hour is not None:
         per = f"${price_hour:g} per device-hour" + (
@@ -359,8 +364,30 @@ def _label(cell: pd.Series, row_keys: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+def _mfu_impossible(cell: pd.Series) -> bool:
+    return store.MFU_ABOVE_100 in str(cell.get("mfu_flag") or "")
+
+
+def _mfu_title(model: _Model) -> str:
+    """Which peak each policy's MFU is against: the same for every autocast policy, so FP8's
+    reads beside bf16's; an FP8 policy's own peak in parentheses."""
+    title = ("MFU, % of the dense peak (fp32: FP32, tf32: TF32, the others: FP16/BF16, "
+             "comparable across them)")
+    if model.cells["mfu_fp8_pct"].notna().any():
+        title += "; FP8 policies also of the FP8 peak"
+    return title
+
+
 def _notes(model: _Model) -> list[str]:
     notes = []
+    impossible = model.cells[(model.cells["status"] == "ok") & model.cells["mfu_flag"].map(
+        lambda flag: store.MFU_ABOVE_100 in str(flag or ""))]
+    if len(impossible):
+        items = [f"{_label(cell, model.row_keys)} ({cell['mfu_flag']})"
+                 for _, cell in impossible.iterrows()]
+        notes.append("MFU flagged: above 100% of the peak, which no run reaches, so the FLOP "
+                     "count or the peak is wrong (pass --peak-tflops if the table's is); not "
+                     f"shown as a number: {'; '.join(items)}.")
     throttled = model.cells[model.cells["throttled"]]
     if len(throttled):
         items = []
