@@ -225,7 +225,9 @@ def gpu_quick() -> Matrix:
     empty inductor cache: ~165 s for the three bf16 compiled cells. Parity: 24 runs (3 models x
     4 policies x 2 seeds) in ~85 s, mostly model builds, evaluation and batches made on the
     CPU. Runner start and report ~15 s. Total ~7.5 minutes; compile time is the least certain
-    part. ``timeout_s`` (180 s) is what ``--time-budget`` allows a cell not run yet.
+    part. ``timeout_s`` (180 s) is what ``--time-budget`` allows the first cell, the first
+    compiled cell and the first torchrun cell; later ones are estimated from those
+    (bench/runner.py, estimate_s).
 
     FP8 (an estimate, not yet measured anywhere): 6 compiled cells at ~55 s of compiling and
     ~8 s of start-up each, ~6.5 minutes, and 12 more parity runs (eager), ~45 s: ~14.5 minutes
@@ -432,6 +434,16 @@ def load(path: str | Path) -> Matrix:
     return from_dict(data, str(path))
 
 
+def to_toml(matrix: Matrix) -> str:
+    """A matrix as a TOML file that ``load`` reads back (`ampbench run --matrix` takes it)."""
+    data = matrix.to_dict()
+    lines = [f"{key} = {json.dumps(value)}" for key, value in data.items() if key != "models"]
+    for name, table in data["models"].items():
+        lines.append(f"\n[models.{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- CLI overrides
 
 
@@ -488,4 +500,5 @@ def override(
     return _check_size(replace(matrix, **changes), "command line")
 
 
-__all__ = ["PRESETS", "Cell", "Matrix", "ModelAxis", "from_dict", "load", "override", "preset"]
+__all__ = ["PRESETS", "Cell", "Matrix", "ModelAxis", "from_dict", "load", "override", "preset",
+           "to_toml"]

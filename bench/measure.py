@@ -4,6 +4,9 @@ CUDA: an event pair around each step, one synchronize after the whole window, so
 the window waits on the host. CPU: ``time.perf_counter`` (the step is synchronous there).
 Raw step times are kept; median, IQR and min are derived from them.
 
+Every process that times on a GPU calls ``use_device`` first (a cell, peers, parity), and
+StepTimer records on its device's stream by name, so ``--device cuda:1`` times GPU 1's work.
+
 The host's clock brackets every step on CUDA too: the time the Python thread spent issuing it.
 A step is host-bound when the GPU waits for those launches (small batches, many small kernels),
 which understates what the GPU and a precision policy could do.
@@ -30,17 +33,35 @@ HOST_BOUND_SHARE = 0.9
 QUEUED_SHARE = 0.1
 
 
+def use_device(device: Any) -> None:
+    """Make ``device`` this process's current GPU (nothing on CPU): call it before anything
+    touches CUDA in a process that trains or times on ``device``."""
+    if device.type == "cuda":
+        import torch
+
+        # The current device, not the tensors', is where every call that names no device goes
+        # (an event recorded without a stream, synchronize(), a new Stream) and where CUDA
+        # opens its first context: a process that never sets it times GPU 0's stream and
+        # takes memory on GPU 0 as well.
+        torch.cuda.set_device(device)
+
+
 class StepTimer:
     """Per-step timer for a window of ``num_steps`` steps on ``device``: device time (CUDA
-    events on CUDA) and the host's time issuing each step."""
+    events on the device's current stream) and the host's time issuing each step."""
 
     def __init__(self, device: Any, num_steps: int) -> None:
         import torch
 
+        self._device = device
         self._cuda = device.type == "cuda"
         self._spans = [(0.0, 0.0)] * num_steps  # host perf_counter at each step's start, stop
+        self._synced = False
         if self._cuda:
-            # Created before the window so that event creation is not timed.
+            # The stream the steps run on: the device's, named, not whatever device is current.
+            self._stream = torch.cuda.current_stream(device)
+            # Made before the window; torch creates each CUDA event at its first record, on the
+            # recording stream's device (a microsecond of host time, not of the device's).
             self._events = [
                 (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 for _ in range(num_steps)
@@ -49,16 +70,26 @@ class StepTimer:
     def start(self, i: int) -> None:
         self._spans[i] = (time.perf_counter(), 0.0)
         if self._cuda:
-            self._events[i][0].record()
+            self._events[i][0].record(self._stream)
 
     def stop(self, i: int) -> None:
         if self._cuda:
-            self._events[i][1].record()
+            self._events[i][1].record(self._stream)
         self._spans[i] = (self._spans[i][0], time.perf_counter())
 
+    def _wait(self) -> None:
+        """After the window: wait once for the device, so that every event has happened."""
+        import torch
+
+        if self._cuda and not self._synced:
+            torch.cuda.synchronize(self._device)
+            self._synced = True
+
     def times_ms(self) -> list[float]:
-        """Raw step times in ms; on CUDA call only after the window's synchronize."""
+        """Raw step times in ms; on CUDA, read only after the window (this waits for the
+        device)."""
         if self._cuda:
+            self._wait()
             return [start.elapsed_time(end) for start, end in self._events]
         return self.host_times_ms()
 
@@ -72,13 +103,14 @@ class StepTimer:
         is recorded when the window starts after a synchronize (the warmup's)."""
         if not self._cuda:
             return None
+        self._wait()
         first, host_first = self._events[0][0], self._spans[0][0]
         return [first.elapsed_time(end) - (stop - host_first) * 1e3
                 for (_, end), (_, stop) in zip(self._events, self._spans, strict=True)]
 
     def host_fields(self) -> dict[str, Any]:
         """``host_ms_median``, ``queued_ms_median`` and ``host_bound`` (None on CPU, where the
-        host's time is the step time); on CUDA call only after the window's synchronize."""
+        host's time is the step time); on CUDA, read only after the window."""
         host_ms = statistics.median(self.host_times_ms())
         queued = self.queued_ms()
         if queued is None:

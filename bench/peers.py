@@ -30,7 +30,7 @@ import models
 from bench import BadInput, config, paths, precision, store
 from bench.cell import Trainer, is_oom, prepare, resolve_device
 from bench.env import fingerprint
-from bench.measure import GIB, StepTimer, peak_memory, reset_peak_memory, summarize
+from bench.measure import GIB, StepTimer, peak_memory, reset_peak_memory, summarize, use_device
 
 DEFAULT_MODELS = ("gpt2-small", "bert-base", "resnet50", "resnet18")
 PEERS_CSV = "peers.csv"  # its name in a run directory (--out-dir RUN_DIR)
@@ -369,7 +369,7 @@ def run_model(model: str, policies: list[str], batch_size: int | None, size: int
         row = _blank_row(model, name, environment or {})
         row.update({"batch_size": batch_size, spec.size_arg: size, "warmup_steps": warmup,
                     "timed_steps": steps})
-        reason = precision.get(name).unsupported_reason(device)
+        reason = precision.get(name).unsupported_reason(device, spec)
         if reason:
             row["status"] = f"unsupported: {reason}"
             rows.append(row)
@@ -466,6 +466,7 @@ def main(args: argparse.Namespace) -> int:
                 raise BadInput(str(exc)) from None
             missing[model] = str(exc)
     device = resolve_device(args.device)
+    use_device(device)  # before anything touches CUDA: cuda:N's stream, allocator and context
     if args.out_dir is None:
         return _run(args, chosen, policies, missing, device, args.out)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)

@@ -95,18 +95,108 @@ class Budget:
 
 
 def estimate_s(cell: Cell, records: Iterable[dict[str, Any]], cells: dict[str, Cell],
-               timeout_s: float) -> float:
-    """How long ``cell``'s process will take: the slowest ok process of the same model and
-    policy (its group: all but the batch), scaled up to this batch; the timeout, which bounds
-    every process, when none has run yet."""
-    known = []
-    for record in records:
-        other = cells.get(record.get("cell_id"))
-        wall_s = record.get("wall_s")
-        if (other is not None and other.group == cell.group and record.get("status") == "ok"
-                and isinstance(wall_s, int | float) and not isinstance(wall_s, bool)):
-            known.append(wall_s * max(1.0, cell.batch_size / other.batch_size))
-    return min(max(known), timeout_s) if known else timeout_s
+               timeout_s: float, num_steps: int | None = None) -> float:
+    """How long ``cell``'s process will take, never more than the timeout (which bounds every
+    process). A group that has run (all but the batch): its slowest ok process, scaled up to
+    this batch. Else the cost model of _modelled_s from the ok processes finished so far,
+    ``num_steps`` (warmup + timed) steps long; the timeout when it has nothing to go on."""
+    finished = [(cells.get(r["cell_id"]) or _cell_of(r), r) for r in records
+                if r.get("status") == "ok" and _number(r.get("wall_s")) is not None]
+    finished = [(other, r) for other, r in finished if other is not None]
+    known = [r["wall_s"] * max(1.0, cell.batch_size / other.batch_size)
+             for other, r in finished if other.group == cell.group]
+    if known:
+        return min(max(known), timeout_s)
+    guess = _modelled_s(cell, finished, num_steps)
+    return timeout_s if guess is None else min(guess, timeout_s)
+
+
+# The cost model's margin on an unseen cell's training time: its step time comes from another
+# cell's, scaled by FLOPs per step, and the FLOP rate a step achieves differs between models
+# and policies by up to 2-3x (config.gpu_quick: tf32 at ~60 TFLOP/s for ResNet-50 and ~130 for
+# the transformers).
+_STEP_MARGIN = 2.0
+
+
+def _modelled_s(cell: Cell, finished: list[tuple[Cell, dict[str, Any]]],
+                num_steps: int | None) -> float | None:
+    """An unseen group's process from the finished ones: start-up + steps x step time, or
+    None (then the timeout) when no process of its kind has finished.
+
+    A finished process's wall_s is its start-up (interpreter, torch and CUDA, model build, FLOP
+    count, cuDNN autotuning, torch.compile in a compiled cell's first step, and the exit) plus
+    its warmup and timed steps at its median step time: start-up is what is left of wall_s.
+    Start-up is taken from processes of the same kind (eager or compiled, one process or
+    torchrun): the longest so far, so for a compiled cell the eager start-up plus the longest
+    compile measured. The first process of a kind has no such measure and gets the timeout.
+    Step time: a finished cell's, times this cell's FLOPs per step over its (analytic,
+    models/), from the cells closest in kind (the same model and policy in another group, else
+    the same policy, else the same model, else any), the slowest of them, times _STEP_MARGIN.
+    """
+    flops = _flops_per_step(cell)
+    if flops is None:
+        return None
+    kind = (cell.compile, cell.num_processes > 1)
+    start_s: list[float] = []
+    by_closeness: dict[int, list[tuple[float, int]]] = {}  # (step time at cell's FLOPs, steps)
+    for other, record in finished:
+        step_ms = _number(record.get("step_ms_median"))
+        warmup, timed = (_number(record.get(k)) for k in ("warmup_steps", "timed_steps"))
+        other_flops = _flops_per_step(other)
+        if step_ms is None or warmup is None or timed is None or not other_flops:
+            continue
+        ran = int(warmup + timed)
+        if (other.compile, other.num_processes > 1) == kind:
+            start_s.append(max(0.0, record["wall_s"] - ran * step_ms / 1e3))
+        closeness = _closeness(cell, other)
+        by_closeness.setdefault(closeness, []).append((step_ms / 1e3 * flops / other_flops, ran))
+    if not start_s or not by_closeness:
+        return None
+    step_s, ran = max(by_closeness[min(by_closeness)])
+    return max(start_s) + (num_steps or ran) * step_s * _STEP_MARGIN
+
+
+def _cell_of(record: dict[str, Any]) -> Cell | None:
+    """The cell a record of another matrix measured (a run directory that several sweeps
+    wrote into, as `ampbench validate`'s steps do), from its key fields; None if they are
+    damaged."""
+    try:
+        return Cell(model=str(record["model"]), precision=str(record["precision"]),
+                    batch_size=int(record["batch_size"]), seq_len=record.get("seq_len"),
+                    image_size=record.get("image_size"),
+                    grad_accum=int(record.get("grad_accum") or 1),
+                    compile=bool(record.get("compile")),
+                    world_size=int(record.get("world_size") or 1))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _closeness(cell: Cell, other: Cell) -> int:
+    """0 the same model and policy, 1 the same policy, 2 the same model, 3 neither."""
+    if other.precision == cell.precision:
+        return 0 if other.model == cell.model else 1
+    return 2 if other.model == cell.model else 3
+
+
+def _flops_per_step(cell: Cell) -> float | None:
+    """Analytic training FLOPs of one optimizer step on one rank (models/); None for a model
+    the registry does not know. Imports the model's file, and with it torch: the runner has
+    imported torch already to check the device."""
+    import models
+
+    try:
+        spec = models.get(cell.model)
+    except ValueError:
+        return None
+    size = cell.seq_len or cell.image_size or spec.default_size
+    return float(spec.flops_per_sample(size) * cell.batch_size * cell.grad_accum)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` when it is a finite real number (not a bool), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _oom_limits(records: Iterable[dict[str, Any]], cells: dict[str, Cell]) -> dict[Any, int]:
@@ -189,8 +279,8 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
                     record = failure_record(cell, state.settings, repeat, "skipped",
                                             f"batch {limit} already ran out of memory")
                 elif budget is not None and estimate_s(
-                        cell, state.records.values(), by_id,
-                        state.settings.timeout_s) > budget.left():
+                        cell, state.records.values(), by_id, state.settings.timeout_s,
+                        state.settings.warmup + state.settings.steps) > budget.left():
                     not_run = todo[slot:]  # in plan order: the calibration stays last
                     break
                 else:

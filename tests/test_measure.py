@@ -14,22 +14,32 @@ from bench import measure
 
 def _fake_clocks(monkeypatch, host_ms, device_ms):
     """Host perf_counter and CUDA event times (ms) replayed in the order StepTimer reads them:
-    start, stop of each step."""
+    start, stop of each step. Stands in for the GPU only: streams are named by their device,
+    events remember the stream they were recorded on, and synchronize is logged."""
     host = iter(host_ms)
     device = iter(device_ms)
+    log = SimpleNamespace(streams=[], synchronized=[], recorded_on=set())
 
     class Event:
         def __init__(self, enable_timing: bool) -> None:
             self.t = math.nan
 
-        def record(self) -> None:
+        def record(self, stream=None) -> None:
+            log.recorded_on.add(stream)
             self.t = next(device)
 
         def elapsed_time(self, end: Event) -> float:
             return end.t - self.t
 
+    def current_stream(device=None):
+        log.streams.append(device)
+        return f"stream of {device}"
+
     monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", log.synchronized.append)
     monkeypatch.setattr(measure.time, "perf_counter", lambda: next(host) / 1e3)
+    return log
 
 
 def _simulate(issue_ms, gpu_ms, num_steps, queue_ms=math.inf):
@@ -51,7 +61,7 @@ def _simulate(issue_ms, gpu_ms, num_steps, queue_ms=math.inf):
 def _time(monkeypatch, issue_ms, gpu_ms, queue_ms=math.inf, num_steps=8):
     host, device = _simulate(issue_ms, gpu_ms, num_steps, queue_ms)
     _fake_clocks(monkeypatch, host, device)
-    timer = measure.StepTimer(SimpleNamespace(type="cuda"), num_steps)
+    timer = measure.StepTimer(torch.device("cuda", 0), num_steps)
     for i in range(num_steps):
         timer.start(i)
         timer.stop(i)
@@ -96,3 +106,45 @@ def test_on_cpu_the_host_time_is_the_step_time_and_no_verdict(monkeypatch):
     assert timer.times_ms() == timer.host_times_ms() == pytest.approx([5.0] * 3)
     assert timer.host_fields() == {"host_ms_median": pytest.approx(5.0),
                                    "queued_ms_median": None, "host_bound": None}
+
+
+def test_the_timer_records_on_its_own_devices_stream_and_waits_for_that_device(monkeypatch):
+    # cuda:1 while the current device is another: the events go on cuda:1's stream, named.
+    host, device = _simulate(issue_ms=1.0, gpu_ms=3.0, num_steps=4)
+    log = _fake_clocks(monkeypatch, host, device)
+    gpu1 = torch.device("cuda", 1)
+    timer = measure.StepTimer(gpu1, 4)
+    assert log.streams == [gpu1]
+    for i in range(4):
+        timer.start(i)
+        timer.stop(i)
+    assert log.recorded_on == {f"stream of {gpu1}"}
+    assert log.synchronized == []  # nothing waits inside the window
+    assert timer.times_ms() == pytest.approx([3.0] * 4)
+    timer.host_fields()
+    assert log.synchronized == [gpu1]  # once, after the window, on the timed device
+
+
+def test_use_device_makes_a_gpu_current_and_leaves_the_cpu_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    measure.use_device(torch.device("cpu"))
+    assert calls == []
+    measure.use_device(torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_events_are_on_the_timed_device_without_making_it_current():
+    # The last GPU: on a machine with several it is not the current one (cuda:0).
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    x = torch.randn(1024, 1024, device=device)
+    torch.cuda.synchronize(device)
+    timer = measure.StepTimer(device, 3)
+    for i in range(3):
+        timer.start(i)
+        for _ in range(10):
+            x = torch.tanh(x @ x)
+        timer.stop(i)
+    assert all(t > 0 for t in timer.times_ms())  # read without a synchronize of its own
+    assert {e.device for pair in timer._events for e in pair} == {device}

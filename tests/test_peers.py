@@ -23,12 +23,19 @@ def _torchvision() -> None:
         importlib.import_module("torchvision")
     except Exception as exc:  # a torchvision built for another torch fails with more than this
         first = (str(exc).splitlines() or [""])[0]
-        pytest.skip(f"torchvision does not import: {type(exc).__name__}: {first}")
+        pytest.skip(f"torchvision does not import ({type(exc).__name__}: {first}); it is in "
+                    "the peers extra: pip install -e .[peers]")
+
+
+def _transformers():
+    """transformers, or a skip naming the extra that has it."""
+    return pytest.importorskip("transformers", reason="transformers is not installed (the peers "
+                               "extra: pip install -e .[peers])")
 
 
 @pytest.mark.parametrize("model", ["gpt2-tiny", "bert-tiny"])
 def test_tiny_transformers_equal_their_peers(model):
-    pytest.importorskip("transformers")
+    _transformers()
     eq = _equivalence(model)
     assert eq.params_ours == eq.params_peer
     assert eq.logit_max_abs_diff < 1e-5
@@ -40,7 +47,7 @@ def test_tiny_transformers_equal_their_peers(model):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["gpt2-small", "bert-base"])
 def test_full_size_transformers_equal_their_peers(model):
-    pytest.importorskip("transformers")
+    _transformers()
     eq = _equivalence(model, batch_size=1, size=64)
     assert eq.params_ours == eq.params_peer
     assert eq.logit_max_abs_diff < 1e-4
@@ -77,7 +84,7 @@ def test_compare_leaves_batchnorm_statistics_and_modes_as_they_were():
 
 
 def test_a_peer_parameter_ours_lacks_is_named():
-    transformers = pytest.importorskip("transformers")
+    transformers = _transformers()
     cfg = models.get("gpt2-tiny").config
     peer = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
@@ -87,7 +94,7 @@ def test_a_peer_parameter_ours_lacks_is_named():
 
 
 def test_peers_cli_writes_the_table_and_csv(tmp_path, capsys):
-    pytest.importorskip("transformers")
+    _transformers()
     out = tmp_path / "new" / "peers.csv"  # its directory is made
     assert main(["peers", "--models", "gpt2-tiny", "--precisions", "fp32,bf16", "--steps", "2",
                  "--warmup", "1", "--device", "cpu", "--out", str(out)]) == 0
@@ -100,7 +107,7 @@ def test_peers_cli_writes_the_table_and_csv(tmp_path, capsys):
 
 
 def test_a_failing_pair_is_its_row_and_the_others_still_run(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("transformers")
+    _transformers()
     real = peers.race
 
     def race(ours, peer, warmup, steps):
@@ -189,3 +196,23 @@ def test_the_default_set_without_peer_libraries_is_skipped_rows(monkeypatch, cap
 def test_a_model_without_a_peer_is_bad_input(capsys):
     assert main(["peers", "--models", "resnet-tiny"]) == 2
     assert "no peer" in capsys.readouterr().err
+
+
+def test_peers_makes_the_requested_gpu_current_before_it_builds_or_times(monkeypatch):
+    # Only the hardware is faked: a cuda:1 that resolves, and set_device's calls logged.
+    import torch
+
+    _without(monkeypatch, "transformers", "torchvision")  # no peer library imports: fast
+    gpu1 = torch.device("cuda", 1)
+    monkeypatch.setattr(peers, "resolve_device", lambda name: gpu1 if name == "cuda:1" else None)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    seen = []
+
+    def run(args, chosen, policies, missing, device, out):
+        seen.append((device, list(current)))
+        return 0
+
+    monkeypatch.setattr(peers, "_run", run)
+    assert main(["peers", "--device", "cuda:1"]) == 0
+    assert seen == [(gpu1, [gpu1])]

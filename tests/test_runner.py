@@ -5,12 +5,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 
+import models
 from bench import children, runner, store
 from bench.__main__ import main
+from bench.config import Cell
 
 # One timed step, no warmup, the tiniest model: a cell is mostly child start-up.
 FAST = ["--preset", "quick", "--models", "gpt2-tiny", "--steps", "1", "--warmup", "0",
@@ -359,25 +362,26 @@ def _slow_children(monkeypatch) -> _FakeClock:
 
 def test_a_time_budget_stops_before_a_cell_it_cannot_finish_and_resume_finishes(
         tmp_path, monkeypatch, capsys):
-    # Each child takes 100 s of a fake clock; a cell not seen yet is bounded by its timeout.
+    # Each child takes 100 s of a fake clock, almost all of it start-up (one step of ms).
     _slow_children(monkeypatch)
     out = tmp_path / "run"
-    # 310 s: fp32 b=1 (unknown, 120 s) runs, fp32 b=2 (100 s at b=1, so 200 s) runs, then
-    # bf16 b=1 (unknown, 120 s) does not fit in the 110 s left.
+    # 310 s: fp32 b=1 (nothing finished: its timeout, 120 s) runs, fp32 b=2 (100 s at b=1, so
+    # 200 s) runs, bf16 b=1 (fp32's start-up, ~100 s, and its step scaled) fits in the 110 s
+    # left, then bf16 b=2 (200 s) does not fit in 10.
     assert main(["run", *FAST, "--precisions", "fp32,bf16", "--batch-sizes", "1,2",
                  "--timeout", "120", "--calibration", "0", "--time-budget", "310s",
                  "--out", str(out)]) == runner.BUDGET_EXIT
     err = capsys.readouterr().err
-    assert "--time-budget 310s is spent: 2 cell process(es)" in err
+    assert "--time-budget 310s is spent: 1 cell process(es)" in err
     [resume] = [line.removeprefix("resume with: ") for line in err.splitlines()
                 if line.startswith("resume with: ")]
     assert resume.startswith(f"python -m bench run --resume {out} ")
     assert "--time-budget 310s" in resume
     first = _records(out)
-    assert set(first) == {("fp32", 1), ("fp32", 2)}
+    assert set(first) == {("fp32", 1), ("fp32", 2), ("bf16", 1)}
     assert all(r["status"] == "ok" and r["wall_s"] == 100.0 for r in first.values())
     meta = json.loads((out / store.META).read_text())
-    assert meta["incomplete"]["cells"] == ["gpt2-tiny bf16 b=1 T=64", "gpt2-tiny bf16 b=2 T=64"]
+    assert meta["incomplete"]["cells"] == ["gpt2-tiny bf16 b=2 T=64"]
     assert any(w.startswith("incomplete: --time-budget 310s") for w in meta["warnings"])
 
     # The printed command, as printed, finishes the run: nothing that finished runs again.
@@ -410,6 +414,82 @@ def test_a_bad_time_budget_is_one_line_and_exit_2(tmp_path, capsys, text):
     err = capsys.readouterr().err
     assert "argument --time-budget:" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# --time-budget's estimates, from hand-made records: a finished process's wall_s is its start-up
+# plus (warmup + timed) steps at its median step time.
+GPT = Cell("gpt2-tiny", "fp32", 4, seq_len=64)
+BERT = Cell("bert-tiny", "fp32", 16, seq_len=32)
+
+
+def _ran(cell, wall_s, step_ms, warmup=5, timed=15, status="ok"):
+    """(cell, its record) for a process of ``cell`` that finished with ``status``."""
+    return cell, {"cell_id": cell.cell_id, "status": status, "wall_s": wall_s,
+                  "step_ms_median": step_ms, "warmup_steps": warmup, "timed_steps": timed}
+
+
+def _estimate(cell, finished, timeout_s=300.0, num_steps=20):
+    cells = {c.cell_id: c for c in [cell, *(c for c, _ in finished)]}
+    return runner.estimate_s(cell, [r for _, r in finished], cells, timeout_s, num_steps)
+
+
+def _flops(cell):
+    return models.get(cell.model).flops_per_sample(cell.seq_len or cell.image_size) \
+        * cell.batch_size * cell.grad_accum
+
+
+def test_an_unseen_model_is_estimated_from_a_finished_one_scaled_by_flops():
+    # gpt2-tiny: 20 steps of 100 ms and 8 s of start-up.
+    finished = [_ran(GPT, wall_s=10.0, step_ms=100.0)]
+    ratio = _flops(BERT) / _flops(GPT)
+    assert ratio != pytest.approx(1.0, rel=0.1)  # the scaling shows
+    expected = 8.0 + 20 * 0.1 * ratio * runner._STEP_MARGIN
+    assert _estimate(BERT, finished) == pytest.approx(expected)
+    # The same policy is closer in kind than the same model under another policy.
+    finished.append(_ran(replace(BERT, precision="bf16"), wall_s=8.0 + 20 * 5.0,
+                         step_ms=5000.0))
+    assert _estimate(BERT, finished) == pytest.approx(expected)
+    # Only failed processes finished: nothing to go on.
+    assert _estimate(BERT, [_ran(GPT, 10.0, 100.0, status="oom")]) == 300.0
+
+
+def test_records_of_another_matrix_in_the_run_directory_count_too():
+    # `ampbench validate` sweeps one matrix after another into one run directory: the tf32
+    # step's first cell is estimated from the fp32 step's records, not given the timeout.
+    record = {**_ran(GPT, wall_s=10.0, step_ms=100.0)[1], "model": GPT.model,
+              "precision": GPT.precision, "batch_size": GPT.batch_size, "seq_len": GPT.seq_len}
+    tf32 = replace(GPT, precision="tf32")
+    estimate = runner.estimate_s(tf32, [record], {tf32.cell_id: tf32}, 300.0, 20)
+    assert estimate == pytest.approx(8.0 + 20 * 0.1 * runner._STEP_MARGIN)
+    damaged = {**record, "batch_size": "many"}
+    assert runner.estimate_s(tf32, [damaged], {tf32.cell_id: tf32}, 300.0, 20) == 300.0
+
+
+def test_a_compiled_unseen_cell_adds_the_compile_time_measured_so_far():
+    eager = _ran(GPT, wall_s=10.0, step_ms=100.0)  # start-up 8 s
+    bert_compiled = replace(BERT, compile=True)
+    # No compiled process has finished: its compile time is unknown, the timeout bounds it.
+    assert _estimate(bert_compiled, [eager]) == 300.0
+    # gpt2-tiny compiled: 20 steps of 50 ms in 61 s, so 60 s of start-up, 52 of it compiling.
+    compiled = _ran(replace(GPT, compile=True), wall_s=61.0, step_ms=50.0)
+    # Its steps: the slowest of the same policy's (the eager 100 ms), scaled by FLOPs.
+    steps_s = 20 * 0.1 * _flops(BERT) / _flops(GPT) * runner._STEP_MARGIN
+    assert _estimate(bert_compiled, [eager, compiled]) == pytest.approx(60.0 + steps_s)
+    # An eager cell pays the eager start-up only.
+    assert _estimate(BERT, [eager, compiled]) == pytest.approx(8.0 + steps_s)
+
+
+def test_nothing_finished_gives_the_timeout_and_no_estimate_exceeds_it():
+    assert _estimate(BERT, [], timeout_s=120.0) == 120.0
+    slow = [_ran(GPT, wall_s=100.0, step_ms=4000.0, warmup=0, timed=1)]
+    assert _estimate(BERT, slow, timeout_s=120.0) == 120.0  # 96 s + 20 steps of ~8 s, x2
+    assert _estimate(replace(GPT, batch_size=8), slow, timeout_s=120.0) == 120.0  # 200 s
+
+
+def test_a_group_that_has_run_keeps_its_slowest_wall_time_scaled_up_by_batch():
+    finished = [_ran(GPT, wall_s=10.0, step_ms=100.0), _ran(GPT, wall_s=12.0, step_ms=100.0)]
+    assert _estimate(replace(GPT, batch_size=8), finished) == pytest.approx(24.0)
+    assert _estimate(replace(GPT, batch_size=2), finished) == pytest.approx(12.0)
 
 
 def test_time_budget_durations():
