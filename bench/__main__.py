@@ -172,9 +172,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=_positive_float, help="seconds per cell before it is killed")
     p.add_argument("--time-budget", metavar="DURATION", type=_duration,
                    help="finish within DURATION (25m, 540s, 1h): start no cell or parity run "
-                        "that the time left cannot finish (judged from finished cells of the "
-                        "same model and policy; the timeout bounds one not seen yet), write the "
-                        "report for what finished, print the resume command and exit 3")
+                        "that the time left cannot finish (judged from the cells finished so "
+                        "far: the same model and policy's slowest, else their start-up and "
+                        "FLOP-scaled step times; the timeout only before any process of its "
+                        "kind, eager or compiled, has finished), write the report for what "
+                        "finished, print the resume command and exit 3")
     p.add_argument("--find-max-batch", action="store_true",
                    help="search the largest batch that fits")
     p.add_argument("--no-parity", action="store_true", help="skip the accuracy-parity stage")
@@ -202,6 +204,11 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per policy (default 3)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
     p.add_argument("--out", metavar="RUN_DIR", type=_out_dir, help="run directory for parity.csv")
+    p.add_argument("--time-budget", metavar="DURATION", type=_duration,
+                   help="finish within DURATION (25m, 540s, 1h): start no run that the time "
+                        "left cannot finish (judged from the finished runs of its model, a "
+                        "minute for a model not run yet), judge the models "
+                        "whose runs all finished, print the resume command and exit 3")
     p.set_defaults(handler="bench.parity:main")
 
 
@@ -315,12 +322,43 @@ def _add_peers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="bench.peers:main")
 
 
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="a GPU for minutes: env, GPU tests, sweep, parity, peers, report",
+        description="Spend a short-lived GPU in order of value within --time-budget: the "
+        "environment, the GPU correctness tests, every model under fp32, bf16 and fp16, then "
+        "with time to spare tf32, compiled bf16, FP8 and larger batches, a short parity, "
+        "peers and the report, each step a child process writing into --out as it goes. The "
+        "same command again resumes (a second lent call). Exit 0 all done, 3 steps left for "
+        "another call, 1 a step failed, 2 bad input. Example: PYTHONPATH=. python3 -m bench "
+        "validate --out gpu-run --time-budget 9m")
+    p.add_argument("--out", metavar="DIR", required=True, type=_out_dir,
+                   help="where everything goes: validate.json, VALIDATE.md, env.json, logs/, "
+                        "run/ (the run directory)")
+    p.add_argument("--time-budget", metavar="DURATION", type=_duration, required=True,
+                   help="the time this call may take (9m, 540s): steps that do not fit wait "
+                        "for the next call")
+    p.add_argument("--plan", action="store_true",
+                   help="print the steps with their estimated seconds and the total; run "
+                        "nothing (any machine)")
+    p.add_argument("--gpu", metavar="NAME",
+                   help="with --plan: plan for this GPU ('NVIDIA H100 80GB HBM3', 'H100 SXM'); "
+                        "default: the GPU found here, else this CPU")
+    p.add_argument("--models", type=_csv,
+                   help="only these of the plan's models (GPU: resnet50, bert-base, "
+                        "gpt2-small; CPU: resnet-tiny, bert-tiny, gpt2-tiny)")
+    steps = "env, tests, sweep, tf32, compile, fp8, batches, parity, peers, report"
+    p.add_argument("--only", type=_csv, metavar="STEPS", help=f"only these steps ({steps})")
+    p.add_argument("--skip", type=_csv, metavar="STEPS", help="leave these steps out")
+    p.set_defaults(handler="bench.validate:main")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ampbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
     for add in (_add_run, _add_cell, _add_parity, _add_report, _add_gate, _add_env, _add_models,
-                _add_peers):
+                _add_peers, _add_validate):
         add(sub)
     return parser
 

@@ -87,6 +87,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 import traceback
 from collections import Counter
@@ -667,15 +668,13 @@ def run_parity(
     run; the first that does not fit stops the stage and OutOfTime says what is left.
     """
     from bench.cell import resolve_device
+    from bench.measure import use_device
 
     model_names, chosen = _validate(models, precisions, steps, seeds)
     config.check_limit("steps", steps or 0, "command line")
     config.check_limit("seeds", seeds, "command line")
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        import torch
-
-        torch.cuda.set_device(dev)  # cuda:N's own stream and context, as a cell does
+    use_device(dev)  # cuda:N's own stream and context, as a cell's
     model_names = model_names or default_models(dev)
     if not precisions:  # by default no emulated policy (FP8 off CUDA): slow, and no news
         chosen = [n for n in chosen if not _resolve_policy(n)[0].emulated_on(dev.type)]
@@ -706,7 +705,7 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
     plan = []
     for model_name, name, seed in _runs(model_names, chosen, seeds):
         policy, lr_factor = _resolve_policy(name)
-        reason = policy.unsupported_reason(dev)
+        reason = policy.unsupported_reason(dev, _spec(model_name))
         if reason:
             if seed == 0:
                 print(f"parity: skipping {model_name} {name}: {reason}", file=sys.stderr)
@@ -864,14 +863,52 @@ def verdict_table(path: Path | str) -> str:
             + summarize(pd.read_csv(path)))
 
 
+# What `parity --time-budget` allows a run of a model none of whose runs has finished yet:
+# a short parity run takes seconds (tiny models on a CPU, full-size ones on a GPU).
+FIRST_RUN_S = 60.0
+BUDGET_EXIT = 3  # stopped by --time-budget, the resume command printed (as `ampbench run`)
+
+
+def _time_left(budget: str) -> Callable[[], float]:
+    """Seconds left of ``budget`` (25m, 540s ...), counted from now."""
+    from bench.__main__ import duration_s
+
+    deadline = time.monotonic() + duration_s(budget)
+    return lambda: deadline - time.monotonic()
+
+
+def _resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The same command into the same directory: its finished runs are reused."""
+    import shlex
+
+    argv = ["python", "-m", "bench", "parity", "--out", str(out), "--seeds", str(args.seeds),
+            "--device", args.device, "--time-budget", args.time_budget]
+    for flag, value in (("--models", args.models), ("--precisions", args.precisions),
+                        ("--steps", args.steps)):
+        if value:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return shlex.join(argv)
+
+
 def main(args: argparse.Namespace) -> int:
-    """`ampbench parity`: exit 0 when every policy passes or is inconclusive, 1 on any FAIL."""
+    """`ampbench parity`: exit 0 when every policy passes or is inconclusive, 1 on any FAIL,
+    3 when --time-budget stopped it (the resume command printed)."""
     import pandas as pd
 
     out = Path(args.out) if args.out else Path("results", "runs", "parity-" + datetime.now(
         timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
-    path = run_parity(out, models=args.models, precisions=args.precisions, steps=args.steps,
-                      seeds=args.seeds, device=args.device)
+    time_left = _time_left(args.time_budget) if getattr(args, "time_budget", None) else None
+    try:
+        path = run_parity(out, models=args.models, precisions=args.precisions, steps=args.steps,
+                          seeds=args.seeds, device=args.device, time_left=time_left,
+                          unknown_s=FIRST_RUN_S)
+    except OutOfTime as stop:
+        if stop.path is not None:
+            print(verdict_table(stop.path))
+        print(f"\nampbench parity: --time-budget {args.time_budget} is spent: "
+              f"{len(stop.not_run)} run(s) not started; the models whose runs all finished are "
+              f"judged\nresume with: {_resume_command(args, out)}", file=sys.stderr)
+        return BUDGET_EXIT
     frame = pd.read_csv(path)
     print(verdict_table(path))
     print(f"\nwrote {path}, {path.with_name('parity_curves.csv')} and "

@@ -333,8 +333,9 @@ def test_damaged_parity_runs_are_warnings_and_trained_again(tmp_path, capsys) ->
 
 
 def test_a_time_budget_starts_no_parity_run_it_cannot_finish(tmp_path) -> None:
-    # A model's first run is bounded by unknown_s (5 s); later ones by its finished runs.
-    left = iter([10.0, 10.0, 0.0])
+    # A model's first run is bounded by unknown_s (5 s); later ones by its finished runs (the
+    # second gets far more than a run takes, however busy the machine).
+    left = iter([10.0, 1000.0, 0.0])
     with pytest.raises(parity.OutOfTime) as stop:
         parity.run_parity(tmp_path, models=["gpt2-tiny", "bert-tiny"], precisions=["fp32"],
                           steps=3, seeds=2, device="cpu", time_left=lambda: next(left),
@@ -359,3 +360,23 @@ def test_the_underflow_task_always_judges_the_ablation_and_leaves_tf32_out() -> 
     assert parity.task_policies(parity.UNDERFLOW, asked) == [
         "fp32", "bf16", "fp16-noscale", "fp8", parity.BROKEN]
     assert parity.task_policies("gpt2-tiny", asked) == asked  # other tasks: as asked
+
+
+def test_parity_makes_the_requested_gpu_current_before_it_trains(tmp_path, monkeypatch) -> None:
+    # Only the hardware is faked: a cuda:1 that resolves, and set_device's calls logged.
+    from bench import cell
+
+    gpu1 = torch.device("cuda", 1)
+    monkeypatch.setattr(cell, "resolve_device", lambda name: gpu1 if name == "cuda:1" else None)
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    seen = []
+
+    def run_all(run_dir, model_names, chosen, seeds, steps, dev, *rest):
+        seen.append((dev, list(current)))
+        return run_dir / "parity.csv"
+
+    monkeypatch.setattr(parity, "_run_all", run_all)
+    parity.run_parity(tmp_path / "run", models=["gpt2-tiny"], precisions=["fp32"], steps=2,
+                      seeds=2, device="cuda:1")
+    assert seen == [(gpu1, [gpu1])]
