@@ -288,7 +288,7 @@ def gate(session: nox.Session) -> None:
 def gate_rates(session: nox.Session) -> None:
     """The gate's false-positive and detection rates here: same-code reruns, a known slowdown."""
     _install(session)
-    session.run("python", "-m", "bench.rates", *session.posargs)
+    session.run("python", "-m", "bench.analysis.gate_rates", *session.posargs)
 
 
 @nox.session

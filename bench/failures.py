@@ -1,7 +1,7 @@
 """What a failed cell died of, read from its error text: the one place that says what is an OOM.
 
-A cell classifies its own exception (bench/cell.py) and the runner the stderr of a child that
-left no record (bench/runner.py); both ask ``is_oom``, so a cell is ``oom`` the same way
+A cell classifies its own exception (bench/cell/main.py) and the runner the stderr of a child that
+left no record (bench/run/sweep.py); both ask ``is_oom``, so a cell is ``oom`` the same way
 whichever side sees it, and ``--find-max-batch`` stops at the first batch that does not fit.
 torch-free.
 """

@@ -8,7 +8,7 @@ BertForMaskedLM with SDPA attention, torchvision's resnet50 / resnet18), our wei
 into it, and the pair is compared: parameter counts, the largest logit difference in eval mode
 and in train mode (the same RNG seed before each forward, so dropout draws the same masks;
 ResNet's BatchNorm uses the batch's statistics) and the loss difference in eval mode on the same
-batch, then the same training step (bench/cell.py's Trainer: one optimizer, scaler and autocast
+batch, then the same training step (bench/cell/main.py's Trainer: one optimizer, scaler and autocast
 per policy) timed with steps interleaved ours/peer, so that noise hits both alike. One CSV row
 per (model, policy), COLUMNS below, the environment on every row. The peers' libraries are the
 optional extra ``peers``, imported here only.
@@ -28,9 +28,16 @@ from typing import Any
 
 import models
 from bench import BadInput, config, paths, precision, store
-from bench.cell import Trainer, is_oom, prepare, resolve_device
-from bench.env import fingerprint
-from bench.measure import GIB, StepTimer, peak_memory, reset_peak_memory, summarize, use_device
+from bench.cell.main import Trainer, is_oom, prepare, resolve_device
+from bench.cell.timing import (
+    GIB,
+    StepTimer,
+    peak_memory,
+    reset_peak_memory,
+    summarize,
+    use_device,
+)
+from bench.telemetry.env import fingerprint
 
 DEFAULT_MODELS = ("gpt2-small", "bert-base", "resnet50", "resnet18")
 PEERS_CSV = "peers.csv"  # its name in a run directory (--out-dir RUN_DIR)

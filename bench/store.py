@@ -34,12 +34,13 @@ TIMING = (
     "warmup_steps", "timed_steps", "step_ms_median", "step_ms_iqr", "step_ms_min",
     "samples_per_s", "tokens_per_s", "startup_s",
     "wall_s",  # the cell's process from start to exit, as the runner saw it (--time-budget)
-    # The host's time issuing a step, the GPU work still queued when it had (bench/measure.py),
+    # The host's time issuing a step, the GPU work still queued when it had (bench/cell/timing.py),
     # whether the GPU waited for the host; the image layout used (None: not an image model).
     "host_ms_median", "queued_ms_median", "host_bound", "memory_format",
 )
 MEMORY = ("peak_mem_allocated_gib", "peak_mem_reserved_gib", "peak_rss_gib")
-# MFU (bench/flops.py): ``mfu_pct`` against the policy's comparable dense peak (bf16's for every
+# MFU (bench/cell/flops.py):
+# ``mfu_pct`` against the policy's comparable dense peak (bf16's for every
 # autocast policy, FP8 included), ``mfu_fp8_pct`` against the FP8 peak (FP8 policies only), and
 # ``mfu_flag``: "" or why an MFU is empty (no peak for the device; above 100%, with the value).
 COMPUTE = ("flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct", "peak_fp8_tflops",
@@ -51,7 +52,7 @@ POWER = (
     "throttle_reasons", "throttled", "others_cpu_pct",
     # Each clock-event reason's share of the samples ("sw_power_cap:0.82;..."), whether the
     # power limit held the clocks (``throttled`` is heat and hardware slowdown only), and
-    # whose power it is: "gpu", or "shared_gpu" for a MIG instance (bench/power.py).
+    # whose power it is: "gpu", or "shared_gpu" for a MIG instance (bench/telemetry/power.py).
     "throttle_shares", "power_capped", "power_scope",
 )
 NUMERICS = (
@@ -73,7 +74,7 @@ FIELDS: tuple[str, ...] = (
 # Derived into results.csv from all of a cell's processes (the same on each of its rows): the
 # cell's throughput (median over its ok processes), that value's relative standard error, the
 # spread between its processes and the per-process noise used, with where that came from
-# (bench/noise.py).
+# (bench/analysis/noise.py).
 CELL_NOISE = ("num_processes", "cell_samples_per_s", "cell_samples_per_s_err_pct",
               "process_spread_pct", "noise_pct", "noise_source")
 
@@ -233,7 +234,7 @@ def _with_cell_noise(frame: Any) -> Any:
     """``frame`` with the CELL_NOISE columns: each cell's samples/s over all its processes."""
     import pandas as pd
 
-    from bench import noise
+    from bench.analysis import noise
 
     frame = frame.copy()
     for column in CELL_NOISE:

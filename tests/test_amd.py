@@ -1,4 +1,5 @@
-"""AMD GPUs (bench/amd.py): the power monitor, `ampbench env` and the peak table, against a fake
+"""AMD GPUs (bench/telemetry/amd.py): the power
+monitor, `ampbench env` and the peak table, against a fake
 amdsmi module installed under a ROCm build of torch (torch.version.hip set), as test_power.py
 fakes NVML."""
 
@@ -13,8 +14,9 @@ from enum import IntEnum
 import pytest
 from test_power import _warnings, _window
 
-from bench import amd, env, flops, power
-from bench.power import NVML, PowerMonitor
+from bench.cell import flops
+from bench.telemetry import amd, env, power
+from bench.telemetry.power import NVML, PowerMonitor
 
 NOT_SUPPORTED, API_FAILED, DRIVER_NOT_LOADED = 2, 7, 34
 RESOLUTION_UJ = 15.625  # energy counter resolution: exact in binary, so sums are exact

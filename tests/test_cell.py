@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench import store
-from bench.__main__ import main
+from bench.cli import main
 
 NUMBER = (int, float)
 EXPECTED_TYPES = {
@@ -63,7 +63,7 @@ def test_failed_cell_still_writes_its_record(tmp_path, monkeypatch):
     def explode(self):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("bench.cell.Trainer.step", explode)
+    monkeypatch.setattr("bench.cell.main.Trainer.step", explode)
     code, record = _cell(tmp_path)
     assert code == 1
     assert record["status"] == "oom" and "out of memory" in record["error"]
@@ -82,7 +82,7 @@ def test_error_keeps_the_exception_message(tmp_path, monkeypatch):
     def broken(self):
         raise ValueError("shapes do not match")
 
-    monkeypatch.setattr("bench.cell.Trainer.step", broken)
+    monkeypatch.setattr("bench.cell.main.Trainer.step", broken)
     _, record = _cell(tmp_path)
     assert record["status"] == "error" and "ValueError: shapes do not match" in record["error"]
 
@@ -122,7 +122,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, cli_env, args, message):
 def test_a_bad_out_path_is_one_line_before_the_cell_trains(tmp_path, capsys, monkeypatch, out,
                                                            message):
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr("bench.cell.run_cell", lambda *a: pytest.fail("the cell trained"))
+    monkeypatch.setattr("bench.cell.main.run_cell", lambda *a: pytest.fail("the cell trained"))
     with pytest.raises(SystemExit) as stopped:
         main(["cell", "--model", "gpt2-tiny", "--precision", "bf16", "--batch-size", "2",
               "--out", out.format(tmp=tmp_path)])
@@ -133,7 +133,7 @@ def test_a_bad_out_path_is_one_line_before_the_cell_trains(tmp_path, capsys, mon
 
 
 def test_a_record_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from bench.cell import write_record
+    from bench.cell.main import write_record
 
     def refuse(src, dst):
         raise OSError(28, "No space left on device")
@@ -194,8 +194,8 @@ def test_cuda_record_has_memory_and_timing(tmp_path, policy):
 
 
 def test_ranks_combine_into_the_slowest_step_and_the_largest_memory():
-    from bench.cell import _combine_ranks
-    from bench.power import empty_fields
+    from bench.cell.main import _combine_ranks
+    from bench.telemetry.power import empty_fields
 
     def rank(median, iqr, rss, host_bound):
         return {"step_ms_median": median, "step_ms_iqr": iqr, "step_ms_min": median - 1,
@@ -213,7 +213,7 @@ def test_ranks_combine_into_the_slowest_step_and_the_largest_memory():
 
 
 def test_an_image_cell_records_the_memory_format_it_used(tmp_path):
-    from bench.cell import prepare
+    from bench.cell.main import prepare
 
     default = prepare("resnet-tiny", "fp32", batch_size=2)
     assert default.memory_format == "contiguous" and default.inputs.is_contiguous()
@@ -234,7 +234,7 @@ def test_memory_format_of_a_language_model_is_bad_input(capsys):
 
 
 def test_summary_line_marks_a_host_bound_cell():
-    from bench.cell import summary_line
+    from bench.cell.main import summary_line
 
     record = store.empty_record(
         model="bert-base", precision="bf16", batch_size=16, seq_len=128, status="ok",

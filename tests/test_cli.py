@@ -8,7 +8,7 @@ import os
 import pytest
 
 from bench import store
-from bench.__main__ import main
+from bench.cli import main
 
 OUTPUTS = [  # (command line with {out}, wants a directory)
     (["run", "--preset", "quick", "--out", "{out}"], True),

@@ -19,8 +19,9 @@ pytest.importorskip("hypothesis", reason="hypothesis is not installed (the test 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench import BadInput, config, matrix
-from bench.__main__ import build_parser
+from bench import BadInput, config
+from bench.cli import build_parser
+from bench.config import matrix
 
 if sys.version_info >= (3, 11):
     import tomllib

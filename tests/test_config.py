@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import BadInput, config, matrix, parity
-from bench.__main__ import main
+from bench import BadInput, config, parity
+from bench.cli import main
+from bench.config import matrix
 
 FIXTURES = Path(__file__).parent / "fixtures" / "matrix"
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import children, report, store
-from bench.__main__ import main
+from bench import report, store
+from bench.cli import main
 from bench.config import Cell
+from bench.run import launch
 
 # Two processes of gpt2-tiny, one timed step more than the warmup: mostly torchrun start-up.
 FAST = ["--preset", "quick", "--models", "gpt2-tiny", "--batch-sizes", "2", "--steps", "3",
@@ -23,7 +24,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 from bench import precision
-from bench.cell import prepare
+from bench.cell.main import prepare
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -148,16 +149,16 @@ def test_cells_on_several_nodes_need_a_launcher(tmp_path, monkeypatch, capsys):
 
 
 def test_torchrun_command_lines():
-    settings = children.Settings("r1", "cpu", 1, 3, 60.0, {}, ("srun", "--nodes=2"),
+    settings = launch.Settings("r1", "cpu", 1, 3, 60.0, {}, ("srun", "--nodes=2"),
                                "node0:29500")
-    single = children.cell_argv(Cell("gpt2-tiny", "fp32", 2, seq_len=64), settings, 0,
+    single = launch.cell_argv(Cell("gpt2-tiny", "fp32", 2, seq_len=64), settings, 0,
                               Path("o.json"))
     assert single[1:4] == ["-m", "bench", "cell"]
-    local = children.cell_argv(Cell("gpt2-tiny", "fp32", 2, seq_len=64, world_size=8), settings,
+    local = launch.cell_argv(Cell("gpt2-tiny", "fp32", 2, seq_len=64, world_size=8), settings,
                              0, Path("o.json"))
     assert local[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--standalone"]
     two_nodes = Cell("gpt2-tiny", "fp32", 2, seq_len=64, world_size=8, nnodes=2)
-    multi = children.cell_argv(two_nodes, settings, 1, Path("o.json"), slot=33)
+    multi = launch.cell_argv(two_nodes, settings, 1, Path("o.json"), slot=33)
     assert multi[:2] == ["srun", "--nodes=2"]
     joined = " ".join(multi)
     # A port of its own (the sweep's slot 33 wraps to +1), a rendezvous id of its own.
@@ -175,9 +176,9 @@ def test_torchrun_failure_is_read_from_the_root_cause_rank(tmp_path):
     summary = ("Failures:\n[1]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : -15\n"
                "Root Cause (first observed failure):\n[0]:\n  time      : now\n"
                "  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 42)\n")
-    status, error = children.classify_torchrun(summary, logs)
+    status, error = launch.classify_torchrun(summary, logs)
     assert status == "oom" and error.startswith("rank 1: exit code 1")
-    assert children.classify_torchrun("torchrun: error: bad rendezvous", logs)[0] == "error"
+    assert launch.classify_torchrun("torchrun: error: bad rendezvous", logs)[0] == "error"
 
 
 def _one_rank_group(monkeypatch, timeout_s):
@@ -199,7 +200,7 @@ def test_the_process_group_is_gone_on_every_way_out(monkeypatch, fails):
     import torch
     import torch.distributed as dist
 
-    from bench.cell import Ranks, _process_group
+    from bench.cell.main import Ranks, _process_group
 
     _one_rank_group(monkeypatch, "100")
     init, seen = dist.init_process_group, {}

@@ -12,7 +12,7 @@ import pynvml
 import pytest
 from test_power import FakeNVML
 
-from bench import env
+from bench.telemetry import env
 
 
 def test_env_runs_on_this_cpu_machine(cli_env):

@@ -1,7 +1,8 @@
 import pytest
 
-from bench import children, failures
-from bench.cell import is_oom
+from bench import failures
+from bench.cell.main import is_oom
+from bench.run import launch
 
 OOM = [
     "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total "
@@ -35,11 +36,11 @@ NOT_OOM = [
 def test_memory_failures_are_oom_for_the_cell_and_the_runner_alike(text):
     assert failures.is_oom(text)
     assert is_oom(RuntimeError(text))  # the cell's own exception
-    assert children.classify(1, f"Traceback (most recent call last):\n{text}\n")[0] == "oom"
+    assert launch.classify(1, f"Traceback (most recent call last):\n{text}\n")[0] == "oom"
 
 
 @pytest.mark.parametrize("text", NOT_OOM)
 def test_other_failures_are_errors(text):
     assert not failures.is_oom(text)
     assert not is_oom(RuntimeError(text))
-    assert children.classify(1, text)[0] == "error"
+    assert launch.classify(1, text)[0] == "error"

@@ -6,9 +6,7 @@ import json
 import logging
 
 import pytest
-
-from bench import flops
-from bench.flops import (
+from bench.cell.flops import (
     PEAK_TFLOPS,
     device_key,
     device_peak_tflops,
@@ -16,6 +14,8 @@ from bench.flops import (
     mfu_pct,
     peak_tflops,
 )
+
+from bench.cell import flops
 
 
 @pytest.fixture(autouse=True)
@@ -200,7 +200,7 @@ def test_an_unknown_device_is_flagged_once_for_both_fp8_peaks():
     (1e-6, "above 100%"),  # an absurd --peak-tflops: the record keeps no impossible MFU
 ])
 def test_cell_record_carries_the_overridden_peak_and_its_mfu(tmp_path, peak, expected_flag):
-    from bench.__main__ import main
+    from bench.cli import main
 
     out = tmp_path / "record.json"
     code = main(["cell", "--model", "gpt2-tiny", "--precision", "bf16", "--batch-size", "1",
@@ -218,7 +218,7 @@ def test_cell_record_carries_the_overridden_peak_and_its_mfu(tmp_path, peak, exp
 
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_cell_rejects_a_peak_that_is_not_positive(value, capsys):
-    from bench.__main__ import main
+    from bench.cli import main
 
     with pytest.raises(SystemExit) as stopped:  # argparse's own exit, one line
         main(["cell", "--model", "gpt2-tiny", "--precision", "bf16", "--batch-size", "1",

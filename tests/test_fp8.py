@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 
-from bench import config, flops, matrix, precision
-from bench.__main__ import main
-from bench.cell import prepare
+from bench import config, precision
+from bench.cell import flops
+from bench.cell.main import prepare
+from bench.cli import main
+from bench.config import matrix
 
 
 def _torchao_problem() -> str | None:
@@ -93,13 +95,13 @@ def test_the_cell_record_says_emulated_and_the_summary_warns(tmp_path, capsys):
                                                ("resnet50", "fc 2048x1000")])
 def test_a_model_with_no_convertible_layer_is_unsupported_before_anything_is_built(
         tmp_path, monkeypatch, capsys, model, classifier):
-    import bench.cell
+    import bench.cell.main
 
     def build(*args, **kwargs):
         raise AssertionError("an FP8 cell that converts nothing built its model")
 
-    monkeypatch.setattr(bench.cell, "prepare", build)
-    monkeypatch.setattr(bench.cell, "count_training_flops", build)
+    monkeypatch.setattr(bench.cell.main, "prepare", build)
+    monkeypatch.setattr(bench.cell.main, "count_training_flops", build)
     out = tmp_path / "record.json"
     assert main(["cell", "--model", model, "--precision", "fp8", "--batch-size", "2",
                  "--device", "cpu", "--compile", "--out", str(out)]) == 1

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from bench import BadInput, store
-from bench.__main__ import main
-from bench.gate import Check, parse_checks
-from bench.noise import Estimate
+from bench.analysis.gate import Check, parse_checks
+from bench.analysis.noise import Estimate
+from bench.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gate"
 
@@ -352,7 +352,7 @@ def test_check_fails_needs_threshold_and_noise():
 
 
 def test_gate_imports_no_torch():
-    code = "import sys, bench.gate; sys.exit('torch' in sys.modules)"
+    code = "import sys, bench.analysis.gate; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -15,7 +15,7 @@ import pytest
 
 import models
 from bench import precision, store
-from bench.__main__ import main
+from bench.cli import main
 
 pytestmark = pytest.mark.gpu
 
@@ -74,7 +74,7 @@ def test_each_policy_trains_each_full_size_model(tmp_path, model, policy):
 def test_energy_counter_agrees_with_the_sampled_integral(tmp_path):
     import torch
 
-    from bench.power import PowerMonitor
+    from bench.telemetry.power import PowerMonitor
 
     device = torch.device("cuda")
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)

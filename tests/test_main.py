@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from bench.__main__ import build_parser, main
+from bench.cli import build_parser, main
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

@@ -1,8 +1,8 @@
 import subprocess
 import sys
 
-from bench import config, matrix
-from bench.config import Cell
+from bench import config
+from bench.config import Cell, matrix
 
 
 def test_expand_is_the_product_of_the_axes_with_batches_ascending():
@@ -33,7 +33,7 @@ def test_cell_ids_depend_on_every_key_field_only():
 
 def test_cell_ids_are_stable_across_python_processes(cli_env):
     ids = [c.cell_id for c in matrix.expand(config.gpu())]
-    code = ("from bench import config, matrix\n"
+    code = ("from bench import config\nfrom bench.config import matrix\n"
             "print(','.join(c.cell_id for c in matrix.expand(config.gpu())))")
     env = {**cli_env, "PYTHONHASHSEED": "12345"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

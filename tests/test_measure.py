@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench import measure
+from bench.cell import timing
 
 
 def _fake_clocks(monkeypatch, host_ms, device_ms):
@@ -38,7 +38,7 @@ def _fake_clocks(monkeypatch, host_ms, device_ms):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(torch.cuda, "synchronize", log.synchronized.append)
-    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(host) / 1e3)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(host) / 1e3)
     return log
 
 
@@ -61,7 +61,7 @@ def _simulate(issue_ms, gpu_ms, num_steps, queue_ms=math.inf):
 def _time(monkeypatch, issue_ms, gpu_ms, queue_ms=math.inf, num_steps=8):
     host, device = _simulate(issue_ms, gpu_ms, num_steps, queue_ms)
     _fake_clocks(monkeypatch, host, device)
-    timer = measure.StepTimer(torch.device("cuda", 0), num_steps)
+    timer = timing.StepTimer(torch.device("cuda", 0), num_steps)
     for i in range(num_steps):
         timer.start(i)
         timer.stop(i)
@@ -98,8 +98,8 @@ def test_a_host_blocked_by_a_full_launch_queue_is_not_host_bound(monkeypatch):
 
 def test_on_cpu_the_host_time_is_the_step_time_and_no_verdict(monkeypatch):
     stamps = itertools.count(0.0, 5.0)  # every step 5 ms
-    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(stamps) / 1e3)
-    timer = measure.StepTimer(torch.device("cpu"), 3)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(stamps) / 1e3)
+    timer = timing.StepTimer(torch.device("cpu"), 3)
     for i in range(3):
         timer.start(i)
         timer.stop(i)
@@ -113,7 +113,7 @@ def test_the_timer_records_on_its_own_devices_stream_and_waits_for_that_device(m
     host, device = _simulate(issue_ms=1.0, gpu_ms=3.0, num_steps=4)
     log = _fake_clocks(monkeypatch, host, device)
     gpu1 = torch.device("cuda", 1)
-    timer = measure.StepTimer(gpu1, 4)
+    timer = timing.StepTimer(gpu1, 4)
     assert log.streams == [gpu1]
     for i in range(4):
         timer.start(i)
@@ -128,9 +128,9 @@ def test_the_timer_records_on_its_own_devices_stream_and_waits_for_that_device(m
 def test_use_device_makes_a_gpu_current_and_leaves_the_cpu_alone(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    measure.use_device(torch.device("cpu"))
+    timing.use_device(torch.device("cpu"))
     assert calls == []
-    measure.use_device(torch.device("cuda", 1))
+    timing.use_device(torch.device("cuda", 1))
     assert calls == [torch.device("cuda", 1)]
 
 
@@ -140,7 +140,7 @@ def test_on_a_gpu_the_events_are_on_the_timed_device_without_making_it_current()
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     x = torch.randn(1024, 1024, device=device)
     torch.cuda.synchronize(device)
-    timer = measure.StepTimer(device, 3)
+    timer = timing.StepTimer(device, 3)
     for i in range(3):
         timer.start(i)
         for _ in range(10):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench import noise
+from bench.analysis import noise
 
 
 def test_own_spread_is_the_relative_sample_std_and_needs_two_processes():

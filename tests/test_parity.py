@@ -1,4 +1,4 @@
-"""Tests for bench/parity.py: tasks, determinism, verdicts, FP16 underflow counter, a real run."""
+"""Tests for bench/parity/: tasks, determinism, verdicts, FP16 underflow counter, a real run."""
 
 from __future__ import annotations
 
@@ -297,7 +297,7 @@ def test_a_crash_is_recorded_and_finished_runs_are_reused(tmp_path, monkeypatch)
 
 
 def test_parity_command_ends_with_the_verdict_table(tmp_path, monkeypatch, capsys) -> None:
-    from bench.__main__ import main
+    from bench.cli import main
 
     rows = pd.DataFrame({
         "model": ["gpt2-tiny"] * 2, "precision": ["fp32", "broken"], "seed": [0, 0],
@@ -364,7 +364,7 @@ def test_the_underflow_task_always_judges_the_ablation_and_leaves_tf32_out() -> 
 
 def test_parity_makes_the_requested_gpu_current_before_it_trains(tmp_path, monkeypatch) -> None:
     # Only the hardware is faked: a cuda:1 that resolves, and set_device's calls logged.
-    from bench import cell
+    from bench.cell import main as cell
 
     gpu1 = torch.device("cuda", 1)
     monkeypatch.setattr(cell, "resolve_device", lambda name: gpu1 if name == "cuda:1" else None)

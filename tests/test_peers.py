@@ -9,7 +9,7 @@ import pytest
 
 import models
 from bench import peers
-from bench.__main__ import main
+from bench.cli import main
 
 
 def _equivalence(model: str, batch_size: int = 2, size: int | None = None) -> peers.Equivalence:

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from bench import BadInput, power
-from bench.power import (
+from bench import BadInput
+from bench.telemetry import power
+from bench.telemetry.power import (
     PowerMonitor,
     Sample,
     decode_reasons,

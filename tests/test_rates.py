@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench import gate, rates, store
+from bench import store
+from bench.analysis import gate, gate_rates
 
 
 def _frame(*values: float) -> pd.DataFrame:
@@ -20,10 +21,10 @@ def _frame(*values: float) -> pd.DataFrame:
 def test_tally_counts_every_judged_check_and_detection_counts_cells():
     checks = gate.parse_checks(["samples_per_s:-5%", "joules_per_sample:+5%"])
     same = gate.compare(_frame(100.0, 200.0), _frame(100.0, 200.0), checks)
-    assert rates.tally(same) == {"pass": 2}  # joules: n/a on both sides, not counted
+    assert gate_rates.tally(same) == {"pass": 2}  # joules: n/a on both sides, not counted
     slowed = gate.compare(_frame(100.0, 200.0), _frame(80.0, 160.0), checks)
-    assert rates.detection(slowed) == {"FAIL": 2}
-    text = rates.render({"device_name": "cpu", "preset": "cpu", "repeats": 1, "reruns": 3,
+    assert gate_rates.detection(slowed) == {"FAIL": 2}
+    text = gate_rates.render({"device_name": "cpu", "preset": "cpu", "repeats": 1, "reruns": 3,
                          "slowdown": 0.2, "timestamp": "t", "checks": ["samples_per_s:-5%"],
                          "baseline_repeats": 3,
                          "same_code": {"judged_checks": 360, "false_positives": 0,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bench import BadInput, report, store
-from bench.__main__ import main
+from bench.cli import main
 from bench.report.plots import _style
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"

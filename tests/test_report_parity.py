@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from bench import BadInput, report, store
-from bench.__main__ import main
+from bench.cli import main
 from bench.report import gradients
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -325,7 +325,7 @@ def test_a_damaged_price_in_meta_stops_report_with_exit_2(tmp_path, capsys):
 
 
 def test_a_run_records_its_prices_and_a_resumed_run_keeps_them():
-    from bench.runner import _prices
+    from bench.run.sweep import _prices
 
     def args(**given: float | None) -> argparse.Namespace:
         return argparse.Namespace(**{"price_per_hour": None, "price_per_kwh": None, **given})

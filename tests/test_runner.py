@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 
 import models
-from bench import children, runner, store
-from bench.__main__ import main
+from bench import store
+from bench.cli import main
 from bench.config import Cell
+from bench.run import launch, sweep
 
 # One timed step, no warmup, the tiniest model: a cell is mostly child start-up.
 FAST = ["--preset", "quick", "--models", "gpt2-tiny", "--steps", "1", "--warmup", "0",
@@ -30,10 +31,10 @@ def _lines(run_dir):
 
 def test_classify_a_child_that_left_no_record():
     oom = "Traceback\ntorch.OutOfMemoryError: CUDA out of memory."
-    assert children.classify(1, oom)[0] == "oom"
-    status, error = children.classify(-9, "")
+    assert launch.classify(1, oom)[0] == "oom"
+    status, error = launch.classify(-9, "")
     assert status == "error" and "SIGKILL" in error
-    status, error = children.classify(1, "line\n" * 20 + "RuntimeError: boom\n")
+    status, error = launch.classify(1, "line\n" * 20 + "RuntimeError: boom\n")
     assert status == "error" and error.endswith("RuntimeError: boom") and error.count("\n") <= 6
 
 
@@ -69,7 +70,7 @@ def test_failures_are_data_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
 
     # Running again into the same directory repeats only the failed cells.
     monkeypatch.setenv("AMPBENCH_FAULT", "")
-    before = {k: r["timestamp"] for k, r in got.items() if r["status"] in runner.DONE}
+    before = {k: r["timestamp"] for k, r in got.items() if r["status"] in sweep.DONE}
     assert main(["run", *FAST, "--precisions", "fp32,bf16", "--batch-sizes", "1,2,3,4",
                  "--timeout", "12", "--out", str(out)]) == 0
     again = _records(out)
@@ -311,13 +312,13 @@ def test_repeats_interleave_and_a_calibration_cell_brackets_the_sweep():
     from bench.config import Cell
 
     a, b = Cell("gpt2-tiny", "fp32", 1), Cell("gpt2-tiny", "bf16", 1)
-    assert [(c.precision, r, cal) for c, r, cal in runner.plan([a, b], 3)] == [
+    assert [(c.precision, r, cal) for c, r, cal in sweep.plan([a, b], 3)] == [
         ("fp32", 0, False), ("bf16", 0, False), ("fp32", 1, False), ("bf16", 1, False),
         ("fp32", 2, False), ("bf16", 2, False)]  # enough repeats: no calibration
-    assert [(c.precision, r, cal) for c, r, cal in runner.plan([a, b], 1, calibration=4)] == [
+    assert [(c.precision, r, cal) for c, r, cal in sweep.plan([a, b], 1, calibration=4)] == [
         ("fp32", 1, True), ("fp32", 2, True), ("fp32", 0, False), ("bf16", 0, False),
         ("fp32", 3, True), ("fp32", 4, True)]
-    assert len(runner.plan([a, b], 1, calibration=0)) == 2
+    assert len(sweep.plan([a, b], 1, calibration=0)) == 2
 
 
 def test_a_single_repeat_run_measures_its_noise_on_a_calibration_cell(tmp_path, capsys):
@@ -349,14 +350,14 @@ class _FakeClock:
 
 def _slow_children(monkeypatch) -> _FakeClock:
     """Every child takes 100 s of a fake runner clock."""
-    clock, real_child = _FakeClock(), runner.run_child
+    clock, real_child = _FakeClock(), sweep.run_child
 
     def slow_child(*args, **kwargs):
         clock.now += 100.0
         return real_child(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "_clock", clock)
-    monkeypatch.setattr(runner, "run_child", slow_child)
+    monkeypatch.setattr(sweep, "_clock", clock)
+    monkeypatch.setattr(sweep, "run_child", slow_child)
     return clock
 
 
@@ -370,7 +371,7 @@ def test_a_time_budget_stops_before_a_cell_it_cannot_finish_and_resume_finishes(
     # left, then bf16 b=2 (200 s) does not fit in 10.
     assert main(["run", *FAST, "--precisions", "fp32,bf16", "--batch-sizes", "1,2",
                  "--timeout", "120", "--calibration", "0", "--time-budget", "310s",
-                 "--out", str(out)]) == runner.BUDGET_EXIT
+                 "--out", str(out)]) == sweep.BUDGET_EXIT
     err = capsys.readouterr().err
     assert "--time-budget 310s is spent: 1 cell process(es)" in err
     [resume] = [line.removeprefix("resume with: ") for line in err.splitlines()
@@ -430,7 +431,7 @@ def _ran(cell, wall_s, step_ms, warmup=5, timed=15, status="ok"):
 
 def _estimate(cell, finished, timeout_s=300.0, num_steps=20):
     cells = {c.cell_id: c for c in [cell, *(c for c, _ in finished)]}
-    return runner.estimate_s(cell, [r for _, r in finished], cells, timeout_s, num_steps)
+    return sweep.estimate_s(cell, [r for _, r in finished], cells, timeout_s, num_steps)
 
 
 def _flops(cell):
@@ -443,7 +444,7 @@ def test_an_unseen_model_is_estimated_from_a_finished_one_scaled_by_flops():
     finished = [_ran(GPT, wall_s=10.0, step_ms=100.0)]
     ratio = _flops(BERT) / _flops(GPT)
     assert ratio != pytest.approx(1.0, rel=0.1)  # the scaling shows
-    expected = 8.0 + 20 * 0.1 * ratio * runner._STEP_MARGIN
+    expected = 8.0 + 20 * 0.1 * ratio * sweep._STEP_MARGIN
     assert _estimate(BERT, finished) == pytest.approx(expected)
     # The same policy is closer in kind than the same model under another policy.
     finished.append(_ran(replace(BERT, precision="bf16"), wall_s=8.0 + 20 * 5.0,
@@ -459,10 +460,10 @@ def test_records_of_another_matrix_in_the_run_directory_count_too():
     record = {**_ran(GPT, wall_s=10.0, step_ms=100.0)[1], "model": GPT.model,
               "precision": GPT.precision, "batch_size": GPT.batch_size, "seq_len": GPT.seq_len}
     tf32 = replace(GPT, precision="tf32")
-    estimate = runner.estimate_s(tf32, [record], {tf32.cell_id: tf32}, 300.0, 20)
-    assert estimate == pytest.approx(8.0 + 20 * 0.1 * runner._STEP_MARGIN)
+    estimate = sweep.estimate_s(tf32, [record], {tf32.cell_id: tf32}, 300.0, 20)
+    assert estimate == pytest.approx(8.0 + 20 * 0.1 * sweep._STEP_MARGIN)
     damaged = {**record, "batch_size": "many"}
-    assert runner.estimate_s(tf32, [damaged], {tf32.cell_id: tf32}, 300.0, 20) == 300.0
+    assert sweep.estimate_s(tf32, [damaged], {tf32.cell_id: tf32}, 300.0, 20) == 300.0
 
 
 def test_a_compiled_unseen_cell_adds_the_compile_time_measured_so_far():
@@ -473,7 +474,7 @@ def test_a_compiled_unseen_cell_adds_the_compile_time_measured_so_far():
     # gpt2-tiny compiled: 20 steps of 50 ms in 61 s, so 60 s of start-up, 52 of it compiling.
     compiled = _ran(replace(GPT, compile=True), wall_s=61.0, step_ms=50.0)
     # Its steps: the slowest of the same policy's (the eager 100 ms), scaled by FLOPs.
-    steps_s = 20 * 0.1 * _flops(BERT) / _flops(GPT) * runner._STEP_MARGIN
+    steps_s = 20 * 0.1 * _flops(BERT) / _flops(GPT) * sweep._STEP_MARGIN
     assert _estimate(bert_compiled, [eager, compiled]) == pytest.approx(60.0 + steps_s)
     # An eager cell pays the eager start-up only.
     assert _estimate(BERT, [eager, compiled]) == pytest.approx(8.0 + steps_s)
@@ -493,7 +494,7 @@ def test_a_group_that_has_run_keeps_its_slowest_wall_time_scaled_up_by_batch():
 
 
 def test_time_budget_durations():
-    from bench.__main__ import duration_s
+    from bench.cli import duration_s
 
     assert [duration_s(t) for t in ("25m", "540s", "1h", "1h30m", "90", "2.5m")] == [
         1500, 540, 3600, 5400, 90, 150]
@@ -519,7 +520,7 @@ def test_a_time_budget_leaves_parity_runs_for_the_resume(tmp_path, monkeypatch, 
     out = tmp_path / "run"
     # The cell takes 100 of 200 s; a parity run of a model not seen yet may take the timeout.
     assert main(["run", "--matrix", str(matrix), "--no-report", "--time-budget", "200s",
-                 "--out", str(out)]) == runner.BUDGET_EXIT
+                 "--out", str(out)]) == sweep.BUDGET_EXIT
     assert "0 cell process(es) and 2 parity run(s) not started" in capsys.readouterr().err
     meta = json.loads((out / store.META).read_text())
     assert meta["incomplete"]["parity_runs"] == ["gpt2-tiny fp32 seed 0", "gpt2-tiny fp32 seed 1"]
@@ -536,6 +537,6 @@ def test_the_console_summary_labels_emulated_policies():
     records = [dict(model="gpt2-tiny", precision=p, batch_size=4, seq_len=64, status="ok",
                     samples_per_s=sps, emulated=p == "fp8")
                for p, sps in (("fp32", 100.0), ("fp8", 40.0))]
-    text = runner.summarize(records)
+    text = sweep.summarize(records)
     assert "fp8 (emulated)" in text and "fp32 (emulated)" not in text
     assert "b=4" in text

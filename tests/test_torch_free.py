@@ -1,9 +1,10 @@
 """Analysis runs without torch: these modules must not import it, even indirectly."""
 
 TORCH_FREE = [
-    "bench.store", "bench.config", "bench.matrix", "bench.report", "bench.gate", "bench.power",
-    "bench.precision", "bench.paths", "bench.procs", "bench.noise", "bench.load", "bench.rates",
-    "bench.failures", "bench.amd",
+    "bench.store", "bench.config", "bench.config.matrix", "bench.report", "bench.analysis.gate",
+    "bench.telemetry.power", "bench.precision", "bench.paths", "bench.run.proctree",
+    "bench.analysis.noise", "bench.run.contention", "bench.analysis.gate_rates",
+    "bench.failures", "bench.telemetry.amd",
     "models",
 ]
 

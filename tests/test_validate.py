@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import validate
-from bench.__main__ import main
+from bench.cli import main
 
 H100 = "NVIDIA H100 80GB HBM3"
 NINE_MINUTES_S = 540.0

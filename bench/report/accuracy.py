@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from bench import noise
+from bench.analysis import noise
 from bench.report import gradients
 from bench.report.loading import PLOTS, Run, _ordered
 from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE, plot_name, scaled_curves
@@ -88,7 +88,7 @@ def _parity_table(run: Run, name: str) -> str | None:
 
 def _seed_estimates(run: Run, column: str) -> dict[tuple[str, str], noise.Estimate]:
     """Per (model, policy): the median over its seeds of ``column`` with its noise, the seeds
-    being the repeats (bench/noise.py: own spread, guarded by the parity run's band)."""
+    being the repeats (bench/analysis/noise.py: own spread, guarded by the parity run's band)."""
     runs = run.parity_runs
     if runs is None:
         return {}

@@ -2,7 +2,7 @@
 reference's gradient magnitudes, and the shares that FP16 would flush to zero or overflow,
 before and after the loss scale the fp16 runs settled on. torch-free.
 
-grad_hist.csv (bench/parity.py) has, per model, kind ("activation": gradients with respect to
+grad_hist.csv (bench/parity/) has, per model, kind ("activation": gradients with respect to
 module outputs; "weight": parameter gradients) and sampled step, one row per non-empty bin:
 ``count`` non-zero elements with ``floor(log2|g|) == log2_bin``, and ``zeros``, the exact zeros
 of that group (the same on each of its rows). The magnitudes are the unscaled FP32 gradients.

@@ -11,16 +11,17 @@ from typing import Any
 
 import pandas as pd
 
-from bench import BadInput, noise, parity, store
-from bench import load as load_
+from bench import BadInput, parity, store
+from bench.analysis import noise
 from bench.precision import NAMES as _POLICY_NAMES
+from bench.run import contention as load_
 
 REPORT = "report.md"
 PLOTS = "plots"
 INDEX = "README.md"
 PARITY = "parity.csv"
 CURVES = "parity_curves.csv"
-GRAD_HIST = "grad_hist.csv"  # FP32 gradient magnitudes per log2 bin (bench/parity.py)
+GRAD_HIST = "grad_hist.csv"  # FP32 gradient magnitudes per log2 bin (bench/parity/__init__.py)
 PEERS = "peers.csv"  # `ampbench peers --out-dir RUN_DIR` (bench/peers.py)
 
 POLICY_ORDER = _POLICY_NAMES  # the canonical order, FP8 beside the other policies

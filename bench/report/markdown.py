@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from bench import noise, store
+from bench import store
+from bench.analysis import noise
 from bench.report import accuracy, peers
 from bench.report.loading import PLOTS, REPORT, THROTTLED_MARK, Run, _ordered, load
 from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE
@@ -138,7 +139,7 @@ def _parity_failures(run: Run) -> list[str]:
 
 
 def _environment(run: Run) -> list[str]:
-    from bench.env import no_gpu_text  # torch-free
+    from bench.telemetry.env import no_gpu_text  # torch-free
 
     meta, cells = run.meta, run.cells
 

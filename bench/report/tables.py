@@ -11,7 +11,8 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from bench import noise, store
+from bench import store
+from bench.analysis import noise
 from bench.report.loading import (
     _SECONDARY,
     _SECONDARY_HEADERS,

@@ -27,7 +27,7 @@ are done, finishes a stopped sweep or parity where it stopped and runs what is l
 
 The estimates are a priori (``Costs``): process start-up, compile and parity-run costs and
 achieved TFLOP/s per model family and math, for an H100 SXM from public eager-PyTorch rates
-(bench/config.py's gpu_quick explains them), scaled by the peak table (bench/flops.py) for
+(bench/config's gpu_quick explains them), scaled by the peak table (bench/cell/flops.py) for
 other GPUs. VALIDATE.md puts each step's measured wall time beside its estimate, so the first
 run on a GPU corrects them. Exit 0 when every planned step is done, 3 when the budget left
 steps for another call (the command to run is printed), 1 when a step failed, 2 on bad input,
@@ -92,7 +92,7 @@ def _select(steps: list[Step], only: Sequence[str] | None,
 
 def main(args: argparse.Namespace) -> int:
     """`ampbench validate`: the plan (``--plan``), or carry it out into --out."""
-    from bench.__main__ import duration_s
+    from bench.cli import duration_s
 
     budget_s = duration_s(args.time_budget)
     if args.gpu and not args.plan:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import models
-from bench import flops, matrix, parity, precision
-from bench.config import Matrix, ModelAxis
+from bench import parity, precision
+from bench.cell import flops
+from bench.config import Matrix, ModelAxis, matrix
 from bench.validate.state import ENV_JSON, MATRICES, RUN, TESTS_XML
 
 _MIN_START_S = 5.0  # no step starts with less than this left
@@ -45,7 +46,7 @@ class Costs:
         return flops_per_step / (rate * 1e12)
 
 
-# H100 SXM, eager PyTorch at public rates (bench/config.py, gpu_quick): fp32 ~45% of the 67
+# H100 SXM, eager PyTorch at public rates (bench/config/__init__.py, gpu_quick): fp32 ~45% of the 67
 # TFLOP/s peak; TF32 ~60 (ResNet-50) and ~130 (transformers); fp16/bf16 ~75 and ~250. FP8 is
 # planned at bf16's rate (flops.math_kind): its gain is what the run measures, not what the
 # plan assumes.
@@ -111,7 +112,7 @@ def target_for(gpu_name: str | None) -> Target:
 
 def detect() -> Target:
     """This machine: its first GPU as NVML sees it (no torch needed), else its CPU."""
-    from bench.power import open_nvml
+    from bench.telemetry.power import open_nvml
 
     try:
         nvml = open_nvml()
@@ -131,7 +132,7 @@ def detect() -> Target:
             nvml.nvmlShutdown()
 
 
-# The models at one realistic batch each (gpu-quick's: bench/config.py says why these).
+# The models at one realistic batch each (gpu-quick's: bench/config/__init__.py says why these).
 GPU_MODELS = (ModelAxis("resnet50", (256,), 224), ModelAxis("bert-base", (64,), 128),
               ModelAxis("gpt2-small", (16,), 1024))
 CPU_MODELS = (ModelAxis("resnet-tiny", (8,), 32), ModelAxis("bert-tiny", (8,), 32),
@@ -183,7 +184,7 @@ def sweep_estimate_s(mx: Matrix, costs: Costs) -> float:
         each.append(costs.process_s + (costs.compile_s if cell.compile else 0.0)
                     + (mx.warmup + mx.steps) * costs.step_s(cell.model,
                                                             flops.math_kind(cell.precision), work))
-    # The runner's calibration processes run the first cell again (bench/runner.py, plan).
+    # The runner's calibration processes run the first cell again (bench/run/sweep.py, plan).
     return sum(each) + (mx.calibration * each[0] if each else 0.0)
 
 

@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, noise, precision
+from bench import BadInput, precision
+from bench.analysis import noise
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,7 +77,7 @@ class ModelAxis:
 
 @dataclass(frozen=True)
 class Matrix:
-    """Every axis of a sweep; ``bench.matrix.expand`` turns it into Cells."""
+    """Every axis of a sweep; ``bench.config.matrix.expand`` turns it into Cells."""
 
     models: tuple[ModelAxis, ...]
     precisions: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16")
@@ -91,14 +92,14 @@ class Matrix:
     nnodes: int = 1
     repeats: int = 1
     # Extra processes of a calibration cell that measure the machine's between-process noise
-    # when repeats are too few to (bench/noise.py); 0: none.
+    # when repeats are too few to (bench/analysis/noise.py); 0: none.
     calibration: int = noise.CALIBRATION_PROCESSES
     warmup: int = 5
     steps: int = 20
     device: str = "auto"
     timeout_s: float = 900.0
     parity: bool = True
-    parity_steps: int = 0  # training steps per parity run; 0: each model's own (bench/parity.py)
+    parity_steps: int = 0  # training steps per parity run; 0: each model's own (bench/parity/)
     parity_seeds: int = 3  # seeds per policy; FP32's band needs at least 2
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,7 +187,7 @@ def cpu() -> Matrix:
     five minutes on 2 cores.
 
     The fp16-noscale ablation is judged where its question is live, in parity's underflow
-    task (bench/parity.py, task_policies): on the tiny tasks it passes trivially (their
+    task (bench/parity/__init__.py, task_policies): on the tiny tasks it passes trivially (their
     gradients are large), and its FP16 runs are the slowest on a CPU without FP16 matmuls
     (7x fp32's steps on AMD EPYC), which this preset's six minutes cannot afford twice.
     Not FP8: off CUDA torchao only emulates it, slowly, and emulated speed says nothing
@@ -227,7 +228,7 @@ def gpu_quick() -> Matrix:
     CPU. Runner start and report ~15 s. Total ~7.5 minutes; compile time is the least certain
     part. ``timeout_s`` (180 s) is what ``--time-budget`` allows the first cell, the first
     compiled cell and the first torchrun cell; later ones are estimated from those
-    (bench/runner.py, estimate_s).
+    (bench/run/sweep.py, estimate_s).
 
     FP8 (an estimate, not yet measured anywhere): 6 compiled cells at ~55 s of compiling and
     ~8 s of start-up each, ~6.5 minutes, and 12 more parity runs (eager), ~45 s: ~14.5 minutes

@@ -17,7 +17,7 @@ Defaults: ``samples_per_s:-5% step_ms_median:+5% peak_mem_reserved_gib:+5% joule
 A memory check on a cell with no reserved/allocated memory (CPU) falls back to ``peak_rss_gib``;
 a metric empty on either side (no NVML: no joules) is reported as n/a.
 
-Noise rule (bench/noise.py). Each side of a cell gets a value, the median over its ``ok``
+Noise rule (bench/analysis/noise.py). Each side of a cell gets a value, the median over its ``ok``
 processes, and a standard error from the noise between processes: the cell's own spread (three
 processes or more), the run's band (the median spread of its cells with several processes, or
 of its calibration cell) and, for time-derived metrics, the cell's step spread, whichever is
@@ -60,7 +60,9 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from bench import BadInput, load, noise, parity, paths, store
+from bench import BadInput, parity, paths, store
+from bench.analysis import noise
+from bench.run import contention
 
 KEY = store.KEY
 # A key field left empty in a hand-written CSV means its default, so it still matches.
@@ -300,7 +302,7 @@ def _cells(frame: pd.DataFrame, with_device: bool) -> dict[tuple[str, ...], _Cel
         if with_device and len(set(frame["device_name"])) > 1:
             label += f" [{key[-1]}]"
         ok = rows[rows["status"] == "ok"]
-        contended = "others_cpu_pct" in ok and any(map(load.contended, ok["others_cpu_pct"]))
+        contended = "others_cpu_pct" in ok and any(map(contention.contended, ok["others_cpu_pct"]))
         cells[key] = _Cell(key, label, status, throttled, ok, contended)
     return cells
 

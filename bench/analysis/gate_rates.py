@@ -1,7 +1,8 @@
 """The gate's error rates on this machine: same-code reruns and a regression of known size.
 
-    python -m bench.rates                          # cpu preset: 1 + 3 reruns + 1 slowed run
-    python -m bench.rates --reruns 5 --repeats 3 --slowdown 0.2 --out results/runs/rates
+    python -m bench.analysis.gate_rates                # cpu preset: 1 + 3 reruns + 1 slowed run
+    python -m bench.analysis.gate_rates --reruns 5 --repeats 3 --slowdown 0.2 \
+        --out results/runs/rates
     nox -s gate_rates -- --reruns 3
 
 A benchmark of the benchmark, not a unit test: it runs the preset (sweep only, no parity or
@@ -25,7 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench import gate, store
+from bench import store
+from bench.analysis import gate
 
 
 def _run(preset: str, repeats: int, out: Path, slowdown: float = 0.0) -> None:
@@ -106,7 +108,8 @@ def render(figures: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.rates", description=__doc__.split(
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.analysis.gate_rates", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("--preset", default="cpu", help="matrix preset to rerun (default cpu)")
     parser.add_argument("--reruns", type=int, default=3, help="same-code reruns (default 3)")

@@ -2,7 +2,7 @@
 
     python -m bench cell --model gpt2-tiny --precision bf16 --batch-size 8 --steps 20
 
-This is the child side of the matrix runner (bench/runner.py runs one of these per cell), and
+This is the child side of the matrix runner (bench/run/sweep.py runs one of these per cell), and
 a user's way to try a single configuration. The record (one flat JSON object with every schema
 field of bench/store.py) goes to ``--out`` or stdout; a summary line goes to stderr. A failing
 cell still writes its record (status oom | error | unsupported) and exits 1.
@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, config, failures, paths, precision, procs, store
-from bench.env import fingerprint
-from bench.flops import count_training_flops, mfu_fields
-from bench.measure import StepTimer, peak_memory, reset_peak_memory, summarize, use_device
-from bench.power import PowerMonitor, combine_power
+from bench import BadInput, config, failures, paths, precision, store
+from bench.cell.flops import count_training_flops, mfu_fields
+from bench.cell.timing import StepTimer, peak_memory, reset_peak_memory, summarize, use_device
+from bench.run import proctree
+from bench.telemetry.env import fingerprint
+from bench.telemetry.power import PowerMonitor, combine_power
 
 _SPREAD_WARNING = 0.10  # IQR / median above this makes a number hard to trust
 _COLLECTIVE_TIMEOUT_S = 600.0  # a rank's wait for its peers, without a runner's timeout
@@ -304,10 +305,10 @@ def _process_group(device: Any, ranks: Ranks | None) -> Iterator[None]:
 
 def _collective_timeout_s() -> float:
     """How long a rank waits for its peers: below the cell's own deadline (the runner's
-    procs.TIMEOUT_ENV), so that a wait for a dead peer ends in an error, not a kill; without
+    proctree.TIMEOUT_ENV), so that a wait for a dead peer ends in an error, not a kill; without
     a runner, 600 s, not NCCL's 10 minutes and gloo's 30."""
     try:
-        cell_s = float(os.environ.get(procs.TIMEOUT_ENV) or 0)
+        cell_s = float(os.environ.get(proctree.TIMEOUT_ENV) or 0)
     except ValueError:
         cell_s = 0.0
     return 0.9 * cell_s if 0 < cell_s < float("inf") else _COLLECTIVE_TIMEOUT_S
@@ -525,7 +526,7 @@ def _check_limits(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     """`ampbench cell`: exit 0 when the cell is ok, 1 when it failed (its record says why)."""
     # First: a cell never outlives its runner or its timeout, even a hung one.
-    procs.watch_from_env()
+    proctree.watch_from_env()
     if args.out:
         paths.output_file(args.out)  # before the cell trains, not after
     _check_limits(args)

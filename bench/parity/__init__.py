@@ -26,7 +26,7 @@ downloads), and is scored on a fixed held-out set:
 The task (chain, class layout) and the held-out set are fixed; the run seed picks the initial
 weights (``torch.manual_seed(seed)`` before ``build()``) and the training data order, so every
 policy sees the same data and starts from the same weights as FP32 under the same seed. Training
-reuses the benchmark's one step (``bench.cell.Trainer.step``: autocast forward, scaled
+reuses the benchmark's one step (``bench.cell.main.Trainer.step``: autocast forward, scaled
 backward, scaler step and update); only the resident batch is swapped before each step.
 
 Verdict per (model, policy), on the mean final eval loss over seeds:
@@ -413,7 +413,7 @@ def train_one(
     curve rows and its grad_hist.csv rows (only FP32's seed 0 has them)."""
     import torch
 
-    from bench.cell import Trainer
+    from bench.cell.main import Trainer
 
     spec = _spec(model_name)
     if policy is None:
@@ -667,8 +667,8 @@ def run_parity(
     the slowest finished run of the same model is its estimate, ``unknown_s`` when none has
     run; the first that does not fit stops the stage and OutOfTime says what is left.
     """
-    from bench.cell import resolve_device
-    from bench.measure import use_device
+    from bench.cell.main import resolve_device
+    from bench.cell.timing import use_device
 
     model_names, chosen = _validate(models, precisions, steps, seeds)
     config.check_limit("steps", steps or 0, "command line")
@@ -871,7 +871,7 @@ BUDGET_EXIT = 3  # stopped by --time-budget, the resume command printed (as `amp
 
 def _time_left(budget: str) -> Callable[[], float]:
     """Seconds left of ``budget`` (25m, 540s ...), counted from now."""
-    from bench.__main__ import duration_s
+    from bench.cli import duration_s
 
     deadline = time.monotonic() + duration_s(budget)
     return lambda: deadline - time.monotonic()

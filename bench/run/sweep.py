@@ -5,13 +5,13 @@
     python -m bench run --resume results/runs/20261122-224500-nvidia-h100
 
 Each cell runs as ``python -m bench cell ... --out <tmp json>`` in its own session (process
-group) under a timeout (bench/children.py); a cell with world_size > 1 runs under torchrun
+group) under a timeout (bench/run/launch.py); a cell with world_size > 1 runs under torchrun
 (``python -m torch.distributed.run``), standalone on one node. Its record is appended to
 records.jsonl (flush + fsync) and results.csv is derived after every cell. A child that dies
 without a record becomes a record too (oom | timeout | error); a timeout or Ctrl-C kills the
 child's whole process tree. SIGTERM and SIGHUP stop the run like Ctrl-C (children killed,
 temporary directories removed, the resume command printed, exit 128+N), and a child polices
-itself too (bench/procs.py): it dies with this runner, however it dies, and at its own
+itself too (bench/run/proctree.py): it dies with this runner, however it dies, and at its own
 timeout. One runner per run directory (bench/paths.py's lock). Running again into the same
 directory runs only the cells that are missing or failed. After the sweep: accuracy parity
 (bench.parity) and the report (bench.report); a failure there is reported and the sweep's
@@ -45,9 +45,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import BadInput, config, load, matrix, noise, paths, store
-from bench.children import Settings, failure_record, run_child
-from bench.config import Cell, Matrix
+from bench import BadInput, config, paths, store
+from bench.analysis import noise
+from bench.config import Cell, Matrix, matrix
+from bench.run import contention
+from bench.run.launch import Settings, failure_record, run_child
 
 DONE = ("ok", "unsupported", "skipped")  # statuses a resumed run does not repeat
 BUDGET_EXIT = 3  # stopped by --time-budget, the resume command printed (DESIGN.md)
@@ -235,7 +237,7 @@ def plan(cells: list[Cell], repeats: int, calibration: int = noise.CALIBRATION_P
     every cell alike. With fewer than ``noise.MIN_OWN`` repeats a cell cannot measure its own
     between-process noise, so a calibration cell (the first single-process cell) gets
     ``calibration`` extra processes, half before the sweep and half after: their spread is the
-    run's band for every cell (bench/noise.py).
+    run's band for every cell (bench/analysis/noise.py).
     """
     tasks = [(cell, r, False) for r in range(repeats) for cell in cells]
     first = next((c for c in cells if c.num_processes == 1), None)
@@ -255,7 +257,7 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
     processes not run, in order; a resume runs them."""
     from tqdm import tqdm
 
-    from bench.cell import summary_line
+    from bench.cell.main import summary_line
 
     tasks = plan(cells, repeats, calibration)
     todo = [(c, r, cal) for c, r, cal in tasks if not state.done(c.cell_id, r)]
@@ -263,9 +265,9 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
     limits = _oom_limits(state.records.values(), by_id)
     bar = _progress(len(tasks), len(tasks) - len(todo))
     num_done = len(tasks) - len(todo)
-    machine = load.before_sweep()
-    start = load.snapshot()
-    for warning in load.warnings(machine):
+    machine = contention.before_sweep()
+    start = contention.snapshot()
+    for warning in contention.warnings(machine):
         print(f"warning: {warning}", file=sys.stderr)
     not_run: list[tuple[Cell, int, bool]] = []
     try:
@@ -284,13 +286,13 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
                     not_run = todo[slot:]  # in plan order: the calibration stays last
                     break
                 else:
-                    before = load.snapshot()
+                    before = contention.snapshot()
                     started = _clock()
                     record = run_child(cell, state.settings, repeat, Path(tmp), slot)
                     # The child's wall time, start-up included: what the budget plans with.
                     record["wall_s"] = round(_clock() - started, 3)
                     # Others' work on this run's cores while the cell ran: a contended cell.
-                    record["others_cpu_pct"] = load.during(before, load.snapshot()).get(
+                    record["others_cpu_pct"] = contention.during(before, contention.snapshot()).get(
                         "others_cpu_pct")
                 record["calibration"] = is_calibration
                 state.save(record)
@@ -304,8 +306,8 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
     finally:  # also on a stop: the load so far is worth keeping, but never worth a crash
         bar.close()
         with contextlib.suppress(Exception):
-            during = load.during(start, load.snapshot())
-            for warning in load.warnings(during):
+            during = contention.during(start, contention.snapshot())
+            for warning in contention.warnings(during):
                 print(f"warning: {warning}", file=sys.stderr)
             _record_load(state.run_dir, {**machine, **during})
     return not_run
@@ -317,7 +319,7 @@ def _record_load(run_dir: Path, machine: dict[str, Any]) -> None:
     meta = store.read_meta(run_dir)
     kept = [w for w in meta.get("warnings") or [] if not w.startswith("busy ")]
     store.write_meta(run_dir, {**meta, "machine_load": machine,
-                               "warnings": kept + load.warnings(machine)})
+                               "warnings": kept + contention.warnings(machine)})
 
 
 def find_max_batch(state: Sweep, cells: list[Cell]) -> None:
@@ -329,7 +331,7 @@ def find_max_batch(state: Sweep, cells: list[Cell]) -> None:
     """
     from tqdm import tqdm
 
-    from bench.cell import summary_line
+    from bench.cell.main import summary_line
 
     starts: dict[Any, Cell] = {}
     for cell in cells:  # ascending batches: the first cell of a group is its smallest
@@ -458,7 +460,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> str:
 
 def _resolve_device(name: str) -> str:
     """The device every child gets, checked here: a bad one is one line, not a failed sweep."""
-    from bench.cell import resolve_device
+    from bench.cell.main import resolve_device
 
     device = resolve_device(name)  # BadInput for a name it does not know or a missing GPU
     return "cuda" if device.type == "cuda" and name in ("auto", "cuda") else str(device)
@@ -502,7 +504,7 @@ def _valid_run_id(value: Any) -> bool:
 def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
     """The command that finishes ``run_dir``: every flag this run was started with, the
     matrix taken from its meta.json (so --preset, --matrix and --out give way to --resume)."""
-    from bench.__main__ import command_parser
+    from bench.cli import command_parser
 
     argv = ["python", "-m", "bench", "run", "--resume", str(run_dir)]
     for action in command_parser("run")._actions:
@@ -625,7 +627,7 @@ def _budget(args: argparse.Namespace) -> Budget | None:
     if args.find_max_batch:
         raise BadInput("--time-budget does not apply to --find-max-batch, whose probes cannot "
                        "be estimated ahead")
-    from bench.__main__ import duration_s
+    from bench.cli import duration_s
 
     seconds = duration_s(text)
     reserve_s = 0.0 if args.no_report else min(_REPORT_RESERVE_S, seconds / 4)
@@ -729,7 +731,7 @@ def _run(args: argparse.Namespace, session: _Session) -> int:
         raise BadInput(f"device '{device}': a cell on several processes gives each rank the GPU "
                        "of its local rank; use --device cuda")
 
-    from bench.env import cpu_model, fingerprint
+    from bench.telemetry.env import cpu_model, fingerprint
 
     env = fingerprint(device)
     stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"

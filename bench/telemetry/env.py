@@ -25,8 +25,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from bench import amd
-from bench.power import decode_reasons, open_nvml
+from bench.telemetry import amd
+from bench.telemetry.power import decode_reasons, open_nvml
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -245,7 +245,7 @@ def cpu_governors(root: Path = Path("/sys/devices/system/cpu")) -> dict[str, int
 def noise_warnings(nvml: dict[str, Any], governors: dict[str, int] | None,
                    amdsmi: dict[str, Any] | None = None) -> list[str]:
     """What in this environment makes step times or power numbers noisy, one line each
-    (``amdsmi``: amdsmi's view of AMD GPUs, bench/amd.py's ``state()``)."""
+    (``amdsmi``: amdsmi's view of AMD GPUs, bench/telemetry/amd.py's ``state()``)."""
     warnings = []
     amd_gpus = (amdsmi or {}).get("gpus", [])
     for gpu in [*nvml.get("gpus", []), *amd_gpus]:

@@ -1,6 +1,6 @@
 """GPU power, energy, clocks and throttling in a timed window: NVML, amdsmi on AMD (torch-free).
 
-Used by the cell (bench/cell.py):
+Used by the cell (bench/cell/main.py):
 
     monitor = PowerMonitor(device_index, interval_ms=50.0)
     monitor.measure_idle()          # just before the cell's timed window
@@ -40,7 +40,8 @@ warning, and leaves ``joules_per_sample`` empty: the GPU's energy cannot be spli
 instances.
 
 AMD GPUs. Under a ROCm build of torch the same monitor reads the GPU through amdsmi, AMD's own
-library (bench/amd.py): same fields, sources and fallbacks, its violation status decoded to the
+library (bench/telemetry/amd.py): same
+fields, sources and fallbacks, its violation status decoded to the
 clock-event reasons above.
 
 Without NVML (no driver, no library) or when an NVML call fails inside the window, the cell
@@ -363,14 +364,14 @@ NVML = Backend("NVML", open_nvml, lambda nvml: nvml.nvmlShutdown(), _Gpu)
 
 
 def backend() -> Backend:
-    """amdsmi (bench/amd.py) under a ROCm build of torch, else NVML.
+    """amdsmi (bench/telemetry/amd.py) under a ROCm build of torch, else NVML.
 
     torch is not imported for this (the module stays torch-free): a cell has imported it
     before it measures anything, and a process without torch has no GPU of its own to read.
     """
     torch = sys.modules.get("torch")
     if getattr(getattr(torch, "version", None), "hip", None):
-        from bench.amd import AMDSMI
+        from bench.telemetry.amd import AMDSMI
 
         return AMDSMI
     return NVML

@@ -4,7 +4,7 @@ timeout in a session of its own, the kill of its whole tree, and a record either
 A cell runs as ``python -m bench cell ... --out <tmp json>`` (torchrun for more than one
 process; through a launcher on several nodes). A child that leaves no record still gets one
 from the parent: ``timeout``, or ``oom`` / ``error`` classified from its stderr (a torchrun
-job's from the rank that failed first). The child polices itself too (bench/procs.py).
+job's from the rank that failed first). The child polices itself too (bench/run/proctree.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import failures, procs, store
+from bench import failures, store
 from bench.config import Cell
+from bench.run import proctree
 
 _KILL_GRACE_S = 5.0
 _STDERR_LINES = 6
@@ -138,13 +139,13 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     Descendants too, not only the group: torchrun starts each rank in a session of its own,
     so a group kill alone would leave the ranks (and the GPU memory they hold) behind.
     """
-    pids = procs.descendants(proc.pid)  # before any dies: an orphan no longer shows its lineage
-    procs.signal_tree(pids, signal.SIGTERM, group=proc.pid)
+    pids = proctree.descendants(proc.pid)  # before any dies: an orphan no longer shows its lineage
+    proctree.signal_tree(pids, signal.SIGTERM, group=proc.pid)
     deadline = time.monotonic() + _KILL_GRACE_S
-    while time.monotonic() < deadline and (proc.poll() is None or any(map(procs.alive, pids))):
+    while time.monotonic() < deadline and (proc.poll() is None or any(map(proctree.alive, pids))):
         time.sleep(0.05)
     # Late children too: a rank that torchrun started while it was being told to stop.
-    procs.signal_tree(pids + procs.descendants(proc.pid), signal.SIGKILL, group=proc.pid)
+    proctree.signal_tree(pids + proctree.descendants(proc.pid), signal.SIGKILL, group=proc.pid)
     proc.wait()
 
 
@@ -169,9 +170,9 @@ def launch(cell: Cell, settings: Settings, repeat: int, workdir: Path, slot: int
     timed_out = False
     with open(err_path, "wb") as err:
         # stderr to a file, not a pipe: a chatty child can never block on a full pipe.
-        # The child polices itself too (bench/procs.py): it dies with this process, and at
+        # The child polices itself too (bench/run/proctree.py): it dies with this process, and at
         # its own deadline, a little after this one, should this process be gone by then.
-        env = {**os.environ, **procs.runner_env(settings.timeout_s + _KILL_GRACE_S)}
+        env = {**os.environ, **proctree.runner_env(settings.timeout_s + _KILL_GRACE_S)}
         proc = subprocess.Popen(cell_argv(cell, settings, repeat, out, logs, slot),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True, env=env)

@@ -1,0 +1,394 @@
+"""The ampbench command line: ``python -m bench COMMAND`` (or ``ampbench COMMAND``).
+
+Thin by design: each command parses its flags here and hands them to the stage that owns it.
+Bad input raises ``BadInput`` anywhere below; it becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from bench import BadInput, paths
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not value > 0:  # NaN included
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_MAX_DURATION_S = 7 * 24 * 3600.0
+
+
+def duration_s(text: str) -> float:
+    """Seconds in a duration: 25m, 540s, 1h, 1h30m, or a bare number of seconds."""
+    compact = text.strip().lower()
+    try:
+        seconds = float(compact)
+    except ValueError:
+        parts = _DURATION_PART.findall(compact)
+        if not parts or "".join(number + unit for number, unit in parts) != compact:
+            raise argparse.ArgumentTypeError(
+                f"expected a duration like 25m, 540s or 1h, got '{text}'") from None
+        seconds = sum(float(number) * _UNIT_S[unit] for number, unit in parts)
+    if not 0 < seconds <= _MAX_DURATION_S:  # NaN and infinity included
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 7 days, got '{text}'")
+    return seconds
+
+
+def _duration(text: str) -> str:
+    """A checked duration, kept as written (the resume command repeats it so)."""
+    duration_s(text)
+    return text.strip()
+
+
+def _csv(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got '{text}'")
+    return items
+
+
+def _path_type(check: Callable[[str, str], object]) -> Callable[[str], str]:
+    """An argparse type that checks an output path before any work (bench/paths.py)."""
+    def parse(text: str) -> str:
+        try:
+            check(text, "path")
+        except BadInput as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("path ")) from None
+        return text
+
+    return parse
+
+
+_out_dir = _path_type(paths.output_dir)
+_out_file = _path_type(paths.output_file)
+_out_csv = _path_type(lambda text, flag: paths.output_file(text, flag, make_parents=True))
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [_positive_int(item) for item in _csv(text)]
+
+
+def _add_cell(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cell", help="train one cell (model x precision x batch), write its record",
+        description="Train one cell (model x precision policy x batch size) in this process: "
+        "warmup steps, then a timed window measuring step time, memory, power and FLOPs. "
+        "Writes one JSON record (also for a failed cell, exit 1); bad input exits 2.")
+    p.add_argument("--model", required=True, help="model name (see `ampbench models`)")
+    p.add_argument("--precision", required=True,
+                   help="fp32 | tf32 | fp16 | bf16 | fp16-noscale | fp8 | fp8-rowwise")
+    p.add_argument("--batch-size", type=_positive_int, required=True,
+                   help="samples per micro-batch")
+    p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (language models)")
+    p.add_argument("--image-size", type=_positive_int, help="image side in pixels (vision models)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step")
+    p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    p.add_argument("--memory-format", choices=("channels_last", "contiguous"),
+                   help="image models' layout (default: channels_last on CUDA, contiguous on CPU)")
+    p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed warmup steps")
+    p.add_argument("--steps", type=_positive_int, default=20, help="timed steps")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the initial weights and the synthetic batches (default 0)")
+    p.add_argument("--peak-tflops", type=_positive_float,
+                   help="override the device's dense peak TFLOP/s")
+    p.add_argument("--power-interval-ms", type=_positive_float, default=50.0,
+                   help="NVML sampling period")
+    p.add_argument("--out", type=_out_file, help="write the JSON record here (default: stdout)")
+    p.add_argument("--run-id", default="", help=argparse.SUPPRESS)
+    p.add_argument("--cell-id", default="", help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=_non_negative_int, default=0, help=argparse.SUPPRESS)
+    p.set_defaults(handler="bench.cell.main:main")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a whole matrix, one child process per cell (resumable)",
+        description="Run a matrix of cells (a preset, a TOML file or the flags below), each "
+        "in a child process of its own under a timeout, then accuracy parity and the report. "
+        "Records go to RUN_DIR/records.jsonl and results.csv; running again into the same "
+        "directory finishes only the missing or failed cells.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="gpu | cpu | quick | auto (default)")
+    src.add_argument("--matrix", help="a matrix TOML file")
+    src.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run directory")
+    p.add_argument("--out", metavar="RUN_DIR", type=_out_dir,
+                   help="run directory (default results/runs/<run_id>)")
+    p.add_argument("--models", type=_csv, help="comma-separated model names")
+    p.add_argument("--precisions", type=_csv, help="comma-separated policies")
+    p.add_argument("--batch-sizes", type=_csv_ints, help="comma-separated batch sizes")
+    p.add_argument("--steps", type=_positive_int, help="timed steps per cell")
+    p.add_argument("--warmup", type=_non_negative_int, help="warmup steps per cell")
+    p.add_argument("--repeats", type=_positive_int, help="repeats per cell")
+    p.add_argument("--calibration", type=_non_negative_int, metavar="N",
+                   help="extra processes of a calibration cell that measure between-process "
+                        "noise when repeats < 3 (default 4; 0: none)")
+    p.add_argument("--world-size", type=_csv_ints, help="processes per node (comma-separated)")
+    p.add_argument("--nnodes", type=_positive_int, help="nodes each multi-process cell spans")
+    p.add_argument("--launcher", help="multi-node: command that starts one torchrun per node "
+                   "(default in a SLURM allocation: srun --nodes=N --ntasks-per-node=1)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="multi-node: where the torchruns meet (default this host:29500)")
+    p.add_argument("--device",
+                   help="cpu | cuda | cuda:N | auto (default: what the preset or matrix says)")
+    p.add_argument("--timeout", type=_positive_float, help="seconds per cell before it is killed")
+    p.add_argument("--time-budget", metavar="DURATION", type=_duration,
+                   help="finish within DURATION (25m, 540s, 1h): start no cell or parity run "
+                        "that the time left cannot finish (judged from the cells finished so "
+                        "far: the same model and policy's slowest, else their start-up and "
+                        "FLOP-scaled step times; the timeout only before any process of its "
+                        "kind, eager or compiled, has finished), write the report for what "
+                        "finished, print the resume command and exit 3")
+    p.add_argument("--find-max-batch", action="store_true",
+                   help="search the largest batch that fits")
+    p.add_argument("--no-parity", action="store_true", help="skip the accuracy-parity stage")
+    p.add_argument("--no-report", action="store_true", help="skip writing report.md and plots")
+    _add_prices(p, "results.csv and the report get",
+                "kept in meta.json, so a resumed run and `report` use it too")
+    p.set_defaults(handler="bench.run.sweep:main")
+
+
+def _add_parity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "parity", help="check each reduced precision reaches FP32's accuracy",
+        description="Train each model on a learnable synthetic task under every policy, FP32 "
+        "over several seeds for its seed-to-seed band, and judge each policy's final eval "
+        "loss against it: PASS, FAIL or INCONCLUSIVE. Writes parity.csv and prints the "
+        "verdict table; exit 1 when a policy fails.")
+    p.add_argument("--models", type=_csv,
+                   help="comma-separated model names or parity tasks (gpt2-tiny-underflow; "
+                        "default: the tiny models and that task on CPU, the full-size ones and "
+                        "that task on CUDA)")
+    p.add_argument("--precisions", type=_csv,
+                   help="comma-separated policies (default: all that run natively here; FP8 "
+                        "off CUDA is emulated and only on request)")
+    p.add_argument("--steps", type=_positive_int, help="training steps per run")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per policy (default 3)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
+    p.add_argument("--out", metavar="RUN_DIR", type=_out_dir, help="run directory for parity.csv")
+    p.add_argument("--time-budget", metavar="DURATION", type=_duration,
+                   help="finish within DURATION (25m, 540s, 1h): start no run that the time "
+                        "left cannot finish (judged from the finished runs of its model, a "
+                        "minute for a model not run yet), judge the models "
+                        "whose runs all finished, print the resume command and exit 3")
+    p.set_defaults(handler="bench.parity:main")
+
+
+def _add_prices(p: argparse.ArgumentParser, gives: str, where: str) -> None:
+    p.add_argument("--price-per-hour", metavar="USD", type=_positive_float,
+                   help=f"price of one device for one hour: {gives} the cost of 1M samples "
+                        f"({where})")
+    p.add_argument("--price-per-kwh", metavar="USD", type=_positive_float,
+                   help=f"price of a kWh: {gives} the energy cost of 1M samples where energy "
+                        f"was measured ({where})")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", help="write report.md and plots for a run directory",
+        description="Read a run directory's results.csv (and parity.csv) and write report.md "
+        "with its tables and plots/; needs no torch.")
+    p.add_argument("run_dir", nargs="?", help="run directory (default: the latest run)")
+    p.add_argument("--out", type=_out_dir, help="output directory (default: the run directory)")
+    _add_prices(p, "the report gets", "default: the price the run recorded in meta.json")
+    p.set_defaults(handler="bench.report:main")
+
+    p = sub.add_parser(
+        "publish", help="copy a run into results/<device>/<date>/ and index it",
+        description="Copy a finished run (results, parity, report, plots, meta) into "
+        "results/<device>/<date>/ for committing, and regenerate the index results/README.md.")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--results", default="results", type=_out_dir,
+                   help="results directory (default: results)")
+    p.set_defaults(handler="bench.report:publish_main")
+
+
+def _add_gate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gate", help="compare a run against a baseline; exit 1 on regression",
+        description="Match the current run's cells to a baseline's on the same device and "
+        "apply each check; a change fails only when it is beyond its threshold and beyond "
+        "the measured noise. Exit 0 pass, 1 regression, 2 bad input.")
+    p.add_argument("--baseline", help="baseline CSV or run directory (default: this device's)")
+    p.add_argument("--current", help="current run directory or CSV (default: the latest run)")
+    p.add_argument("--check", action="append", default=None,
+                   help="METRIC:CHANGE, e.g. samples_per_s:-5%%; repeat for several (default: "
+                        "samples/s -5%%, step time, reserved memory and J/sample +5%%)")
+    p.add_argument("--allow-device-mismatch", action="store_true",
+                   help="gate against a baseline from another device, matching cells "
+                        "without the device")
+    p.add_argument("--fail-on-throttled", action="store_true",
+                   help="fail a regression in a throttled cell too (default: a warning)")
+    p.add_argument("--fail-on-noisy", action="store_true",
+                   help="exit 1 when a check is too noisy to judge (default: reported, exit 0)")
+    p.set_defaults(handler="bench.analysis.gate:main")
+
+    p = sub.add_parser(
+        "baseline", help="promote a run to results/baselines/<device>.csv",
+        description="Copy a run's results (and parity) to the device's baseline, the one "
+        "`gate` compares later runs against by default.")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--out", type=_out_csv,
+                   help="baseline CSV path (default results/baselines/<device>.csv)")
+    p.set_defaults(handler="bench.analysis.gate:promote_main")
+
+
+def _add_env(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "env", help="environment fingerprint and GPU state, with noise warnings",
+        description="Print what a number would be measured on: device, driver, CUDA, torch, "
+        "Python, CPU and git state, NVML's view of each GPU (clocks, power limit, "
+        "persistence, other processes), and a warning for each thing that makes numbers noisy.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler="bench.telemetry.env:main")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models", help="list the reference models",
+        description="List the reference models with their parameters, training FLOPs per "
+        "sample, unit and default batch and size.")
+    p.set_defaults(handler="models:main")
+
+
+def _add_peers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "peers", help="our models next to transformers' and torchvision's: equal and as fast?",
+        description="Pair each model with its peer (transformers' GPT2LMHeadModel and "
+        "BertForMaskedLM with SDPA attention, torchvision's ResNets), copy our weights into "
+        "it, and report parameter counts, the largest logit difference and the loss "
+        "difference in eval mode, then the same training step under each policy, steps "
+        "interleaved ours/peer: median step times, the ratio ours/peer with its IQR, and "
+        "CUDA peak memory. Needs the extra: pip install -e .[peers].")
+    p.add_argument("--models", type=_csv,
+                   help="comma-separated models (default gpt2-small,bert-base,resnet50,resnet18; "
+                        "a default one whose peer library is missing is a skipped row, a named "
+                        "one exits 2)")
+    p.add_argument("--precisions", type=_csv, default=["fp32", "bf16"],
+                   help="comma-separated policies (default fp32,bf16)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="samples per step (default: each model's default batch)")
+    p.add_argument("--seq-len", type=_positive_int,
+                   help="tokens per sequence for the language models (default: the model's)")
+    p.add_argument("--image-size", type=_positive_int,
+                   help="image side in pixels for the ResNets (default: the model's)")
+    p.add_argument("--steps", type=_positive_int, default=20,
+                   help="timed steps of each model (default 20)")
+    p.add_argument("--warmup", type=_non_negative_int, default=5,
+                   help="untimed warmup steps of each model (default 5)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", type=_out_csv, help="also write the table to this CSV file")
+    out.add_argument("--out-dir", metavar="RUN_DIR", type=_out_dir,
+                     help="also write the table to RUN_DIR/peers.csv, where the report finds it")
+    p.set_defaults(handler="bench.peers:main")
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="a GPU for minutes: env, GPU tests, sweep, parity, peers, report",
+        description="Spend a short-lived GPU in order of value within --time-budget: the "
+        "environment, the GPU correctness tests, every model under fp32, bf16 and fp16, then "
+        "with time to spare tf32, compiled bf16, FP8 and larger batches, a short parity, "
+        "peers and the report, each step a child process writing into --out as it goes. The "
+        "same command again resumes (a second lent call). Exit 0 all done, 3 steps left for "
+        "another call, 1 a step failed, 2 bad input. Example: PYTHONPATH=. python3 -m bench "
+        "validate --out gpu-run --time-budget 9m")
+    p.add_argument("--out", metavar="DIR", required=True, type=_out_dir,
+                   help="where everything goes: validate.json, VALIDATE.md, env.json, logs/, "
+                        "run/ (the run directory)")
+    p.add_argument("--time-budget", metavar="DURATION", type=_duration, required=True,
+                   help="the time this call may take (9m, 540s): steps that do not fit wait "
+                        "for the next call")
+    p.add_argument("--plan", action="store_true",
+                   help="print the steps with their estimated seconds and the total; run "
+                        "nothing (any machine)")
+    p.add_argument("--gpu", metavar="NAME",
+                   help="with --plan: plan for this GPU ('NVIDIA H100 80GB HBM3', 'H100 SXM'); "
+                        "default: the GPU found here, else this CPU")
+    p.add_argument("--models", type=_csv,
+                   help="only these of the plan's models (GPU: resnet50, bert-base, "
+                        "gpt2-small; CPU: resnet-tiny, bert-tiny, gpt2-tiny)")
+    steps = "env, tests, sweep, tf32, compile, fp8, batches, parity, peers, report"
+    p.add_argument("--only", type=_csv, metavar="STEPS", help=f"only these steps ({steps})")
+    p.add_argument("--skip", type=_csv, metavar="STEPS", help="leave these steps out")
+    p.set_defaults(handler="bench.validate:main")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ampbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    for add in (_add_run, _add_cell, _add_parity, _add_report, _add_gate, _add_env, _add_models,
+                _add_peers, _add_validate):
+        add(sub)
+    return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one command (``run``, ``cell`` ...): what its flags are."""
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_resolve(args.handler)(args) or 0)
+    except BadInput as exc:
+        # One line, even when the bad value held a newline.
+        message = str(exc).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"ampbench {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ampbench {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
