@@ -1,4 +1,5 @@
-"""Matrix -> cells: the product of every axis, in a run order that makes OOM skipping work.
+"""The matrix and its cells: typed axes (ModelAxis, Matrix), one point of the product (Cell)
+with a stable id, and ``expand``, the product in a run order that makes OOM skipping work.
 
 ``expand(matrix)`` returns frozen, hashable Cells; each has a stable ``cell_id`` (a short
 sha256 of its key fields), the same in every run and Python process, so a resumed run finds
@@ -7,9 +8,114 @@ the cells it already finished. torch-free.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from bench.config import Cell, Matrix
+import models
+from bench import precision
+from bench.analysis import noise
+
+
+@dataclass(frozen=True)
+class ModelAxis:
+    """One model of the matrix with its own batch sizes and input size (seq_len or image_size)."""
+
+    name: str
+    batch_sizes: tuple[int, ...]
+    size: int | None = None  # None: the model's default size
+
+    @property
+    def spec(self) -> models.ModelSpec:
+        return models.get(self.name)
+
+    @property
+    def resolved_size(self) -> int:
+        return self.size or self.spec.default_size
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """Every axis of a sweep; ``bench.config.matrix.expand`` turns it into Cells."""
+
+    models: tuple[ModelAxis, ...]
+    precisions: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16")
+    name: str = "custom"
+    grad_accum: tuple[int, ...] = (1,)
+    compile: tuple[bool, ...] = (False,)
+    # The policies that also run compiled when ``compile`` holds true (gpu-quick: bf16 only).
+    compile_precisions: tuple[str, ...] = precision.NAMES
+    # Of those, the policies that run compiled only, no eager cells (gpu-quick: the FP8 ones).
+    compile_only: tuple[str, ...] = ()
+    world_size: tuple[int, ...] = (1,)
+    nnodes: int = 1
+    repeats: int = 1
+    # Extra processes of a calibration cell that measure the machine's between-process noise
+    # when repeats are too few to (bench/analysis/noise.py); 0: none.
+    calibration: int = noise.CALIBRATION_PROCESSES
+    warmup: int = 5
+    steps: int = 20
+    device: str = "auto"
+    timeout_s: float = 900.0
+    parity: bool = True
+    parity_steps: int = 0  # training steps per parity run; 0: each model's own (bench/parity/)
+    parity_seeds: int = 3  # seeds per policy; FP32's band needs at least 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (meta.json); ``from_dict`` reads it back."""
+        data = asdict(self)
+        data["models"] = {
+            axis.name: {"batch_sizes": list(axis.batch_sizes),
+                        axis.spec.size_arg: axis.resolved_size}
+            for axis in self.models
+        }
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the matrix; ``cell_id`` hashes its key fields, stable across processes."""
+
+    model: str
+    precision: str
+    batch_size: int
+    seq_len: int | None = None
+    image_size: int | None = None
+    grad_accum: int = 1
+    compile: bool = False
+    world_size: int = 1
+    nnodes: int = 1
+
+    def key(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def num_processes(self) -> int:
+        """Ranks of the cell's torchrun job: its world size in torch.distributed's sense."""
+        return self.world_size * self.nnodes
+
+    @property
+    def cell_id(self) -> str:
+        # sha256 of canonical JSON, not hash(): the id must not change between processes.
+        text = json.dumps(self.key(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Everything but the batch size: an OOM at batch b skips larger batches of the group."""
+        return (self.model, self.precision, self.seq_len, self.image_size, self.grad_accum,
+                self.compile, self.world_size, self.nnodes)
+
+    def label(self) -> str:
+        size = f"T={self.seq_len}" if self.seq_len else f"{self.image_size}px"
+        extra = "".join([
+            f" ga={self.grad_accum}" if self.grad_accum != 1 else "",
+            " compile" if self.compile else "",
+            f" ws={self.world_size}x{self.nnodes}" if self.num_processes > 1 else "",
+        ])
+        return f"{self.model} {self.precision} b={self.batch_size} {size}{extra}"
 
 
 def expand(matrix: Matrix) -> list[Cell]:

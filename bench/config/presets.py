@@ -1,0 +1,132 @@
+"""Named presets: each a function returning a Matrix (``preset(name)``), torch-free except
+``auto``, which asks torch whether CUDA is present."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bench import BadInput
+from bench.config.matrix import Matrix, ModelAxis
+
+
+def gpu() -> Matrix:
+    """The GPU sweep: full-size reference models, the four main policies and the two FP8 ones,
+    eager and torch.compile (what people train with today).
+
+    FP8 is meant to run compiled: torch.compile fuses torchao's amax, scale and cast kernels
+    around each FP8 matmul, which eager runs one by one; the eager FP8 cells show that cost.
+    The FP8 cells need torchao (``pip install -e .[fp8]``) and compute capability 8.9+;
+    without either they are ``unsupported`` records and the sweep goes on.
+    """
+    return Matrix(
+        name="gpu",
+        models=(
+            ModelAxis("resnet50", (32, 64, 128, 256), 224),
+            ModelAxis("bert-base", (16, 32, 64, 128), 128),
+            ModelAxis("gpt2-small", (4, 8, 16, 32), 1024),
+        ),
+        precisions=("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise"),
+        compile=(False, True),
+        device="cuda", warmup=10, steps=50, timeout_s=900.0, parity=True,
+    )
+
+
+def cpu() -> Matrix:
+    """Tiny models, small batches, fp32, tf32, fp16 and bf16: 24 cells, then parity, in about
+    five minutes on 2 cores.
+
+    The fp16-noscale ablation is judged where its question is live, in parity's underflow
+    task (bench/parity/__init__.py, task_policies): on the tiny tasks it passes trivially (their
+    gradients are large), and its FP16 runs are the slowest on a CPU without FP16 matmuls
+    (7x fp32's steps on AMD EPYC), which this preset's six minutes cannot afford twice.
+    Not FP8: off CUDA torchao only emulates it, slowly, and emulated speed says nothing
+    (``--precisions fp8`` runs it anyway, for its numerics)."""
+    return Matrix(
+        name="cpu",
+        models=(
+            ModelAxis("resnet-tiny", (4, 8), 32),
+            ModelAxis("bert-tiny", (4, 8), 32),
+            ModelAxis("gpt2-tiny", (4, 8), 64),
+        ),
+        precisions=("fp32", "tf32", "fp16", "bf16"),
+        device="cpu", warmup=5, steps=30, timeout_s=300.0, parity=True,
+    )
+
+
+def gpu_quick() -> Matrix:
+    """A complete GPU run in about 14 minutes (two or three `--time-budget 9m` commands): the
+    full-size models at one realistic batch each under fp32, tf32, fp16 and bf16, bf16 also
+    under torch.compile, fp8 and fp8-rowwise under torch.compile only, a short parity.
+
+    Batches are per-GPU batches people train with, and each fits in fp32 on a 40 GB GPU:
+    ResNet-50 256 at 224 px (NVIDIA DeepLearningExamples' per-GPU batch), BERT-base 64 at
+    sequence 128 (a phase-1 pre-training micro-batch), GPT-2 small 16 at 1024 tokens
+    (nanoGPT's 124M recipe uses 12). Parity trains 2 seeds x 40 steps (the gpu preset: 3 x
+    600): enough to see the path work and a gross divergence, not a fine verdict.
+
+    Estimate for an H100 SXM, to be confirmed by the first GPU run (README, "Validate on a new
+    GPU box"). Training FLOPs per step (models/): ResNet-50 6.3 T, BERT-base 5.5 T, GPT-2 small
+    14.0 T. At public eager-PyTorch rates (fp32 ~30 TFLOP/s, 45% of the 67 peak; tf32 ~60 for
+    ResNet-50 and ~130 for the transformers; fp16 and bf16 ~75 for ResNet-50, about 3,000
+    images/s, and ~250 for the transformers) a step takes 0.47 s (GPT-2 small fp32) down to
+    0.02 s (BERT-base bf16), and the 25 steps of each process train for ~50 s in all. Per
+    process ~8 s more (Python, torch and CUDA start, model build, FLOP count, cuDNN autotuning):
+    ~135 s for 17 processes (15 cells, 2 calibration). Compiling forward and backward with an
+    empty inductor cache: ~165 s for the three bf16 compiled cells. Parity: 24 runs (3 models x
+    4 policies x 2 seeds) in ~85 s, mostly model builds, evaluation and batches made on the
+    CPU. Runner start and report ~15 s. Total ~7.5 minutes; compile time is the least certain
+    part. ``timeout_s`` (180 s) is what ``--time-budget`` allows the first cell, the first
+    compiled cell and the first torchrun cell; later ones are estimated from those
+    (bench/run/sweep.py, estimate_s).
+
+    FP8 (an estimate, not yet measured anywhere): 6 compiled cells at ~55 s of compiling and
+    ~8 s of start-up each, ~6.5 minutes, and 12 more parity runs (eager), ~45 s: ~14.5 minutes
+    in all, 23 processes. Without torchao the FP8 cells are `unsupported` records in seconds.
+    Parity's underflow task adds 12 runs of gpt2-tiny (fp32, fp16, fp16-noscale, bf16 and the
+    two FP8 policies, 2 seeds, 60 steps): seconds on a GPU.
+    """
+    return Matrix(
+        name="gpu-quick",
+        models=(
+            ModelAxis("resnet50", (256,), 224),
+            ModelAxis("bert-base", (64,), 128),
+            ModelAxis("gpt2-small", (16,), 1024),
+        ),
+        # fp8 and fp8-rowwise only compiled: torch.compile is how FP8 is meant to run fast
+        # (it fuses torchao's scale and cast kernels); they need torchao (a wheel carried to
+        # the box) and compute capability 8.9+, else they are `unsupported` records.
+        precisions=("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise"),
+        compile=(False, True), compile_precisions=("bf16", "fp8", "fp8-rowwise"),
+        compile_only=("fp8", "fp8-rowwise"),
+        device="cuda", warmup=5, steps=20, timeout_s=180.0, calibration=2,
+        parity=True, parity_steps=40, parity_seeds=2,
+    )
+
+
+def quick() -> Matrix:
+    """A handful of tiny cells for smoke tests."""
+    return Matrix(
+        name="quick",
+        models=(ModelAxis("gpt2-tiny", (2,), 64), ModelAxis("resnet-tiny", (2,), 32)),
+        precisions=("fp32", "bf16"),
+        device="cpu", warmup=1, steps=3, timeout_s=120.0, parity=False, calibration=0,
+    )
+
+
+def auto() -> Matrix:
+    """gpu where CUDA is available, cpu otherwise."""
+    import torch  # only 'auto' needs to know the hardware
+
+    return gpu() if torch.cuda.is_available() else cpu()
+
+
+PRESETS: dict[str, Callable[[], Matrix]] = {"gpu": gpu, "gpu-quick": gpu_quick, "cpu": cpu,
+                                            "quick": quick, "auto": auto}
+
+
+def preset(name: str) -> Matrix:
+    """The preset called ``name``; unknown names raise BadInput listing the valid ones."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise BadInput(f"unknown preset '{name}'; valid: {', '.join(PRESETS)}") from None
