@@ -15,8 +15,9 @@ import pytest
 from test_power import _warnings, _window
 
 from bench.cell import flops
-from bench.telemetry import amd, env, power
-from bench.telemetry.power import NVML, PowerMonitor
+from bench.telemetry import amd, env, gpu, monitor, peaks
+from bench.telemetry.monitor import PowerMonitor
+from bench.telemetry.nvml import NVML
 
 NOT_SUPPORTED, API_FAILED, DRIVER_NOT_LOADED = 2, 7, 34
 RESOLUTION_UJ = 15.625  # energy counter resolution: exact in binary, so sums are exact
@@ -178,8 +179,8 @@ class FakeAmdSmi:
 
 @pytest.fixture(autouse=True)
 def _fresh_warning_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(power, "_warned", set())
-    monkeypatch.setattr(flops, "_warned", set())
+    monkeypatch.setattr(monitor, "_warned", set())
+    monkeypatch.setattr(peaks, "_warned", set())
 
 
 @pytest.fixture
@@ -197,9 +198,9 @@ def test_the_torch_build_picks_the_library(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.version, "hip", None)
-    assert power.backend() is NVML
+    assert monitor.backend() is NVML
     monkeypatch.setattr(torch.version, "hip", "6.3.42131")
-    assert power.backend() is amd.AMDSMI
+    assert monitor.backend() is amd.AMDSMI
 
 
 # -- energy and power -------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_violations_are_decoded_to_clock_event_reasons(amdsmi, violation, reason
     fields = _window(PowerMonitor(0, 10))
     assert fields["throttle_reasons"] == [reason]
     assert fields["throttled"] is throttled and fields["power_capped"] is capped
-    assert power.parse_shares(fields["throttle_shares"]) == {reason: 1.0}
+    assert gpu.parse_shares(fields["throttle_shares"]) == {reason: 1.0}
 
 
 def test_the_power_cap_arriving_mid_window_gets_its_share(amdsmi):
@@ -262,7 +263,7 @@ def test_the_power_cap_arriving_mid_window_gets_its_share(amdsmi):
         amdsmi.violations["active_ppt_pwr"] = True
 
     fields = _window(PowerMonitor(0, 10), during=power_cap_kicks_in)
-    shares = power.parse_shares(fields["throttle_shares"])
+    shares = gpu.parse_shares(fields["throttle_shares"])
     assert fields["throttle_reasons"] == ["sw_power_cap"] and 0 < shares["sw_power_cap"] < 1
 
 
@@ -293,7 +294,7 @@ def test_the_gpu_is_found_by_the_uuid_torch_prints(monkeypatch, caplog):
     assert _window(PowerMonitor(torch_uuid, 10))["power_avg_w"] == pytest.approx(550.0)
     by_amdsmi_uuid = PowerMonitor("GPU-aaaa74a1-0000-1000-80a4-6c2e76c9b8e7", 10)
     assert _window(by_amdsmi_uuid)["power_avg_w"] == pytest.approx(100.0)
-    assert _window(PowerMonitor("ffffffff-0000-0000-0000-000000000000")) == power.empty_fields()
+    assert _window(PowerMonitor("ffffffff-0000-0000-0000-000000000000")) == monitor.empty_fields()
     (message,) = _warnings(caplog)
     assert message.startswith("amdsmi cannot open GPU ffffffff")
     assert fake.calls["shut_down"] == 3  # closed after every window, and after the failure
@@ -319,7 +320,7 @@ def test_an_error_inside_the_window_empties_the_fields_with_one_warning(amdsmi, 
 
     amdsmi.counter = [1, 1, 2]
     fields = _window(PowerMonitor(0, 10), during=gpu_falls_off_the_bus)
-    assert fields == power.empty_fields()
+    assert fields == monitor.empty_fields()
     (message,) = _warnings(caplog)
     assert "amdsmi failed" in message and "7" in message
 
@@ -329,14 +330,14 @@ def test_missing_amdsmi_leaves_fields_empty_with_one_warning_naming_the_package(
     FakeAmdSmi().install(monkeypatch)
     monkeypatch.setitem(sys.modules, "amdsmi", None)  # `import amdsmi` raises ImportError
     for _ in range(3):
-        assert _window(PowerMonitor(0)) == power.empty_fields()
+        assert _window(PowerMonitor(0)) == monitor.empty_fields()
     (message,) = _warnings(caplog)
     assert message.startswith("amdsmi not available") and "pip install amdsmi" in message
 
 
 def test_amdsmi_without_a_driver_leaves_fields_empty(monkeypatch, caplog):
     FakeAmdSmi(init_error=DRIVER_NOT_LOADED).install(monkeypatch)
-    assert _window(PowerMonitor(0)) == power.empty_fields()
+    assert _window(PowerMonitor(0)) == monitor.empty_fields()
     (message,) = _warnings(caplog)
     assert message.startswith("amdsmi not available") and "34" in message
 
@@ -416,7 +417,7 @@ def test_env_on_a_cuda_build_without_amd_gpus_has_no_amd_section(monkeypatch, ca
     ("amd-instinct-mi300x", "MI300X"),
 ])
 def test_amd_device_names_match_their_row(name, key):
-    assert flops.device_key(name) == key
+    assert peaks.device_key(name) == key
 
 
 @pytest.mark.parametrize("name", [
@@ -428,23 +429,23 @@ def test_amd_device_names_match_their_row(name, key):
     "AMD Radeon PRO W7900",
 ])
 def test_other_amd_names_get_no_peak(name):
-    assert flops.device_key(name) is None
+    assert peaks.device_key(name) is None
 
 
 def test_mi300x_mfu_is_against_its_dense_peak():
     fields = flops.mfu_fields(0.4 * 1307.4e12, 1.0, "AMD Instinct MI300X", "bf16")
     assert fields == {"peak_tflops": 1307.4, "mfu_pct": pytest.approx(40.0),
                       "peak_fp8_tflops": None, "mfu_fp8_pct": None, "mfu_flag": ""}
-    assert flops.device_peak_tflops("AMD Instinct MI300X", "tf32") == 653.7
-    assert flops.device_peak_tflops("AMD Instinct MI300X", "fp8") == 2614.9
+    assert peaks.device_peak_tflops("AMD Instinct MI300X", "tf32") == 653.7
+    assert peaks.device_peak_tflops("AMD Instinct MI300X", "fp8") == 2614.9
     # FP32 is the matrix figure, equal to the vector one on MI300X; MI210's is twice its vector.
-    assert flops.device_peak_tflops("AMD Instinct MI300X", "fp32") == 163.4
-    assert flops.device_peak_tflops("AMD Instinct MI210", "fp32") == 45.3
+    assert peaks.device_peak_tflops("AMD Instinct MI300X", "fp32") == 163.4
+    assert peaks.device_peak_tflops("AMD Instinct MI210", "fp32") == 45.3
 
 
 def test_cdna2_has_no_tf32_or_fp8_peak(caplog):
-    assert flops.device_peak_tflops("AMD Instinct MI210", "tf32") is None
-    assert flops.device_peak_tflops("AMD Instinct MI250X", "fp8") is None
+    assert peaks.device_peak_tflops("AMD Instinct MI210", "tf32") is None
+    assert peaks.device_peak_tflops("AMD Instinct MI250X", "fp8") is None
     assert flops.mfu_fields(1e12, 1.0, "AMD Instinct MI210", "tf32") == {
         "peak_tflops": None, "mfu_pct": None, "peak_fp8_tflops": None, "mfu_fp8_pct": None,
         "mfu_flag": "no peak for tf32 on MI210"}

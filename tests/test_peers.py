@@ -157,7 +157,7 @@ def _without(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
             raise ModuleNotFoundError(f"No module named '{name}'")
         return real(name, *args)
 
-    monkeypatch.setattr(peers.importlib, "import_module", fake)
+    monkeypatch.setattr(importlib, "import_module", fake)
 
 
 def test_a_named_model_without_its_peer_library_is_one_line_and_exit_2(monkeypatch, capsys):

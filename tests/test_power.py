@@ -13,15 +13,10 @@ import pynvml
 import pytest
 
 from bench import BadInput
-from bench.telemetry import power
-from bench.telemetry.power import (
-    PowerMonitor,
-    Sample,
-    decode_reasons,
-    is_power_capped,
-    is_throttled,
-    window_fields,
-)
+from bench.telemetry import gpu, monitor
+from bench.telemetry.gpu import Sample, decode_reasons, is_power_capped, is_throttled
+from bench.telemetry.monitor import PowerMonitor, window_fields
+from bench.telemetry.nvml import NvmlGpu
 
 
 @functools.cache
@@ -248,7 +243,7 @@ class FakeNVML:
 
 @pytest.fixture(autouse=True)
 def _fresh_warning_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(power, "_warned", set())
+    monkeypatch.setattr(monitor, "_warned", set())
 
 
 @pytest.fixture
@@ -366,7 +361,7 @@ def test_nvml_error_inside_the_window_empties_the_fields_with_one_warning(nvml, 
 
     nvml.counter_mj = [1, 1, 2]
     fields = _window(PowerMonitor(0, 10, min_counter_window_s=0.01), during=gpu_falls_off_the_bus)
-    assert fields == power.empty_fields()
+    assert fields == monitor.empty_fields()
     assert fields["energy_source"] == "none"
     nvml.fail = False
     _window(PowerMonitor(0, 10))
@@ -382,14 +377,14 @@ def test_nvml_error_inside_the_window_empties_the_fields_with_one_warning(nvml, 
 def test_no_nvml_library_leaves_fields_empty_with_one_warning(monkeypatch, caplog):
     FakeNVML(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND).install(monkeypatch)
     for _ in range(3):
-        assert _window(PowerMonitor(0)) == power.empty_fields()
+        assert _window(PowerMonitor(0)) == monitor.empty_fields()
     (message,) = _warnings(caplog)
     assert message.startswith("NVML not available")
 
 
 def test_cpu_cell_has_nothing_to_sample_and_says_nothing(nvml, caplog):
     fields = _window(PowerMonitor(None))
-    assert fields == power.empty_fields() and fields["energy_source"] == "none"
+    assert fields == monitor.empty_fields() and fields["energy_source"] == "none"
     assert not _warnings(caplog) and "nvmlInit" not in nvml.calls
 
 
@@ -398,7 +393,7 @@ def test_gpu_is_found_by_the_uuid_torch_prints(nvml, caplog):
     fields = _window(PowerMonitor("8c9e0f6a-2b1d-4e57-9a3c-0d1e2f3a4b5c", 10))
     assert fields["power_avg_w"] == pytest.approx(250.0)
     assert _window(PowerMonitor("GPU-00000000-0000-0000-0000-000000000000")) == (
-        power.empty_fields())
+        monitor.empty_fields())
     (message,) = _warnings(caplog)
     assert "NVML cannot open GPU GPU-00000000" in message
 
@@ -443,7 +438,7 @@ def test_idle_power_is_measured_before_the_window(nvml):
 
 
 def test_slow_readings_are_skipped_between_full_samples(nvml):
-    gpu = power._Gpu(pynvml, 0)
+    gpu = NvmlGpu(pynvml, 0)
     light, full = gpu.sample(full=False), gpu.sample()
     assert light.power_w == 250.0 and light.sm_clock_mhz == 1980 and light.reasons == 0
     assert light.temp_c is None and light.mem_clock_mhz is None and light.gpu_util_pct is None
@@ -451,7 +446,7 @@ def test_slow_readings_are_skipped_between_full_samples(nvml):
 
 
 def test_reason_bits_match_nvml_h():
-    for bit, name in power.REASON_BITS.items():
+    for bit, name in gpu.REASON_BITS.items():
         if name == "unknown":
             continue  # only in very old nvml.h
         camel = "".join(part.capitalize() for part in name.split("_"))
@@ -484,7 +479,7 @@ def test_window_records_throttling_seen_in_any_sample(nvml):
     fields = _window(PowerMonitor(0, 10), during=power_cap_kicks_in)
     assert fields["throttle_reasons"] == ["gpu_idle", "sw_power_cap"]
     assert fields["throttled"] is False and fields["power_capped"] is True
-    shares = power.parse_shares(fields["throttle_shares"])
+    shares = gpu.parse_shares(fields["throttle_shares"])
     assert list(shares) == ["gpu_idle", "sw_power_cap"]
     assert 0 < shares["gpu_idle"] < shares["sw_power_cap"] < 1  # idle in the first sample
 
@@ -498,7 +493,7 @@ def test_each_reason_gets_its_share_of_the_samples():
     assert fields["throttle_shares"] == "sw_power_cap:0.90;hw_thermal_slowdown:0.15"
     assert fields["throttle_reasons"] == ["sw_power_cap", "hw_thermal_slowdown"]
     assert fields["throttled"] is True and fields["power_capped"] is True
-    assert power.parse_shares(fields["throttle_shares"]) == {
+    assert gpu.parse_shares(fields["throttle_shares"]) == {
         "sw_power_cap": 0.9, "hw_thermal_slowdown": 0.15}
 
 
@@ -591,7 +586,7 @@ def test_sampler_overhead(benchmark, monkeypatch, workload, sampler):
 # -- several GPUs -----------------------------------------------------------------------------
 
 def _gpu_fields(**fields: object) -> dict:
-    return {**power.empty_fields(), "power_source": "instant", "power_scope": "gpu", **fields}
+    return {**monitor.empty_fields(), "power_source": "instant", "power_scope": "gpu", **fields}
 
 
 def test_power_of_several_gpus_is_summed_and_the_weakest_source_wins():
@@ -605,7 +600,7 @@ def test_power_of_several_gpus_is_summed_and_the_weakest_source_wins():
                     temp_max_c=71, throttle_reasons=["sw_power_cap", "bits_0x10000"],
                     throttle_shares="sw_power_cap:0.90;bits_0x10000:0.05", throttled=False,
                     power_capped=True)
-    fields = power.combine_power([a, b], num_samples=62)
+    fields = monitor.combine_power([a, b], num_samples=62)
     assert (fields["power_avg_w"], fields["power_max_w"], fields["idle_power_w"]) == (
         620.0, 750.0, 185.0)
     assert fields["energy_j"] == 62.0 and fields["joules_per_sample"] == 1.0
@@ -617,14 +612,14 @@ def test_power_of_several_gpus_is_summed_and_the_weakest_source_wins():
     assert fields["power_source"] == "instant" and fields["power_scope"] == "gpu"
     hot = _gpu_fields(throttle_reasons=["hw_thermal_slowdown"],
                       throttle_shares="hw_thermal_slowdown:0.20")
-    assert power.combine_power([a, hot], 2)["throttled"] is True
+    assert monitor.combine_power([a, hot], 2)["throttled"] is True
 
 
 def test_mig_instances_power_is_not_summed():
     # Two MIG instances may be slices of one GPU: a sum would count its power twice.
     parts = [_gpu_fields(power_avg_w=300.0, energy_j=30.0, energy_source="counter",
                          power_scope="shared_gpu", sm_clock_mhz_avg=1900.0)] * 2
-    fields = power.combine_power(parts, num_samples=10)
+    fields = monitor.combine_power(parts, num_samples=10)
     assert fields["power_scope"] == "shared_gpu" and fields["power_avg_w"] is None
     assert fields["energy_j"] is None and fields["energy_source"] == "none"
     assert fields["sm_clock_mhz_avg"] == 1900.0
@@ -633,8 +628,8 @@ def test_mig_instances_power_is_not_summed():
 def test_one_gpu_without_energy_leaves_the_sum_empty():
     a = _gpu_fields(power_avg_w=300.0, energy_j=30.0, energy_source="counter")
     b = _gpu_fields(power_avg_w=None, energy_j=None, energy_source="none", power_source=None)
-    fields = power.combine_power([a, b], num_samples=10)
+    fields = monitor.combine_power([a, b], num_samples=10)
     assert fields["energy_j"] is None and fields["joules_per_sample"] is None
     assert fields["energy_source"] == "none" and fields["power_avg_w"] is None
     assert fields["power_source"] == "mixed"
-    assert power.combine_power([power.empty_fields()] * 2, 4) == power.empty_fields()
+    assert monitor.combine_power([monitor.empty_fields()] * 2, 4) == monitor.empty_fields()

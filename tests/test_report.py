@@ -12,7 +12,7 @@ import pytest
 
 from bench import BadInput, report, store
 from bench.cli import main
-from bench.report.plots import _style
+from bench.report.figures import policy_style
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 # resnet50 x fp32/fp16/bf16 x batch 128/256; fp32@256 oom, bf16@256 throttled, fp16@128 twice
@@ -214,8 +214,8 @@ def test_plots_and_report_for_partial_data(tmp_path):
 
 
 def test_policy_colours_are_fixed():
-    colours, _ = _style(["bf16", "broken", "fp32"])
-    again, _ = _style(["fp32"])
+    colours, _ = policy_style(["bf16", "broken", "fp32"])
+    again, _ = policy_style(["fp32"])
     assert colours["fp32"] == again["fp32"] and colours["bf16"] != colours["fp32"]
     assert colours["broken"] not in {colours[p] for p in report.POLICY_ORDER}
 

@@ -25,11 +25,13 @@ scale) and the loss scale over training; with timing in parity.csv, time to accu
 FP32; with ``peers.csv``, a Peers section; with a price (``--price-per-hour``,
 ``--price-per-kwh``, or the run's meta.json), a cost table per model.
 
-One file per job: ``loading`` (the run directory into one row per cell), ``tables`` (numbers
-and the per-model tables), ``markdown`` (report.md), ``accuracy`` (the parity block: verdicts,
-time to accuracy, gradient shares), ``gradients`` (the shares FP16 loses), ``plots`` and
-``parity_plots`` (the figures), ``peers`` (the Peers section) and ``publishing`` (results/ and
-its index); this module keeps the entry points callers know.
+One file per job: ``loading`` (the run directory into one row per cell), ``formats`` (how
+numbers are written), ``tables`` (the per-model tables and their notes), ``markdown``
+(report.md), ``accuracy`` (the parity block: verdicts, time to accuracy, gradient shares),
+``gradients`` (the shares FP16 loses), ``figures`` (colours, markers, the figure maker both
+plotting modules share), ``plots`` and ``parity_plots`` (the figures), ``peers`` (the Peers
+section) and ``publishing`` (results/ and its index); this module keeps the entry points callers
+know.
 
 torch-free: the package reads files only, so it runs on a laptop and in CPU CI.
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -15,17 +16,10 @@ from tabulate import tabulate
 
 from bench.analysis import noise
 from bench.report import gradients
+from bench.report.formats import fmt_int, fmt_ratio, fmt_sig, is_num
 from bench.report.loading import PLOTS, Run, _ordered
 from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE, plot_name, scaled_curves
-from bench.report.tables import (
-    _fmt_int,
-    _fmt_ratio,
-    _fmt_sig,
-    _is_num,
-    _model,
-    _ratio,
-    _speedup,
-)
+from bench.report.tables import _model, _ratio, _speedup
 
 NOT_REACHED = "not reached"
 
@@ -52,13 +46,13 @@ def _parity_table(run: Run, name: str) -> str | None:
         return [label, *(text(rows.loc[p]) for p in policies)]
 
     def number(column: str, fmt: str) -> Any:
-        return lambda r: format(r[column], fmt) if _is_num(r[column]) else ""
+        return lambda r: format(r[column], fmt) if is_num(r[column]) else ""
 
     def delta(r: pd.Series) -> str:
-        if not _is_num(r["delta"]):
+        if not is_num(r["delta"]):
             return ""
         text = f"{r['delta']:+.3g}" if r["delta"] else "0"
-        return text + (f" (±{r['tolerance']:.3g})" if _is_num(r["tolerance"]) else "")
+        return text + (f" (±{r['tolerance']:.3g})" if is_num(r["tolerance"]) else "")
 
     seeds = sorted({int(s) for s in rows["seeds"]})
     body = [
@@ -66,19 +60,19 @@ def _parity_table(run: Run, name: str) -> str | None:
         row(f"eval loss (mean of {'/'.join(map(str, seeds))} seeds)", number("eval_loss", ".4g")),
         row("change vs fp32 (tolerance)", delta),
         row("eval accuracy", lambda r: f"{r['eval_accuracy'] * 100:.1f}%"
-            if _is_num(r["eval_accuracy"]) else ""),
-        row("non-finite steps", lambda r: _fmt_int(r["nonfinite_steps"])),
+            if is_num(r["eval_accuracy"]) else ""),
+        row("non-finite steps", lambda r: fmt_int(r["nonfinite_steps"])),
     ]
     if rows["optimal_loss"].notna().any():  # a source whose entropy rate is known exactly
         body.insert(2, row("achievable optimum (entropy rate)", number("optimal_loss", ".4g")))
     if rows["scaler_skipped_steps"].notna().any():
-        body.append(row("loss-scaler skipped steps", lambda r: _fmt_int(r["scaler_skipped_steps"])))
+        body.append(row("loss-scaler skipped steps", lambda r: fmt_int(r["scaler_skipped_steps"])))
     if rows["underflow_frac"].notna().any():
         # Measured on FP32 gradients: what FP16 without loss scaling would flush to zero.
         body.append(row("FP32 gradients below FP16's range", lambda r: f"{r['underflow_frac']:.2%}"
-                        if _is_num(r["underflow_frac"]) else ""))
+                        if is_num(r["underflow_frac"]) else ""))
     if rows["crashed"].any():
-        body.append(row("crashed runs (see parity.csv)", lambda r: _fmt_int(r["crashed"])))
+        body.append(row("crashed runs (see parity.csv)", lambda r: fmt_int(r["crashed"])))
     return tabulate(body, headers=["", *policies], tablefmt="github", disable_numparse=True,
                     colalign=["left"] + ["right"] * len(policies))
 
@@ -121,7 +115,60 @@ def _bench_speedup(run: Run, name: str, policy: str) -> str:
     if not found:
         return ""
     batch, ratio = max(found, key=lambda item: item[0])
-    return f"{_fmt_ratio(ratio)} (batch {batch})"
+    return f"{fmt_ratio(ratio)} (batch {batch})"
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """One model's parity timing, read per policy: each method is a row of the time table."""
+
+    name: str
+    by_policy: dict[str, pd.DataFrame]  # its parity.csv rows, one per seed
+    step: dict[tuple[str, str], noise.Estimate]  # (model, policy) -> median step time, ms
+    tta: dict[tuple[str, str], noise.Estimate]  # (model, policy) -> median time to target, s
+
+    def step_ms(self, policy: str) -> str:
+        est = self.step.get((self.name, policy))
+        return fmt_sig(est.value) if est else ""
+
+    def step_speedup(self, policy: str) -> str:
+        if policy == "fp32":
+            return "reference"
+        est, fp32 = self.step.get((self.name, policy)), self.step.get((self.name, "fp32"))
+        if est is None or fp32 is None:
+            return ""
+        return fmt_ratio(fp32.ratio(est))
+
+    def median_steps(self, policy: str) -> float:
+        values = (self.by_policy[policy]["steps_to_target"].dropna()
+                  if policy in self.by_policy else ())
+        return float(values.median()) if len(values) else math.nan
+
+    def steps(self, policy: str) -> str:
+        group, median = self.by_policy[policy], self.median_steps(policy)
+        if math.isnan(median):
+            return NOT_REACHED
+        text = f"{median:g}"
+        ratio = _ratio(median, self.median_steps("fp32"))
+        if policy != "fp32" and ratio is not None:
+            text += f" ({ratio:.2f}x)"
+        return text + _of_seeds(int(group["steps_to_target"].notna().sum()), len(group))
+
+    def seconds(self, policy: str) -> str:
+        est = self.tta.get((self.name, policy))
+        if est is None:
+            return NOT_REACHED
+        return f"{fmt_sig(est.value)}{_of_seeds(*_reached(self.by_policy[policy]))}"
+
+    def tta_speedup(self, policy: str) -> str:
+        if policy == "fp32":
+            return "reference"
+        est, fp32 = self.tta.get((self.name, policy)), self.tta.get((self.name, "fp32"))
+        if est is None:
+            return NOT_REACHED
+        if fp32 is None:
+            return "n/a (fp32 not reached)"
+        return fmt_ratio(fp32.ratio(est))
 
 
 def time_table(run: Run, name: str) -> str | None:
@@ -135,62 +182,18 @@ def time_table(run: Run, name: str) -> str | None:
     if rows.empty or rows[["step_time_ms", "time_to_target_s"]].isna().all().all():
         return None
     policies = _ordered(rows["precision"])
-    step = _seed_estimates(run, "step_time_ms")
-    tta = _seed_estimates(run, "time_to_target_s")
-    by_policy = {p: rows[rows["precision"] == p] for p in policies}
-    fp32_step, fp32_tta = step.get((name, "fp32")), tta.get((name, "fp32"))
-
-    def step_ms(policy: str) -> str:
-        est = step.get((name, policy))
-        return _fmt_sig(est.value) if est else ""
-
-    def step_speedup(policy: str) -> str:
-        if policy == "fp32":
-            return "reference"
-        est = step.get((name, policy))
-        if est is None or fp32_step is None:
-            return ""
-        return _fmt_ratio(fp32_step.ratio(est))
-
-    def median_steps(policy: str) -> float:
-        values = by_policy[policy]["steps_to_target"].dropna() if policy in by_policy else ()
-        return float(values.median()) if len(values) else math.nan
-
-    def steps(policy: str) -> str:
-        group, median = by_policy[policy], median_steps(policy)
-        if math.isnan(median):
-            return NOT_REACHED
-        text = f"{median:g}"
-        ratio = _ratio(median, median_steps("fp32"))
-        if policy != "fp32" and ratio is not None:
-            text += f" ({ratio:.2f}x)"
-        return text + _of_seeds(int(group["steps_to_target"].notna().sum()), len(group))
-
-    def seconds(policy: str) -> str:
-        est = tta.get((name, policy))
-        if est is None:
-            return NOT_REACHED
-        return f"{_fmt_sig(est.value)}{_of_seeds(*_reached(by_policy[policy]))}"
-
-    def tta_speedup(policy: str) -> str:
-        if policy == "fp32":
-            return "reference"
-        est = tta.get((name, policy))
-        if est is None:
-            return NOT_REACHED
-        if fp32_tta is None:
-            return "n/a (fp32 not reached)"
-        return _fmt_ratio(fp32_tta.ratio(est))
+    timing = _Timing(name, {p: rows[rows["precision"] == p] for p in policies},
+                     _seed_estimates(run, "step_time_ms"), _seed_estimates(run, "time_to_target_s"))
 
     def row(label: str, text: Any) -> list[str]:
         return [label, *(text(p) for p in policies)]
 
     body = [
-        row("median step time, ms", step_ms),
-        row("step-time speedup over fp32", step_speedup),
-        row("steps to the target (x fp32's)", steps),
-        row("time to the target, s", seconds),
-        row("time-to-accuracy speedup over fp32", tta_speedup),
+        row("median step time, ms", timing.step_ms),
+        row("step-time speedup over fp32", timing.step_speedup),
+        row("steps to the target (x fp32's)", timing.steps),
+        row("time to the target, s", timing.seconds),
+        row("time-to-accuracy speedup over fp32", timing.tta_speedup),
     ]
     if len(_model(run, name).cells):
         body.append(row("benchmark throughput speedup", lambda p: _bench_speedup(run, name, p)))

@@ -13,16 +13,17 @@ import pandas as pd
 
 from bench import BadInput, parity, store
 from bench.analysis import noise
+from bench.analysis.cells import group_frame
 from bench.precision import NAMES as _POLICY_NAMES
 from bench.run import contention as load_
 
-REPORT = "report.md"
-PLOTS = "plots"
+REPORT = store.REPORT
+PLOTS = store.PLOTS
 INDEX = "README.md"
-PARITY = "parity.csv"
-CURVES = "parity_curves.csv"
-GRAD_HIST = "grad_hist.csv"  # FP32 gradient magnitudes per log2 bin (bench/parity/__init__.py)
-PEERS = "peers.csv"  # `ampbench peers --out-dir RUN_DIR` (bench/peers.py)
+PARITY = store.PARITY
+CURVES = store.PARITY_CURVES
+GRAD_HIST = store.GRAD_HIST
+PEERS = store.PEERS
 
 POLICY_ORDER = _POLICY_NAMES  # the canonical order, FP8 beside the other policies
 KEY = store.KEY
@@ -136,7 +137,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per cell key: the median of its ok processes with each noisy metric's relative
     standard error (``<metric>_err``), its status and throttling."""
     frame = _normalise(frame)
-    groups = [group for _, group in frame.groupby(list(KEY), dropna=False, sort=False)]
+    groups = list(group_frame(frame).values())  # bench/analysis/cells.py: the one grouping
     processes = {i: g[g["status"] == "ok"].to_dict("records") for i, g in enumerate(groups)}
     noisy = {metric: noise.cell_estimates(processes, metric) for metric in _NOISY}
     rows = []
@@ -322,7 +323,7 @@ def load(run_dir: Path | str, price_per_hour: float | None = None,
     if not (path / store.RESULTS).exists() and not (path / store.RECORDS).exists():
         raise BadInput(f"{run_dir}: not a run directory (no {store.RESULTS} or {store.RECORDS})")
     # The reader the gate uses too: both refuse the same files; a damaged line is skipped here.
-    raw = _normalise(store.load_results(path, strict=False))
+    raw = _normalise(store.load_results(path, strict=False, cell_noise=noise.results_columns))
     meta = store.read_meta(path)
     runs = _parity_runs(path / PARITY)
     return Run(

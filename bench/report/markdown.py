@@ -15,12 +15,11 @@ from tabulate import tabulate
 from bench import store
 from bench.analysis import noise
 from bench.report import accuracy, peers
+from bench.report.formats import fmt_width, is_num
 from bench.report.loading import PLOTS, REPORT, THROTTLED_MARK, Run, _ordered, load
 from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE
 from bench.report.plots import plot
 from bench.report.tables import (
-    _fmt_width,
-    _is_num,
     _label,
     _memory_column,
     _Model,
@@ -79,7 +78,7 @@ def _contended(model: _Model, cell: pd.Series) -> bool:
 
 
 def _fmt_saving(ratio: noise.Ratio) -> str:
-    return f"{1 - ratio.value:.0%}{_fmt_width(ratio, 100, '%', 0)}"
+    return f"{1 - ratio.value:.0%}{fmt_width(ratio, 100, '%', 0)}"
 
 
 def _parity_summary(run: Run, name: str) -> str:
@@ -108,7 +107,7 @@ def headline(run: Run) -> list[Headline]:
         out.append(Headline(
             model=name,
             speedup=_best(model, lambda c, m=model: _speedup(m, c, "fp32"), +1,
-                          lambda r: f"{r.value:.2f}x{_fmt_width(r, 1, '', 2)}"),
+                          lambda r: f"{r.value:.2f}x{fmt_width(r, 1, '', 2)}"),
             memory_saving=_best(model, lambda c, m=model: _versus(m, c, "fp32", mem_column),
                                 -1, _fmt_saving),
             energy_saving=_best(model, lambda c, m=model: _versus(m, c, "fp32",
@@ -126,10 +125,10 @@ def _parity_failures(run: Run) -> list[str]:
     out = []
     for _, row in fails.iterrows():
         detail = ""
-        if _is_num(row["delta"]):
+        if is_num(row["delta"]):
             detail = f" (eval loss {row['delta']:+.3g} vs fp32"
-            detail += f", tolerance {row['tolerance']:.3g})" if _is_num(row["tolerance"]) else ")"
-        if _is_num(row["nonfinite_steps"]) and row["nonfinite_steps"] > 0:
+            detail += f", tolerance {row['tolerance']:.3g})" if is_num(row["tolerance"]) else ")"
+        if is_num(row["nonfinite_steps"]) and row["nonfinite_steps"] > 0:
             detail += f", {int(row['nonfinite_steps'])} non-finite steps"
         out.append(f"{row['model']} {row['precision']}{detail}")
     return out
@@ -139,32 +138,64 @@ def _parity_failures(run: Run) -> list[str]:
 
 
 def _environment(run: Run) -> list[str]:
+    """The report's first lines: device, software, the run itself, clocks and warnings."""
+    lines = [_device_line(run)]
+    software = _software_line(run)
+    if software:
+        lines.append(software)
+    lines.append(_run_line(run))
+    ok = run.cells[run.cells["status"] == "ok"]
+    lines.append(_clocks_line(ok))
+    throttled = ok[ok["throttled"]]
+    if len(throttled):
+        reasons = sorted({r for v in throttled["throttle_reasons"] for r in v.split(";") if r})
+        lines.append(f"- **Warning: throttling.** {len(throttled)} of {len(ok)} ok cells were "
+                     f"throttled" + (f" ({', '.join(reasons)})" if reasons else "")
+                     + f"; they are marked {THROTTLED_MARK} and their numbers understate "
+                       "the device.")
+    for warning in run.meta.get("warnings") or []:
+        lines.append(f"- **Warning:** {warning}")
+    return lines
+
+
+def _recorded(run: Run, key: str) -> Any:
+    """``key`` from meta.json, else from the first cell that has it."""
+    value = run.meta.get(key)
+    cells = run.cells
+    if (value is None or value == "") and key in cells and cells[key].notna().any():
+        value = cells[key].dropna().iloc[0]
+    return value
+
+
+def _device_line(run: Run) -> str:
+    kind = _recorded(run, "device")
+    count = _recorded(run, "device_count")
+    extra = ", ".join(p for p in (str(kind) if kind else "",
+                                  f"{count} devices" if is_num(count) and int(count) > 1 else "")
+                      if p)
+    return f"- **Device:** {run.device_name}" + (f" ({extra})" if extra else "")
+
+
+def _software_line(run: Run) -> str | None:
+    """Driver, CUDA, cuDNN, torch and Python versions; None when none is known."""
     from bench.telemetry.env import no_gpu_text  # torch-free
 
-    meta, cells = run.meta, run.cells
-
-    def get(key: str) -> Any:
-        value = meta.get(key)
-        if (value is None or value == "") and key in cells and cells[key].notna().any():
-            value = cells[key].dropna().iloc[0]
-        return value
-
-    device = run.device_name
-    kind = get("device")
-    count = get("device_count")
-    extra = ", ".join(p for p in (str(kind) if kind else "",
-                                  f"{count} devices" if _is_num(count) and int(count) > 1 else "")
-                      if p)
-    lines = [f"- **Device:** {device}" + (f" ({extra})" if extra else "")]
-    cuda, build = get("cuda_version"), get("torch_cuda_build")
-    if kind == "cpu" and cuda:  # a run from before torch_cuda_build: that was torch's build
+    cuda, build = _recorded(run, "cuda_version"), _recorded(run, "torch_cuda_build")
+    if _recorded(run, "device") == "cpu" and cuda:  # before torch_cuda_build: torch's build
         cuda, build = None, build or cuda
     software = [f"{label} {value}" for label, value in (
-        ("driver", get("driver_version")), ("CUDA", cuda), ("cuDNN", get("cudnn_version")),
-        ("torch", get("torch_version")), ("Python", get("python_version"))) if value]
+        ("driver", _recorded(run, "driver_version")), ("CUDA", cuda),
+        ("cuDNN", _recorded(run, "cudnn_version")), ("torch", _recorded(run, "torch_version")),
+        ("Python", _recorded(run, "python_version"))) if value]
+    if not software:
+        return None
     no_gpu = None if cuda else no_gpu_text(build)  # "torch built for CUDA 13.0; no GPU"
-    if software:
-        lines.append("- **Software:** " + ", ".join(software) + (f" ({no_gpu})" if no_gpu else ""))
+    return "- **Software:** " + ", ".join(software) + (f" ({no_gpu})" if no_gpu else "")
+
+
+def _run_line(run: Run) -> str:
+    """The run's id, commit, date, matrix, and how many processes measured each cell."""
+    meta, cells = run.meta, run.cells
     run_parts = [run.run_id]
     sha = meta.get("git_sha")
     if sha:
@@ -183,8 +214,11 @@ def _environment(run: Run) -> list[str]:
     extra = int(cells["calibration_processes"].sum()) if len(cells) else 0
     if extra:
         run_parts.append(f"{extra} more of a calibration cell")
-    lines.append("- **Run:** " + ", ".join(run_parts))
-    ok = cells[cells["status"] == "ok"]
+    return "- **Run:** " + ", ".join(run_parts)
+
+
+def _clocks_line(ok: pd.DataFrame) -> str:
+    """SM clock, temperature and power over the ok cells."""
     def span(column: str) -> str:
         low, high = f"{ok[column].min():,.0f}", f"{ok[column].max():,.0f}"
         return low if low == high else f"{low}-{high}"
@@ -196,26 +230,13 @@ def _environment(run: Run) -> list[str]:
         clocks.append(f"max temperature {ok['temp_max_c'].max():.0f} °C")
     if ok["power_avg_w"].notna().any():
         clocks.append(f"average power {span('power_avg_w')} W")
-    lines.append("- **Clocks:** " + ("; ".join(clocks) if clocks
-                                     else "not measured (no NVML readings)"))
-    throttled = ok[ok["throttled"]]
-    if len(throttled):
-        reasons = sorted({r for v in throttled["throttle_reasons"] for r in v.split(";") if r})
-        lines.append(f"- **Warning: throttling.** {len(throttled)} of {len(ok)} ok cells were "
-                     f"throttled" + (f" ({', '.join(reasons)})" if reasons else "")
-                     + f"; they are marked {THROTTLED_MARK} and their numbers understate "
-                       "the device.")
-    for warning in meta.get("warnings") or []:
-        lines.append(f"- **Warning:** {warning}")
-    return lines
+    return "- **Clocks:** " + ("; ".join(clocks) if clocks else "not measured (no NVML readings)")
 
 
 def _noise_line(run: Run) -> str:
     band = run.cells.attrs.get("band") or noise.pooled([])
     return (f"- **Noise:** {noise.describe(band)}. Bold numbers are beyond the noise; the "
             f"others are not findings.")
-
-
 
 
 def _summary(run: Run) -> list[str]:
@@ -255,7 +276,7 @@ def _max_batch_section(run: Run) -> list[str]:
                 line.append("")
                 continue
             row = rows.loc[policy]
-            if not _is_num(row["max_batch"]):
+            if not is_num(row["max_batch"]):
                 line.append(str(row["status"]))
                 continue
             text = f"{int(row['max_batch']):,}"

@@ -24,7 +24,7 @@ from bench.report.gradients import (
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from bench.report.plots import _Plotter
+    from bench.report.figures import Plotter
 
 GRAD_RANGE = "grad_range"
 LOSS_SCALE = "loss_scale"
@@ -98,7 +98,7 @@ def _range_panel(ax: Axes, item: Shares) -> None:
     ax.set_ylabel("share of non-zero elements")
 
 
-def _range_plot(plotter: _Plotter, model: str) -> list[Path]:
+def _range_plot(plotter: Plotter, model: str) -> list[Path]:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -128,7 +128,7 @@ def scaled_curves(curves: pd.DataFrame | None, model: str) -> pd.DataFrame:
     return rows.sort_values(["precision", "seed", "step"])
 
 
-def _scale_plot(plotter: _Plotter, model: str) -> list[Path]:
+def _scale_plot(plotter: Plotter, model: str) -> list[Path]:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
@@ -176,7 +176,7 @@ def _scale_plot(plotter: _Plotter, model: str) -> list[Path]:
     return plotter.save(fig, plot_name(LOSS_SCALE, model))
 
 
-def plot_parity(plotter: _Plotter) -> list[Path]:
+def plot_parity(plotter: Plotter) -> list[Path]:
     """Both figures for every parity model whose data they need."""
     written: list[Path] = []
     for model in gradients.models(plotter.run):

@@ -10,12 +10,12 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench.report.loading import Run
-from bench.report.tables import _is_num
+from bench.report.tables import is_num
 
 
 def _number(row: pd.Series, column: str) -> float | None:
     value = row.get(column)
-    return float(value) if _is_num(value) else None
+    return float(value) if is_num(value) else None
 
 
 def _text(value: Any) -> str:

@@ -1,12 +1,11 @@
-"""The report's plots, PNG and SVG on Agg canvases: one fixed colour and marker per policy,
-throughput and speedup with noise intervals, memory, energy, Pareto front, loss curves and the
-largest batch. torch-free."""
+"""The report's plots, PNG and SVG on Agg canvases (bench/report/figures.py): throughput and
+speedup with noise intervals, memory, energy, Pareto front, loss curves and the largest batch;
+``plot`` draws them and the parity figures (bench/report/parity_plots.py). torch-free."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,80 +13,12 @@ import pandas as pd
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
+from bench.report.figures import Plotter, policy_style
+from bench.report.formats import is_num
 from bench.report.loading import _SECONDARY_HEADERS, THROTTLED_MARK, Run, _ordered
-from bench.report.tables import _estimate, _is_num, _memory_column, _model, _speedup
-
-# One colour and marker per policy, the same in every plot of every report.
-_COLOURS = {
-    "fp32": "#333333", "tf32": "#0173b2", "fp16": "#029e73", "bf16": "#de8f05",
-    "fp16-noscale": "#d55e00", "fp8": "#cc78bc", "fp8-rowwise": "#ca9161",
-}
-_EXTRA_COLOURS = ("#fbafe4", "#56b4e9", "#ece133", "#949494")
-_MARKERS = {"fp32": "o", "tf32": "s", "fp16": "^", "bf16": "D", "fp16-noscale": "v",
-            "fp8": "P", "fp8-rowwise": "X"}
-_EXTRA_MARKERS = ("*", "h", "<", ">")
-
-
-# ------------------------------------------------------------------------------ plots
-
-
-def _style(policies: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
-    colours, markers = dict(_COLOURS), dict(_MARKERS)
-    extras = [p for p in _ordered(policies) if p not in colours]
-    for i, policy in enumerate(extras):
-        colours[policy] = _EXTRA_COLOURS[i % len(_EXTRA_COLOURS)]
-        markers[policy] = _EXTRA_MARKERS[i % len(_EXTRA_MARKERS)]
-    return colours, markers
-
-
-@dataclass
-class _Plotter:
-    run: Run
-    out: Path
-    colours: dict[str, str]
-    markers: dict[str, str]
-
-    def figure(self, num_panels: int, title: str, width: float = 4.4,
-               height: float = 3.4) -> tuple[Figure, list[Axes]]:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        cols = min(num_panels, 3)
-        rows = math.ceil(num_panels / cols)
-        fig_width = max(width * cols, 6.4)
-        fig = Figure(figsize=(fig_width, height * rows + 0.9), layout="constrained")
-        FigureCanvasAgg(fig)  # Agg, never a GUI backend
-        axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
-        for ax in axes[num_panels:]:
-            ax.set_visible(False)
-        text = f"{title} on {self.run.device_name}"
-        if len(text) > 8 * fig_width:  # about what fits across at this font size
-            text = f"{title}\non {self.run.device_name}"
-        fig.suptitle(text, fontweight="bold")
-        return fig, axes[:num_panels]
-
-    def legend(self, fig: Figure, policies: Sequence[str], extra: Sequence[Any] = ()) -> None:
-        from matplotlib.lines import Line2D
-
-        handles = [Line2D([], [], color=self.colours[p], marker=self.markers[p], mfc="none",
-                          mew=1.6, label=p) for p in policies]
-        handles = [*handles, *extra]
-        # Below the panels: beside them it collides with the title of a one-panel figure.
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 7),
-                   frameon=False)
-
-    def save(self, fig: Figure, name: str) -> list[Path]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        paths = [self.out / f"{name}.png", self.out / f"{name}.svg"]
-        # No dates or random ids in the files: re-rendering a run gives the same bytes.
-        fig.savefig(paths[0], dpi=120, metadata={"Software": None})
-        import matplotlib as mpl
-
-        with mpl.rc_context({"svg.hashsalt": "ampbench"}):
-            fig.savefig(paths[1], metadata={"Date": None})
-        return paths
+from bench.report.parity_plots import plot_parity
+from bench.report.tables import _estimate, _memory_column, _Model, _model, _speedup
 
 
 def _primary(cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -114,7 +45,7 @@ def _primary(cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 def _batch_axis(ax: Axes, batches: Sequence[Any]) -> None:
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    values = sorted({int(b) for b in batches if _is_num(b)})
+    values = sorted({int(b) for b in batches if is_num(b)})
     if not values:
         return
     if values[0] > 0 and values[-1] / values[0] >= 4:
@@ -149,7 +80,7 @@ def _ratio_axis(ax: Axes, values: Sequence[float]) -> None:
     """Ratios spanning a wide range read best on a log axis, where 0.5x and 2x are symmetric."""
     from matplotlib.ticker import FuncFormatter
 
-    finite = [v for v in values if _is_num(v) and v > 0]
+    finite = [v for v in values if is_num(v) and v > 0]
     if finite and max(finite) / min(finite) > 8:
         _log_y(ax)
     else:  # from zero, so a 1.2x gain does not look like a 5x one
@@ -157,7 +88,7 @@ def _ratio_axis(ax: Axes, values: Sequence[float]) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
 
 
-def _failed_marks(ax: Axes, plotter: _Plotter, cells: pd.DataFrame, policies: list[str]) -> bool:
+def _failed_marks(ax: Axes, plotter: Plotter, cells: pd.DataFrame, policies: list[str]) -> bool:
     """Cells that did not run: an x at the foot of the panel, labelled with the status."""
     failed = cells[cells["status"] != "ok"]
     last = cells["batch_size"].max()
@@ -186,7 +117,12 @@ def _failed_handle() -> Any:
                   label="did not run\n(status shown)")
 
 
-def _per_batch_plot(plotter: _Plotter, name: str, title: str,
+# A panel's data: the model, its cells in the main configuration, the ok ones with a value
+# (columns ``value`` and ``half_width``), and what was held fixed ('' if nothing).
+_Panel = tuple[_Model, pd.DataFrame, pd.DataFrame, str]
+
+
+def _per_batch_plot(plotter: Plotter, name: str, title: str,
                     value: Any, ylabel: Any, baseline_one: bool = False,
                     skip: Sequence[str] = (), empty: str = "no cell ran ok") -> list[Path]:
     """A panel per model, a line per policy over batch sizes; None values are left out.
@@ -194,49 +130,22 @@ def _per_batch_plot(plotter: _Plotter, name: str, title: str,
     ``value(model, cell)`` gives a number, or an estimate with ``value`` and ``half_width``
     (noise.Estimate, noise.Ratio), drawn with its interval as an error bar.
     """
-    import seaborn as sns
     from matplotlib.ticker import FuncFormatter
 
     run = plotter.run
     models = list(run.cells["model"].drop_duplicates())
-    frames = {}
-    for model_name in models:
-        model = _model(run, model_name)
-        cells, held = _primary(model.cells)
-        # A skipped policy draws no line, but where it failed the reader must see why.
-        cells = cells[~cells["precision"].isin(skip) | (cells["status"] != "ok")]
-        ok = cells[(cells["status"] == "ok")].copy()
-        values = [value(model, c) for _, c in ok.iterrows()]
-        ok["value"] = [getattr(v, "value", v) for v in values]
-        widths = [getattr(v, "half_width", math.nan) for v in values]
-        ok["half_width"] = [w if math.isfinite(w) else math.nan for w in widths]
-        frames[model_name] = (model, cells, ok.dropna(subset=["value"]), held)
-    if not any(len(ok) for _, _, ok, _ in frames.values()):
+    panels = {model_name: _per_batch_panel(run, model_name, value, skip)
+              for model_name in models}
+    if not any(len(ok) for _, _, ok, _ in panels.values()):
         return []
     policies = [p for p in run.policies
-                if any(p in set(cells["precision"]) for _, cells, _, _ in frames.values())]
+                if any(p in set(cells["precision"]) for _, cells, _, _ in panels.values())]
     fig, axes = plotter.figure(len(models), title)
     any_failed = False
     for ax, model_name in zip(axes, models, strict=True):
-        model, cells, ok, held = frames[model_name]
+        model, cells, ok, held = panels[model_name]
         if len(ok):
-            drawn = [p for p in policies if p in set(ok["precision"])]
-            for i, policy in enumerate(drawn):
-                # Policies often coincide (fp32 and tf32 memory, say): hollow markers of
-                # different shapes stay readable on top of each other, filled ones hide.
-                sns.lineplot(data=ok[ok["precision"] == policy], x="batch_size", y="value",
-                             color=plotter.colours[policy], marker=plotter.markers[policy],
-                             mfc="none", mec=plotter.colours[policy], mew=1.6, markersize=8,
-                             lw=1.6, errorbar=None, legend=False, ax=ax, zorder=2 + i)
-                mine = ok[(ok["precision"] == policy) & ok["half_width"].notna()]
-                if len(mine):  # the noise interval of each point (noise.Z sigma)
-                    ax.errorbar(mine["batch_size"], mine["value"], yerr=mine["half_width"],
-                                fmt="none", ecolor=plotter.colours[policy], elinewidth=1.2,
-                                capsize=3, alpha=0.8, zorder=2 + i)
-            for _, cell in ok[ok["throttled"]].iterrows():
-                ax.annotate(THROTTLED_MARK, (cell["batch_size"], cell["value"]),
-                            xytext=(4, 4), textcoords="offset points", fontsize=11,
-                            color=plotter.colours[cell["precision"]])
+            _draw_lines(ax, plotter, ok, policies)
         else:  # an empty panel keeps its place; its y axis would only show made-up numbers
             ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center",
                     color="#777777", bbox={"facecolor": "white", "edgecolor": "none"})
@@ -254,37 +163,70 @@ def _per_batch_plot(plotter: _Plotter, name: str, title: str,
             ax.yaxis.set_major_formatter(FuncFormatter(_compact))  # 600k, not 600000
         ax.set_ylabel(ylabel(model))
         ax.set_title(f"{model_name} ({held})" if held else model_name)
-    extra = [_failed_handle()] if any_failed else []
-    if baseline_one:
-        from matplotlib.lines import Line2D
-
-        extra.insert(0, Line2D([], [], color=plotter.colours["fp32"], lw=1, ls="--",
-                               label="fp32 (1x)"))
-    if run.cells["throttled"].any():
-        from matplotlib.lines import Line2D
-
-        extra.append(Line2D([], [], ls="none", marker=f"${THROTTLED_MARK}$", color="#333333",
-                            label="throttled"))
+    extra = _per_batch_handles(plotter, baseline_one, any_failed)
     plotter.legend(fig, [p for p in policies if p not in skip], extra)
     return plotter.save(fig, name)
 
 
-def _pareto_plot(plotter: _Plotter) -> list[Path]:
+def _per_batch_panel(run: Run, model_name: str, value: Callable[[_Model, pd.Series], Any],
+                     skip: Sequence[str]) -> _Panel:
+    """One model's panel data: its cells of the main configuration and their values."""
+    model = _model(run, model_name)
+    cells, held = _primary(model.cells)
+    # A skipped policy draws no line, but where it failed the reader must see why.
+    cells = cells[~cells["precision"].isin(skip) | (cells["status"] != "ok")]
+    ok = cells[(cells["status"] == "ok")].copy()
+    values = [value(model, c) for _, c in ok.iterrows()]
+    ok["value"] = [getattr(v, "value", v) for v in values]
+    widths = [getattr(v, "half_width", math.nan) for v in values]
+    ok["half_width"] = [w if math.isfinite(w) else math.nan for w in widths]
+    return model, cells, ok.dropna(subset=["value"]), held
+
+
+def _draw_lines(ax: Axes, plotter: Plotter, ok: pd.DataFrame, policies: list[str]) -> None:
+    """A line per policy with its noise intervals, and the throttled mark on throttled cells."""
     import seaborn as sns
+
+    drawn = [p for p in policies if p in set(ok["precision"])]
+    for i, policy in enumerate(drawn):
+        # Policies often coincide (fp32 and tf32 memory, say): hollow markers of
+        # different shapes stay readable on top of each other, filled ones hide.
+        sns.lineplot(data=ok[ok["precision"] == policy], x="batch_size", y="value",
+                     color=plotter.colours[policy], marker=plotter.markers[policy],
+                     mfc="none", mec=plotter.colours[policy], mew=1.6, markersize=8,
+                     lw=1.6, errorbar=None, legend=False, ax=ax, zorder=2 + i)
+        mine = ok[(ok["precision"] == policy) & ok["half_width"].notna()]
+        if len(mine):  # the noise interval of each point (noise.Z sigma)
+            ax.errorbar(mine["batch_size"], mine["value"], yerr=mine["half_width"],
+                        fmt="none", ecolor=plotter.colours[policy], elinewidth=1.2,
+                        capsize=3, alpha=0.8, zorder=2 + i)
+    for _, cell in ok[ok["throttled"]].iterrows():
+        ax.annotate(THROTTLED_MARK, (cell["batch_size"], cell["value"]),
+                    xytext=(4, 4), textcoords="offset points", fontsize=11,
+                    color=plotter.colours[cell["precision"]])
+
+
+def _per_batch_handles(plotter: Plotter, baseline_one: bool, any_failed: bool) -> list[Any]:
+    """The legend's entries beside the policies: the 1x line, did-not-run, throttled."""
+    from matplotlib.lines import Line2D
+
+    extra = [_failed_handle()] if any_failed else []
+    if baseline_one:
+        extra.insert(0, Line2D([], [], color=plotter.colours["fp32"], lw=1, ls="--",
+                               label="fp32 (1x)"))
+    if plotter.run.cells["throttled"].any():
+        extra.append(Line2D([], [], ls="none", marker=f"${THROTTLED_MARK}$", color="#333333",
+                            label="throttled"))
+    return extra
+
+
+def _pareto_plot(plotter: Plotter) -> list[Path]:
+    import seaborn as sns
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
 
     run = plotter.run
-    models = [m for m in run.cells["model"].drop_duplicates()]
-    data = {}
-    for model_name in models:
-        model = _model(run, model_name)
-        ok, held = _primary(model.cells)
-        ok = ok[(ok["status"] == "ok") & ok["joules_per_sample"].notna()
-                & ok[model.rate_column].notna()].copy()
-        ok["energy"] = [model.energy(c) for _, c in ok.iterrows()]
-        ok["rate"] = ok[model.rate_column]
-        if len(ok):
-            data[model_name] = (model, ok, held)
+    data = _pareto_data(run)
     if not data:
         return []
     policies = [p for p in run.policies if any(p in set(ok["precision"])
@@ -301,38 +243,56 @@ def _pareto_plot(plotter: _Plotter) -> list[Path]:
             ax.scatter(points["rate"], points["energy"], marker=plotter.markers[policy], s=55,
                        facecolors="none", edgecolors=plotter.colours[policy], linewidths=1.6,
                        zorder=3)
-        # Non-dominated points: nothing else is both faster and cheaper per sample.
-        front = []
-        for _, cell in ok.sort_values(["rate", "energy"], ascending=[False, True]).iterrows():
-            if not front or cell["energy"] < front[-1]["energy"]:
-                front.append(cell)
-        front.sort(key=lambda c: c["rate"])
-        ax.plot([c["rate"] for c in front], [c["energy"] for c in front], ls="--", lw=1,
-                color="#777777", zorder=2)
-        ax.scatter([c["rate"] for c in front], [c["energy"] for c in front], s=220,
-                   facecolors="none", edgecolors="#777777", zorder=2)
-        middle = (ok["rate"].min() + ok["rate"].max()) / 2
-        for cell in front:  # labelling every point would bury them; the front is what counts
-            label = f"{cell['precision']} b{int(cell['batch_size'])}"
-            label += THROTTLED_MARK if cell["throttled"] else ""
-            right = cell["rate"] > middle  # label inward, away from the panel's edge
-            ax.annotate(label, (cell["rate"], cell["energy"]), xytext=(-9 if right else 9, 9),
-                        textcoords="offset points", fontsize=7, color="#333333",
-                        ha="right" if right else "left")
+        _draw_front(ax, ok)
         if ok["rate"].max() >= 10_000:
             ax.xaxis.set_major_formatter(FuncFormatter(_compact))
         ax.margins(0.12)
         ax.set_xlabel(f"throughput ({model.rate_unit}, higher is better)")
         ax.set_ylabel(f"energy ({model.energy_unit}, lower is better)")
         ax.set_title(f"{model_name} ({held})" if held else model_name)
-    from matplotlib.lines import Line2D
-
     plotter.legend(fig, policies, [Line2D([], [], ls="--", color="#777777", marker="o", ms=11,
                                           mfc="none", label="Pareto front\n(b = batch size)")])
     return plotter.save(fig, "pareto")
 
 
-def _loss_plot(plotter: _Plotter) -> list[Path]:
+def _pareto_data(run: Run) -> dict[str, tuple[_Model, pd.DataFrame, str]]:
+    """Per model with any: its ok cells of the main configuration that have both a rate and an
+    energy (columns ``rate`` and ``energy``), and what was held fixed."""
+    data = {}
+    for model_name in run.cells["model"].drop_duplicates():
+        model = _model(run, model_name)
+        ok, held = _primary(model.cells)
+        ok = ok[(ok["status"] == "ok") & ok["joules_per_sample"].notna()
+                & ok[model.rate_column].notna()].copy()
+        ok["energy"] = [model.energy(c) for _, c in ok.iterrows()]
+        ok["rate"] = ok[model.rate_column]
+        if len(ok):
+            data[model_name] = (model, ok, held)
+    return data
+
+
+def _draw_front(ax: Axes, ok: pd.DataFrame) -> None:
+    """The Pareto front, circled and labelled: nothing else is both faster and cheaper."""
+    front = []
+    for _, cell in ok.sort_values(["rate", "energy"], ascending=[False, True]).iterrows():
+        if not front or cell["energy"] < front[-1]["energy"]:
+            front.append(cell)
+    front.sort(key=lambda c: c["rate"])
+    ax.plot([c["rate"] for c in front], [c["energy"] for c in front], ls="--", lw=1,
+            color="#777777", zorder=2)
+    ax.scatter([c["rate"] for c in front], [c["energy"] for c in front], s=220,
+               facecolors="none", edgecolors="#777777", zorder=2)
+    middle = (ok["rate"].min() + ok["rate"].max()) / 2
+    for cell in front:  # labelling every point would bury them; the front is what counts
+        label = f"{cell['precision']} b{int(cell['batch_size'])}"
+        label += THROTTLED_MARK if cell["throttled"] else ""
+        right = cell["rate"] > middle  # label inward, away from the panel's edge
+        ax.annotate(label, (cell["rate"], cell["energy"]), xytext=(-9 if right else 9, 9),
+                    textcoords="offset points", fontsize=7, color="#333333",
+                    ha="right" if right else "left")
+
+
+def _loss_plot(plotter: Plotter) -> list[Path]:
     import seaborn as sns
     from matplotlib.patches import Patch
 
@@ -394,7 +354,7 @@ def _optimum(run: Run, model: str) -> float | None:
     return float(values.iloc[0]) if len(values) else None
 
 
-def _nonfinite_marks(ax: Axes, plotter: _Plotter, rows: pd.DataFrame,
+def _nonfinite_marks(ax: Axes, plotter: Plotter, rows: pd.DataFrame,
                      mean: pd.DataFrame) -> None:
     """Where a policy's loss went non-finite its line just stops; say so on the plot."""
     for policy, group in rows[rows["loss"].isna()].groupby("precision", sort=False):
@@ -412,7 +372,7 @@ def _nonfinite_marks(ax: Axes, plotter: _Plotter, rows: pd.DataFrame,
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
 
 
-def _max_batch_plot(plotter: _Plotter) -> list[Path]:
+def _max_batch_plot(plotter: Plotter) -> list[Path]:
     import seaborn as sns
 
     frame = plotter.run.max_batch
@@ -452,7 +412,7 @@ def plot(run: Run, out: Path) -> list[Path]:
 
     # Figures are drawn on their own Agg canvases (no pyplot state, no window, no global
     # backend switch for a caller that has one).
-    plotter = _Plotter(run, Path(out), *_style(run.policies))
+    plotter = Plotter(run, Path(out), *policy_style(run.policies))
     mem_column, mem_label = _memory_column(run)
     written: list[Path] = []
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
@@ -466,19 +426,14 @@ def plot(run: Run, out: Path) -> list[Path]:
             empty="no policy ran ok\nbeside an ok fp32 cell")
         written += _per_batch_plot(
             plotter, "memory", f"{mem_label[0].upper()}{mem_label[1:]}",
-            lambda m, c: c[mem_column] if _is_num(c[mem_column]) else None,
+            lambda m, c: c[mem_column] if is_num(c[mem_column]) else None,
             lambda m: f"{mem_label} (GiB)", empty="no memory measured")
         written += _per_batch_plot(
             plotter, "energy", "Energy per sample",
-            lambda m, c: m.energy(c) if _is_num(c["joules_per_sample"]) else None,
+            lambda m, c: m.energy(c) if is_num(c["joules_per_sample"]) else None,
             lambda m: f"energy ({m.energy_unit})", empty="no energy measured")
         written += _pareto_plot(plotter)
         written += _loss_plot(plotter)
         written += _max_batch_plot(plotter)
-        # Imported here: parity_plots draws with this module's _Plotter.
-        from bench.report.parity_plots import plot_parity
-
         written += plot_parity(plotter)
     return written
-
-

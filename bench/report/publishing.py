@@ -10,6 +10,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from bench import BadInput, store
+from bench.analysis import noise
 from bench.report.loading import INDEX, PLOTS, REPORT, THROTTLED_MARK, Run, load
 from bench.report.markdown import headline, write_report
 
@@ -53,7 +54,7 @@ def publish(run_dir: Path | str, results: Path | str = "results") -> Path:
     dest = _destination(run, results)
     dest.mkdir(parents=True, exist_ok=True)
     if not (run.path / store.RESULTS).exists():
-        store.write_csv(run.path)
+        store.write_csv(run.path, cell_noise=noise.results_columns)
     for source in [*sorted(run.path.glob("*.csv")), run.path / store.META, run.path / REPORT]:
         if source.exists():
             shutil.copy2(source, dest / source.name)

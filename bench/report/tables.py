@@ -1,11 +1,13 @@
-"""Numbers and tables of report.md: formats, the per-model metric tables (speedups and changes
-with their noise intervals), scaling and parity tables, the notes under them. torch-free."""
+"""The tables of report.md: per model one table per metric (speedups and changes with their
+noise intervals), the scaling table, and the notes under them. Numbers are written by
+bench/report/formats.py. torch-free."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -13,6 +15,17 @@ from tabulate import tabulate
 
 from bench import store
 from bench.analysis import noise
+from bench.report.formats import (
+    fmt_change,
+    fmt_gib,
+    fmt_int,
+    fmt_pct,
+    fmt_rate,
+    fmt_ratio,
+    fmt_sig,
+    fmt_usd,
+    is_num,
+)
 from bench.report.loading import (
     _SECONDARY,
     _SECONDARY_HEADERS,
@@ -22,74 +35,6 @@ from bench.report.loading import (
     Run,
     _ordered,
 )
-
-# ------------------------------------------------------------------------------ numbers
-
-
-def _is_num(value: Any) -> bool:
-    try:
-        return value is not None and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def _fmt_rate(value: float) -> str:
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
-
-
-def _fmt_gib(value: float) -> str:
-    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
-
-
-def _fmt_sig(value: float) -> str:
-    """Three significant digits, trailing zeros kept so a column reads evenly (0.300, 12.0)."""
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:#.3g}"
-
-
-def _fmt_change(ratio: noise.Ratio) -> str:
-    """'-12% ±3%', bold when beyond noise; never '-0%', and a change that rounds to 0% is
-    never bold."""
-    percent = round((ratio.value - 1) * 100)
-    text = f"{percent:+d}%" if percent else "0%"
-    bold = ratio.beyond_noise and percent != 0
-    return (f"**{text}**" if bold else text) + _fmt_width(ratio, 100, "%", 0)
-
-
-def _fmt_ratio(ratio: noise.Ratio) -> str:
-    """'1.52x ±0.04', bold when beyond noise (and not 1.00x)."""
-    text = f"{ratio.value:.2f}x"
-    bold = ratio.beyond_noise and text != "1.00x"
-    return (f"**{text}**" if bold else text) + _fmt_width(ratio, 1, "", 2)
-
-
-def _fmt_width(ratio: noise.Ratio, scale: float, unit: str, digits: int) -> str:
-    """' ±0.04' (the noise interval), or ' (noise unknown)' where none was measured."""
-    if not math.isfinite(ratio.half_width):
-        return " (noise unknown)"
-    return f" ±{ratio.half_width * scale:.{digits}f}{unit}"
-
-
-def _fmt_pct(value: Any) -> str:
-    return f"{float(value):.1f}%" if _is_num(value) else "n/a"
-
-
-def _fmt_int(value: Any) -> str:
-    return f"{int(value)}" if _is_num(value) else ""
-
-
-def _fmt_usd(value: float, error: Any) -> str | None:
-    """'$0.123 ±0.004': a price with its noise interval (``error``: relative standard error),
-    to the digits the value shows; None where there is no value."""
-    if not _is_num(value):
-        return None
-    digits = max(2, 2 - math.floor(math.log10(abs(value)))) if value else 2
-    text = f"${value:,.{digits}f}"
-    if not _is_num(error):
-        return text + " (noise unknown)"
-    return text + f" ±{noise.Z * float(error) * abs(value):.{digits}f}"
-
 
 # A cell whose processes or steps spread wider than this is flagged with the advice to fix it.
 _WIDE_PCT = 10.0
@@ -124,7 +69,7 @@ class _Model:
 
     def energy(self, cell: pd.Series) -> float:
         value = cell["joules_per_sample"]
-        if self.language and _is_num(cell["seq_len"]) and cell["seq_len"] > 0:
+        if self.language and is_num(cell["seq_len"]) and cell["seq_len"] > 0:
             return float(value) / float(cell["seq_len"])
         return float(value)
 
@@ -169,14 +114,14 @@ def _reference(model: _Model, cell: pd.Series, policy: str) -> pd.Series | None:
 
 
 def _ratio(value: float, base: float) -> float | None:
-    if _is_num(value) and _is_num(base) and base != 0:
+    if is_num(value) and is_num(base) and base != 0:
         return float(value) / float(base)
     return None
 
 
 def _estimate(cell: pd.Series, column: str) -> noise.Estimate | None:
     """An aggregated cell's value with its standard error (``<column>_err``)."""
-    if not _is_num(cell[column]):
+    if not is_num(cell[column]):
         return None
     error = cell.get(f"{column}_err")
     # n=1 with the error as the spread: the estimate's error is the cell's standard error.
@@ -216,7 +161,7 @@ def _table(model: _Model, text: Any, always: bool = False) -> str | None:
     rows, lookup = _grid(model)
     body, any_value = [], False
     for row in rows:
-        line = [_fmt_int(v) if k != "compile" else ("yes" if v else "no")
+        line = [fmt_int(v) if k != "compile" else ("yes" if v else "no")
                 for k, v in zip(model.row_keys, row, strict=True)]
         for policy in model.policies:
             cell = lookup.get((row, policy))
@@ -240,6 +185,11 @@ def _table(model: _Model, text: Any, always: bool = False) -> str | None:
                     disable_numparse=True)
 
 
+# A metric table: its title, the text of an ok cell (None: not available), and what the
+# "Not shown" note says when no cell has a value (None: the table is shown anyway).
+_Section = tuple[str, Callable[[pd.Series], str | None], str | None]
+
+
 def _model_section(run: Run, name: str, parity: Sequence[str] = ()) -> list[str]:
     """A model's section: its metric tables, then ``parity`` (the parity block's lines)."""
     model = _model(run, name)
@@ -247,81 +197,9 @@ def _model_section(run: Run, name: str, parity: Sequence[str] = ()) -> list[str]
     shape = _shape(model)
     if shape:
         lines += [shape, ""]
-    mem_column, mem_label = _memory_column(run)
-    has_tf32 = "tf32" in model.policies
-
-    def rate(cell: pd.Series) -> str | None:
-        value = cell[model.rate_column]
-        return _fmt_rate(value) if _is_num(value) else None
-
-    def speedup(cell: pd.Series) -> str | None:
-        if cell["precision"] == "fp32":
-            return "1x (reference)"
-        over32 = _speedup(model, cell, "fp32")
-        if over32 is None:
-            fp32 = _same_key(model, cell, "fp32")
-            return f"n/a (fp32 {fp32['status']})" if fp32 is not None else None
-        text = _fmt_ratio(over32)
-        if has_tf32 and cell["precision"] not in ("fp32", "tf32"):
-            over_tf32 = _speedup(model, cell, "tf32")
-            text += f" ({_fmt_ratio(over_tf32)})" if over_tf32 is not None else " (n/a)"
-        return text
-
-    def change(cell: pd.Series, column: str, text: str) -> str:
-        ratio = _versus(model, cell, "fp32", column)
-        if ratio is not None and cell["precision"] != "fp32":
-            text += f" ({_fmt_change(ratio)})"
-        return text
-
-    def memory(cell: pd.Series) -> str | None:
-        if not _is_num(cell[mem_column]):
-            return None
-        return change(cell, mem_column, _fmt_gib(cell[mem_column]))
-
-    def energy(cell: pd.Series) -> str | None:
-        if not _is_num(cell["joules_per_sample"]):
-            return None
-        return change(cell, "joules_per_sample", _fmt_sig(model.energy(cell)))
-
-    def mfu(cell: pd.Series) -> str | None:
-        if _mfu_impossible(cell):
-            return "flagged"  # the note under the table says why; never a number
-        text = f"{cell['mfu_pct']:.1f}%" if _is_num(cell["mfu_pct"]) else None
-        if _is_num(cell["mfu_fp8_pct"]):
-            text = f"{text or 'n/a'} ({cell['mfu_fp8_pct']:.1f}% of FP8)"
-        return text
-
-    price_hour, price_kwh = run.prices.get("price_per_hour"), run.prices.get("price_per_kwh")
-
-    def cost(cell: pd.Series) -> str | None:
-        value = store.usd_per_1m_samples(price_hour or 0, cell["world_size"],
-                                         cell["samples_per_s"])
-        return _fmt_usd(value, cell.get("samples_per_s_err"))
-
-    def energy_cost(cell: pd.Series) -> str | None:
-        value = store.energy_usd_per_1m_samples(price_kwh or 0, cell["joules_per_sample"])
-        return _fmt_usd(value, cell.get("joules_per_sample_err"))
-
-    over = "over fp32 (over tf32)" if has_tf32 else "over fp32"
-    sections = [
-        (f"Throughput, {model.rate_unit}", rate, None),
-        (f"Speedup {over}", speedup, "no fp32 cell ran ok: no speedup"),
-        (f"{mem_label[0].upper()}{mem_label[1:]}, GiB (change vs fp32)", memory,
-         "peak memory: not measured"),
-        (f"Energy, {model.energy_unit} (change vs fp32)", energy,
-         "energy: not measured (no NVML power readings)"),
-        (_mfu_title(model), mfu, "MFU: no peak FLOP/s known for this device"),
-    ]
-    if price_hour is not None:
-        per = f"${price_hour:g} per device-hour" + (
-            " x world size" if (model.cells["world_size"] > 1).any() else "")
-        sections.append((f"Cost, $ per 1M samples (at {per})", cost, "cost: no throughput"))
-    if price_kwh is not None:
-        sections.append((f"Energy cost, $ per 1M samples (at ${price_kwh:g} per kWh)",
-                         energy_cost, "energy cost: energy not measured"))
     skipped = []
     any_ok = bool((model.cells["status"] == "ok").any())
-    for title, text, missing in sections:
+    for title, text, missing in _sections(run, model):
         table = _table(model, text, always=missing is None)
         if table is None:
             if any_ok:  # with nothing ok, the statuses in the first table say it all
@@ -342,6 +220,90 @@ def _model_section(run: Run, name: str, parity: Sequence[str] = ()) -> list[str]
     if notes:
         lines += [*(f"- {n}" for n in notes), ""]
     return lines
+
+
+def _sections(run: Run, model: _Model) -> list[_Section]:
+    """The metric tables of a model's section, in order; the cost tables where a price is."""
+    mem_column, mem_label = _memory_column(run)
+    over = "over fp32 (over tf32)" if "tf32" in model.policies else "over fp32"
+    sections: list[_Section] = [
+        (f"Throughput, {model.rate_unit}", partial(_rate_text, model), None),
+        (f"Speedup {over}", partial(_speedup_text, model), "no fp32 cell ran ok: no speedup"),
+        (f"{mem_label[0].upper()}{mem_label[1:]}, GiB (change vs fp32)",
+         partial(_memory_text, model, mem_column), "peak memory: not measured"),
+        (f"Energy, {model.energy_unit} (change vs fp32)", partial(_energy_text, model),
+         "energy: not measured (no NVML power readings)"),
+        (_mfu_title(model), _mfu_text, "MFU: no peak FLOP/s known for this device"),
+    ]
+    price_hour, price_kwh = run.prices.get("price_per_hour"), run.prices.get("price_per_kwh")
+    if price_hour is not None:
+        per = f"${price_hour:g} per device-hour" + (
+            " x world size" if (model.cells["world_size"] > 1).any() else "")
+        sections.append((f"Cost, $ per 1M samples (at {per})", partial(_cost_text, price_hour),
+                         "cost: no throughput"))
+    if price_kwh is not None:
+        sections.append((f"Energy cost, $ per 1M samples (at ${price_kwh:g} per kWh)",
+                         partial(_energy_cost_text, price_kwh), "energy cost: energy not measured"))
+    return sections
+
+
+def _rate_text(model: _Model, cell: pd.Series) -> str | None:
+    value = cell[model.rate_column]
+    return fmt_rate(value) if is_num(value) else None
+
+
+def _speedup_text(model: _Model, cell: pd.Series) -> str | None:
+    """Over fp32, and over tf32 in brackets where the model ran tf32 (not for fp32, tf32)."""
+    if cell["precision"] == "fp32":
+        return "1x (reference)"
+    over32 = _speedup(model, cell, "fp32")
+    if over32 is None:
+        fp32 = _same_key(model, cell, "fp32")
+        return f"n/a (fp32 {fp32['status']})" if fp32 is not None else None
+    text = fmt_ratio(over32)
+    if "tf32" in model.policies and cell["precision"] not in ("fp32", "tf32"):
+        over_tf32 = _speedup(model, cell, "tf32")
+        text += f" ({fmt_ratio(over_tf32)})" if over_tf32 is not None else " (n/a)"
+    return text
+
+
+def _with_change(model: _Model, cell: pd.Series, column: str, text: str) -> str:
+    """``text`` with the change of ``column`` against fp32 in brackets, where there is one."""
+    ratio = _versus(model, cell, "fp32", column)
+    if ratio is not None and cell["precision"] != "fp32":
+        text += f" ({fmt_change(ratio)})"
+    return text
+
+
+def _memory_text(model: _Model, column: str, cell: pd.Series) -> str | None:
+    if not is_num(cell[column]):
+        return None
+    return _with_change(model, cell, column, fmt_gib(cell[column]))
+
+
+def _energy_text(model: _Model, cell: pd.Series) -> str | None:
+    if not is_num(cell["joules_per_sample"]):
+        return None
+    return _with_change(model, cell, "joules_per_sample", fmt_sig(model.energy(cell)))
+
+
+def _mfu_text(cell: pd.Series) -> str | None:
+    if _mfu_impossible(cell):
+        return "flagged"  # the note under the table says why; never a number
+    text = f"{cell['mfu_pct']:.1f}%" if is_num(cell["mfu_pct"]) else None
+    if is_num(cell["mfu_fp8_pct"]):
+        text = f"{text or 'n/a'} ({cell['mfu_fp8_pct']:.1f}% of FP8)"
+    return text
+
+
+def _cost_text(price_hour: float, cell: pd.Series) -> str | None:
+    value = store.usd_per_1m_samples(price_hour or 0, cell["world_size"], cell["samples_per_s"])
+    return fmt_usd(value, cell.get("samples_per_s_err"))
+
+
+def _energy_cost_text(price_kwh: float, cell: pd.Series) -> str | None:
+    value = store.energy_usd_per_1m_samples(price_kwh or 0, cell["joules_per_sample"])
+    return fmt_usd(value, cell.get("joules_per_sample_err"))
 
 
 def _shape(model: _Model) -> str:
@@ -379,16 +341,32 @@ def _mfu_title(model: _Model) -> str:
     return title
 
 
+
 def _notes(model: _Model) -> list[str]:
-    notes = []
+    """The notes under a model's tables: what its cells' flags and failures mean."""
+    return [*_mfu_notes(model), *_throttle_notes(model), *_contention_notes(model),
+            *_host_bound_notes(model), *_spread_notes(model), *_failure_notes(model)]
+
+
+def _labels(model: _Model, cells: pd.DataFrame) -> str:
+    return "; ".join(_label(c, model.row_keys) for _, c in cells.iterrows())
+
+
+def _mfu_notes(model: _Model) -> list[str]:
     impossible = model.cells[(model.cells["status"] == "ok") & model.cells["mfu_flag"].map(
         lambda flag: store.MFU_ABOVE_100 in str(flag or ""))]
-    if len(impossible):
-        items = [f"{_label(cell, model.row_keys)} ({cell['mfu_flag']})"
-                 for _, cell in impossible.iterrows()]
-        notes.append("MFU flagged: above 100% of the peak, which no run reaches, so the FLOP "
-                     "count or the peak is wrong (pass --peak-tflops if the table's is); not "
-                     f"shown as a number: {'; '.join(items)}.")
+    if not len(impossible):
+        return []
+    items = [f"{_label(cell, model.row_keys)} ({cell['mfu_flag']})"
+             for _, cell in impossible.iterrows()]
+    return ["MFU flagged: above 100% of the peak, which no run reaches, so the FLOP "
+            "count or the peak is wrong (pass --peak-tflops if the table's is); not "
+            f"shown as a number: {'; '.join(items)}."]
+
+
+def _throttle_notes(model: _Model) -> list[str]:
+    """Throttled cells (heat, hardware), then the power-capped ones (routine, no dagger)."""
+    notes = []
     throttled = model.cells[model.cells["throttled"]]
     if len(throttled):
         items = []
@@ -403,39 +381,59 @@ def _notes(model: _Model) -> list[str]:
         notes.append("Power-capped (the clocks held to the power limit, routine under heavy load; "
                      f"not marked {THROTTLED_MARK}, its share of the window is in "
                      "throttle_shares): "
-                     f"{'; '.join(_label(c, model.row_keys) for _, c in capped.iterrows())}.")
+                     f"{_labels(model, capped)}.")
+    return notes
+
+
+def _contention_notes(model: _Model) -> list[str]:
+    """Cells that shared the machine with others' work, and cells that emulated their math."""
+    notes = []
     contended = model.cells[model.cells["contended"]]
     if len(contended):
         notes.append(f"{CONTENDED_MARK} other processes used more than 10% of the run's cores "
                      f"while it ran, so its numbers measure them too (not claimed in the "
                      f"summary; rerun on an idle machine): "
-                     f"{'; '.join(_label(c, model.row_keys) for _, c in contended.iterrows())}.")
+                     f"{_labels(model, contended)}.")
     emulated = model.cells[model.cells["emulated"]]
     if len(emulated):
         notes.append("Emulated: these cells ran their low-precision math in software (FP8 off "
                      "CUDA), so the numerics are right but the speed says nothing about the "
                      "hardware; no summary claims them: "
-                     f"{'; '.join(_label(c, model.row_keys) for _, c in emulated.iterrows())}.")
+                     f"{_labels(model, emulated)}.")
+    return notes
+
+
+def _host_bound_notes(model: _Model) -> list[str]:
     host_bound = model.cells[model.cells["host_bound"]]
-    if len(host_bound):
-        items = [f"{_label(cell, model.row_keys)} (host {_fmt_sig(cell['host_ms_median'])} ms "
-                 f"per step, GPU {_fmt_sig(cell['step_ms_median'])} ms)"
-                 for _, cell in host_bound.iterrows()]
-        notes.append(f"Host-bound: the GPU waited for the CPU's kernel launches, so these numbers "
-                     f"understate the GPU and the speedup of a faster policy (a larger batch, "
-                     f"torch.compile or CUDA graphs launch less): {'; '.join(items)}.")
+    if not len(host_bound):
+        return []
+    items = [f"{_label(cell, model.row_keys)} (host {fmt_sig(cell['host_ms_median'])} ms "
+             f"per step, GPU {fmt_sig(cell['step_ms_median'])} ms)"
+             for _, cell in host_bound.iterrows()]
+    return [f"Host-bound: the GPU waited for the CPU's kernel launches, so these numbers "
+            f"understate the GPU and the speedup of a faster policy (a larger batch, "
+            f"torch.compile or CUDA graphs launch less): {'; '.join(items)}."]
+
+
+def _spread_notes(model: _Model) -> list[str]:
     ok = model.cells[model.cells["status"] == "ok"]
     spreads = ok[["noise_pct", "step_spread_pct"]].where(
         ok[["noise_pct", "step_spread_pct"]].abs() < math.inf)  # unknown is not wide
     wide = ok[(spreads > _WIDE_PCT).any(axis=1)]
-    if len(wide):
-        items = [f"{_label(cell, model.row_keys)} (between processes "
-                 f"{_fmt_pct(cell['noise_pct'])}, step IQR {_fmt_pct(cell['step_spread_pct'])})"
-                 for _, cell in wide.iterrows()]
-        notes.append(f"Wide spread (over {_WIDE_PCT:g}%): {'; '.join(items)}. Their numbers "
-                     "cannot show small differences: rerun with --repeats 3 or more on an idle "
-                     "machine, with GPU clocks locked (nvidia-smi --lock-gpu-clocks) where there "
-                     "is a GPU.")
+    if not len(wide):
+        return []
+    items = [f"{_label(cell, model.row_keys)} (between processes "
+             f"{fmt_pct(cell['noise_pct'])}, step IQR {fmt_pct(cell['step_spread_pct'])})"
+             for _, cell in wide.iterrows()]
+    return [f"Wide spread (over {_WIDE_PCT:g}%): {'; '.join(items)}. Their numbers "
+            "cannot show small differences: rerun with --repeats 3 or more on an idle "
+            "machine, with GPU clocks locked (nvidia-smi --lock-gpu-clocks) where there "
+            "is a GPU."]
+
+
+def _failure_notes(model: _Model) -> list[str]:
+    """Each failed cell's error, and each cell some of whose repeats failed."""
+    notes = []
     for _, cell in model.cells.iterrows():
         label = _label(cell, model.row_keys)
         if cell["status"] in ("error", "timeout") and cell["error"]:

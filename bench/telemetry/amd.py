@@ -1,8 +1,7 @@
 """AMD GPUs through amdsmi, AMD's own monitoring library (torch-free; amdsmi imported lazily).
 
-Two users. Under a ROCm build of torch, bench/telemetry/power.py's PowerMonitor reads the GPU
-through
-``AmdGpu`` (backend ``AMDSMI``) instead of NVML, into the same record fields with the same
+Two users. Under a ROCm build of torch, bench/telemetry/monitor.py's PowerMonitor reads the GPU
+through ``AmdGpu`` (backend ``AMDSMI``) instead of NVML, into the same record fields with the same
 sources and fallbacks; and ``python -m bench env`` shows ``state()``: each AMD GPU and the
 settings that make numbers noisy.
 
@@ -13,7 +12,8 @@ What is read, as its NVML counterpart:
   series), ``power_source=average``.
 - energy: ``amdsmi_get_energy_count``, the accumulator times its resolution in microjoules:
   ``energy_source=counter``, cross-checked against the sampled power as NVML's counter is;
-  where the board has none, the sampled integral (bench/telemetry/power.py decides, as for NVML).
+  where the board has none, the sampled integral (bench/telemetry/monitor.py decides, as for
+  NVML).
 - clocks: ``amdsmi_get_clock_info`` GFX (``sm_clock_mhz``) and MEM; temperature:
   ``amdsmi_get_temp_metric``, the hotspot (junction) sensor the firmware throttles on, else the
   edge sensor; utilization: ``amdsmi_get_gpu_activity``'s gfx activity.
@@ -40,7 +40,7 @@ from operator import or_
 from types import ModuleType
 from typing import Any
 
-from bench.telemetry.power import REASON_BITS, Backend, GpuReader, decode_reasons
+from bench.telemetry.gpu import REASON_BITS, Backend, GpuReader, decode_reasons
 
 # amdsmi statuses (amdsmi.h, a stable ABI) meaning "this board, driver or user cannot have this
 # reading": INVAL, NOT_SUPPORTED, NOT_YET_IMPLEMENTED, NO_PERM, NOT_FOUND, NO_DATA.

@@ -26,7 +26,8 @@ from typing import Any
 from tabulate import tabulate
 
 from bench.telemetry import amd
-from bench.telemetry.power import decode_reasons, open_nvml
+from bench.telemetry.gpu import decode_reasons
+from bench.telemetry.nvml import open_nvml
 
 _REPO = Path(__file__).resolve().parent.parent
 
