@@ -1,18 +1,22 @@
 """Run directories and the record schema: records.jsonl is the truth, results.csv is derived.
 
 A run directory holds ``meta.json`` (environment and matrix), ``records.jsonl`` (one JSON
-record per finished cell and repeat, appended with flush + fsync) and ``results.csv``.
-torch-free: analysis (report, gate) reads these files on any machine.
+record per finished cell and repeat, appended with flush + fsync) and ``results.csv``. A record
+keeps the raw step times of its timed window (``step_times_ms``); the time statistics are
+derived from them by one rule (``step_stats``) wherever a record or a row is read, so a better
+statistic later applies to old results too (pyperf's model). results.csv is derived from
+records.jsonl when a sweep ends, and by a reader that finds it missing or older than
+records.jsonl (a running or stopped sweep), never rewritten per cell. torch-free: analysis
+(report, gate) reads these files on any machine.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 import re
+import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -20,10 +24,21 @@ from typing import Any
 
 from bench import BadInput
 
-SCHEMA_VERSION = 5  # 2: calibration and the per-cell noise columns; 3: host timing,
+# Re-exported (``as``): callers find a run directory's readers, costs and flags here.
+from bench.costs import COST, with_costs
+from bench.costs import PRICES as PRICES
+from bench.costs import energy_usd_per_1m_samples as energy_usd_per_1m_samples
+from bench.costs import prices as prices
+from bench.costs import usd_per_1m_samples as usd_per_1m_samples
+from bench.readers import load_jsonl, parse_number, read_csv, warn
+from bench.readers import truthy as truthy
+
+SCHEMA_VERSION = 6  # 2: calibration and the per-cell noise columns; 3: host timing,
 # memory_format, wall_s, throttle_shares/power_capped/power_scope, throttled = thermal/hw only;
 # 4: emulated, fp8_converted, fp8_unconverted; 5: peak_fp8_tflops, mfu_fp8_pct, mfu_flag, and an
-# FP8 row's mfu_pct is against the bf16 peak (it was against the FP8 peak: see _upgrade)
+# FP8 row's mfu_pct is against the bf16 peak (it was against the FP8 peak: see _upgrade);
+# 6: step_times_ms, the timed window's raw step times, from which every reader derives
+# step_ms_median/iqr/min (records of 1-5 have none and keep their stored statistics)
 
 IDENTITY = (
     "schema", "run_id", "cell_id", "model", "precision", "batch_size", "seq_len", "image_size",
@@ -52,7 +67,7 @@ POWER = (
     "throttle_reasons", "throttled", "others_cpu_pct",
     # Each clock-event reason's share of the samples ("sw_power_cap:0.82;..."), whether the
     # power limit held the clocks (``throttled`` is heat and hardware slowdown only), and
-    # whose power it is: "gpu", or "shared_gpu" for a MIG instance (bench/telemetry/power.py).
+    # whose power it is: "gpu", or "shared_gpu" for a MIG instance (bench/telemetry/monitor.py).
     "throttle_shares", "power_capped", "power_scope",
 )
 NUMERICS = (
@@ -67,8 +82,12 @@ ENVIRONMENT = (
     "torch_cuda_build", "cudnn_version", "python_version", "machine_id", "git_sha", "git_dirty",
     "timestamp",
 )
+# The raw step times (ms) of the timed window, in order: the slowest rank's under torchrun.
+# Last: a long list, kept in records.jsonl and as one ";"-joined column of results.csv.
+STEP_TIMES = "step_times_ms"
 FIELDS: tuple[str, ...] = (
     IDENTITY + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + CONVERSION + ENVIRONMENT
+    + (STEP_TIMES,)
 )
 
 # Derived into results.csv from all of a cell's processes (the same on each of its rows): the
@@ -77,6 +96,9 @@ FIELDS: tuple[str, ...] = (
 # (bench/analysis/noise.py).
 CELL_NOISE = ("num_processes", "cell_samples_per_s", "cell_samples_per_s_err_pct",
               "process_spread_pct", "noise_pct", "noise_source")
+# What computes them: results.csv's rows in, the same rows with CELL_NOISE out. The analysis
+# side has it (bench.analysis.noise.results_columns); its writers and readers pass it in.
+CellNoise = Callable[[Any], Any]
 
 # What identifies a cell across runs: a cell's repeats share these, and the report and the
 # gate match cells on them.
@@ -87,9 +109,18 @@ STATUSES = ("ok", "oom", "timeout", "error", "unsupported", "skipped")
 FAILED = ("error", "timeout", "oom", "unsupported", "skipped")  # worst first
 
 RUNS = Path("results") / "runs"  # scratch run directories (git-ignored)
-RECORDS = "records.jsonl"
-RESULTS = "results.csv"
-META = "meta.json"
+# Every file a run directory holds, named here only; the modules that write them import these.
+RECORDS = "records.jsonl"  # the truth: one record per process (the sweep)
+RESULTS = "results.csv"  # derived from RECORDS
+META = "meta.json"  # environment fingerprint and matrix (the run command)
+LOCK = ".lock"  # held by the one process writing the directory (bench/run/lock.py)
+PARITY = "parity.csv"  # verdicts (bench/parity/stage.py)
+PARITY_CURVES = "parity_curves.csv"
+GRAD_HIST = "grad_hist.csv"  # FP32 gradient magnitudes per power of two
+PARITY_RUNS = "parity_runs.jsonl"  # finished parity runs, for a resume
+PEERS = "peers.csv"  # `ampbench peers --out-dir RUN_DIR`
+REPORT = "report.md"
+PLOTS = "plots"
 
 
 def empty_record(**fields: Any) -> dict[str, Any]:
@@ -120,40 +151,25 @@ def append(run_dir: Path, record: dict[str, Any], name: str = RECORDS) -> None:
         os.fsync(f.fileno())
 
 
-def warn(path: Path | str, line: int | str, why: str) -> None:
-    """One line on stderr about a damaged entry of a file that is skipped, not fatal."""
-    print(f"warning: {path}: line {line}: {why}; skipped", file=sys.stderr)
+STEP_STATS = ("step_ms_median", "step_ms_iqr", "step_ms_min")  # derived from STEP_TIMES
 
 
-def load_jsonl(path: Path, problem: Callable[[Any], str | None]) -> list[Any]:
-    """The entries of a JSON-lines file that ``problem`` finds nothing wrong with (it returns
-    why an entry is damaged, or None); every damaged line is a warning naming it and skipped.
-    A torn last line (no newline: a writer killed mid-line) is skipped silently."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read it ({exc.strerror})") from None
-    entries = []
-    lines = data.split(b"\n")
-    for number, raw in enumerate(lines[:-1], 1):  # the last piece has no newline: torn
-        if not raw.strip():
-            continue
-        try:
-            entry = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            warn(path, number, "not UTF-8 text")
-            continue
-        except ValueError:
-            warn(path, number, "not valid JSON")
-            continue
-        why = problem(entry)
-        if why:
-            warn(path, number, why)
-            continue
-        entries.append(entry)
-    return entries
+def step_stats(times_ms: Sequence[float]) -> dict[str, float]:
+    """Median, interquartile range and minimum of raw step times (ms): the one rule, applied
+    by the cell when it writes a record and by every reader to the raw times it finds."""
+    if len(times_ms) >= 2:
+        q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = times_ms[0]
+    return {"step_ms_median": statistics.median(times_ms), "step_ms_iqr": q3 - q1,
+            "step_ms_min": min(times_ms)}
+
+
+def with_step_stats(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with STEP_STATS derived from its raw step times; one without any (schema 1-5,
+    a failed cell) keeps the statistics it has."""
+    times = record.get(STEP_TIMES)
+    return {**record, **step_stats(times)} if isinstance(times, list) and times else record
 
 
 # Record fields that hold numbers (or null) and whole numbers of at least 0 or 1: a record
@@ -190,38 +206,59 @@ def record_problem(record: Any) -> str | None:
         value = record.get(field)
         if value is not None and not _is_number(value):
             return f"{field} {value!r} is not a number"
+    times = record.get(STEP_TIMES)
+    if times is not None and not (isinstance(times, list) and times and all(
+            _is_number(t) and t >= 0 for t in times)):
+        return f"{STEP_TIMES} {str(times)[:40]} is not a list of step times"
     return None
 
 
 def load_records(run_dir: Path) -> list[dict[str, Any]]:
     """Every complete record; for a repeated (cell_id, repeat) the last one wins. A damaged
-    line is a warning and skipped (a resumed run runs its cell again)."""
+    line is a warning and skipped (a resumed run runs its cell again). Time statistics come
+    from the raw step times where a record has them."""
+    path = Path(run_dir) / RECORDS
     latest: dict[tuple[Any, Any], dict[str, Any]] = {}
-    for record in load_jsonl(Path(run_dir) / RECORDS, record_problem):
-        latest[(record["cell_id"], record["repeat"])] = record
+    for record in load_jsonl(path, record_problem):
+        latest[(record["cell_id"], record["repeat"])] = with_step_stats(record)
+    _warn_newer(path, [r.get("schema") for r in latest.values()])
     return list(latest.values())
 
 
-def write_csv(run_dir: Path, records: Iterable[dict[str, Any]] | None = None) -> Path:
-    """Derive results.csv from records.jsonl (atomically replaced)."""
+def _warn_newer(path: Path, schemas: Iterable[Any]) -> None:
+    """One warning when ``path`` holds rows of a newer schema than this code knows: they are
+    read by this schema's rules, and fields it does not know are carried along unread."""
+    newer = [n for n in map(parse_number, schemas) if n is not None and n > SCHEMA_VERSION]
+    if newer:
+        print(f"warning: {path}: {len(newer)} row(s) of schema {max(newer):g}, newer than this "
+              f"ampbench's {SCHEMA_VERSION}: read by schema {SCHEMA_VERSION}'s rules",
+              file=sys.stderr)
+
+
+def write_csv(run_dir: Path, records: Iterable[dict[str, Any]] | None = None,
+              cell_noise: CellNoise | None = None) -> Path:
+    """Derive results.csv from records.jsonl (or ``records``), atomically replaced: when a
+    sweep ends, and when a reader finds it missing or stale (``results_csv``). ``cell_noise``
+    fills the CELL_NOISE columns (bench.analysis.noise.results_columns); without it they are
+    empty."""
     import pandas as pd
 
     run_dir = Path(run_dir)
-    rows = list(records) if records is not None else load_records(run_dir)
+    rows = [with_step_stats(r) for r in (load_records(run_dir) if records is None else records)]
     frame = pd.DataFrame(rows)
     for field in FIELDS:
         if field not in frame.columns:
             frame[field] = None
-    frame = _with_costs(_with_cell_noise(frame), read_meta(run_dir))
+    frame = with_costs(_with_cell_noise(frame, cell_noise), read_meta(run_dir))
     derived = CELL_NOISE + tuple(c for c in COST if c in frame.columns)
     extra = [c for c in frame.columns if c not in FIELDS + derived]
     frame = frame[list(FIELDS + derived) + extra]
-    if "throttle_reasons" in frame.columns:
-        frame["throttle_reasons"] = frame["throttle_reasons"].map(
-            lambda v: ";".join(v) if isinstance(v, list) else v
-        )
+    # Lists as one column each: reasons as names, step times exactly (repr reads back as is).
+    for column, text in (("throttle_reasons", str), (STEP_TIMES, lambda t: repr(float(t)))):
+        frame[column] = frame[column].map(
+            lambda v, text=text: ";".join(map(text, v)) if isinstance(v, list) else v)
     path = run_dir / RESULTS
-    tmp = path.with_suffix(".csv.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a reader may derive it at once
     try:
         frame.to_csv(tmp, index=False)
         os.replace(tmp, path)
@@ -230,96 +267,34 @@ def write_csv(run_dir: Path, records: Iterable[dict[str, Any]] | None = None) ->
     return path
 
 
-def _with_cell_noise(frame: Any) -> Any:
-    """``frame`` with the CELL_NOISE columns: each cell's samples/s over all its processes."""
-    import pandas as pd
+def results_csv(run_dir: Path, cell_noise: CellNoise | None = None) -> Path:
+    """``run_dir``'s results.csv, derived from records.jsonl first when it is missing or not
+    newer than records.jsonl: a sweep writes it when it ends, so one that is running, was
+    stopped or was killed leaves it behind. Unwritable: the one there, with a warning."""
+    run_dir = Path(run_dir)
+    path, records = run_dir / RESULTS, run_dir / RECORDS
+    if not records.exists() or (
+            path.exists() and path.stat().st_mtime_ns > records.stat().st_mtime_ns):
+        return path
+    try:
+        return write_csv(run_dir, cell_noise=cell_noise)
+    except OSError as exc:
+        if not path.exists():
+            raise BadInput(f"{path}: cannot derive it from {RECORDS} ({exc.strerror})") from None
+        print(f"warning: {path}: older than {RECORDS} and cannot be derived again "
+              f"({exc.strerror}); read as it is", file=sys.stderr)
+        return path
 
-    from bench.analysis import noise
 
+def _with_cell_noise(frame: Any, cell_noise: CellNoise | None) -> Any:
+    """``frame`` with the CELL_NOISE columns: filled by ``cell_noise`` (a function of the
+    analysis side, so that store imports nothing from it), else empty."""
+    if cell_noise is not None:
+        return cell_noise(frame)
     frame = frame.copy()
     for column in CELL_NOISE:
         frame[column] = None
-    if frame.empty:
-        return frame
-    ok = frame[frame["status"] == "ok"]
-    cells = {tuple(rows.index): rows.to_dict("records")
-             for _, rows in ok.groupby(list(KEY), dropna=False, sort=False)}
-    estimates, _ = noise.cell_estimates(cells, "samples_per_s")
-    for index, est in estimates.items():
-        spread = noise.own_spread(noise.finite(r["samples_per_s"] for r in cells[index]))
-        frame.loc[list(index), list(CELL_NOISE)] = [
-            est.n, est.value, _finite_or_none(est.error * 100),
-            None if spread is None else spread * 100, _finite_or_none(est.spread * 100),
-            est.source]
-    return frame.astype({c: "object" for c in CELL_NOISE}).where(pd.notna(frame), None)
-
-
-# Prices a run was given (``--price-per-hour``, ``--price-per-kwh``, USD), kept in meta.json so
-# that results.csv and a later ``report`` price the run the same way.
-PRICES = ("price_per_hour", "price_per_kwh")
-# Derived into results.csv only when the run has a price: an empty column would read as "cost
-# not measured", and a run without one keeps the columns it always had. ``usd_per_1m_samples``
-# is the cell's (from ``cell_samples_per_s``, the same on each of its rows) with that value's
-# relative standard error; ``energy_usd_per_1m_samples`` is the row's own measured energy.
-COST = ("usd_per_1m_samples", "usd_per_1m_samples_err_pct", "energy_usd_per_1m_samples")
-
-
-def check_price(value: Any, name: str) -> float:
-    """``value`` as a price in USD (a finite number above 0), or BadInput naming ``name``."""
-    number = _parse_number(value) if not isinstance(value, str) or value.strip() else None
-    if number is None or not math.isfinite(number) or number <= 0:
-        raise BadInput(f"{name}: expected a price in USD above 0, got '{value}'")
-    return number
-
-
-def prices(meta: dict[str, Any], given: dict[str, Any] | None = None) -> dict[str, float]:
-    """The PRICES that meta.json records, each replaced by the one in ``given`` (a flag's
-    value, None where not given), all checked: BadInput naming the damaged one."""
-    given = {key: value for key, value in (given or {}).items() if value is not None}
-    found = {key: check_price(meta[key], f"{META} {key}") for key in PRICES
-             if key not in given and meta.get(key) is not None}
-    found.update({key: check_price(value, f"--{key.replace('_', '-')}")
-                  for key, value in given.items()})
-    return found
-
-
-def usd_per_1m_samples(price_per_hour: float, world_size: Any, samples_per_s: Any) -> float:
-    """What a million samples cost on ``world_size`` devices at ``price_per_hour`` each."""
-    rate, devices = _parse_number(samples_per_s), _parse_number(world_size)
-    devices = devices if devices is not None and math.isfinite(devices) else 1.0
-    if rate is None or not rate > 0 or not math.isfinite(rate):
-        return math.nan
-    return price_per_hour * devices / 3600.0 / rate * 1e6
-
-
-def energy_usd_per_1m_samples(price_per_kwh: float, joules_per_sample: Any) -> float:
-    """The measured energy of a million samples at ``price_per_kwh`` (NaN where unmeasured)."""
-    joules = _parse_number(joules_per_sample)
-    if joules is None or not math.isfinite(joules) or joules < 0:
-        return math.nan
-    return price_per_kwh * joules * 1e6 / 3.6e6
-
-
-def _with_costs(frame: Any, meta: dict[str, Any]) -> Any:
-    """``frame`` with the COST columns its run's prices allow (none without a price)."""
-    given = prices(meta)
-    frame = frame.copy()
-    if "price_per_hour" in given:
-        frame["usd_per_1m_samples"] = [
-            _finite_or_none(usd_per_1m_samples(given["price_per_hour"], ws, sps))
-            for ws, sps in zip(frame["world_size"], frame["cell_samples_per_s"], strict=True)]
-        # Cost is inversely proportional to throughput: the same relative error.
-        frame["usd_per_1m_samples_err_pct"] = frame["cell_samples_per_s_err_pct"].where(
-            frame["usd_per_1m_samples"].notna(), None)
-    if "price_per_kwh" in given:
-        frame["energy_usd_per_1m_samples"] = [
-            _finite_or_none(energy_usd_per_1m_samples(given["price_per_kwh"], j))
-            for j in frame["joules_per_sample"]]
     return frame
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # unknown noise: an empty cell, not inf
 
 
 def write_meta(run_dir: Path, meta: dict[str, Any]) -> Path:
@@ -375,134 +350,21 @@ NON_NEGATIVE = (
 SIGNED = ("loss_first", "loss_last", "energy_check_pct", "temp_max_c", "queued_ms_median")
 
 
-def _parse_number(value: Any) -> float | None:
-    """``value`` as a float (NaN for empty), or None when it is not a number."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return math.nan
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    text = str(value).strip()
-    if not text:
-        return math.nan
-    if "_" in text:  # float() takes 1_000, pandas and a spreadsheet do not
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _records_of(path: Path, strict: bool) -> tuple[list[str], list[list[str]], list[int]]:
-    """(header, rows, first line of each row) of a CSV file; a row whose field count is not
-    the header's is damaged: BadInput when ``strict``, else a warning and skipped."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise BadInput(f"{path}: line {line}: not UTF-8 text") from None
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read it ({exc.strerror})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    last = 0
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:  # pragma: no cover - the lenient reader rarely refuses
-            raise BadInput(f"{path}: line {reader.line_num}: not a readable CSV ({exc})") from None
-        first, last = last + 1, reader.line_num
-        if not row:
-            continue
-        if header is None:
-            header = row
-            continue
-        why = None
-        if len(row) != len(header):
-            why = f"{len(row)} fields, the header has {len(header)}"
-        elif any("\0" in field for field in row):
-            why = "a NUL character"
-        if why:
-            where = f"{first}" if first == last else f"{first}-{last}"
-            if strict:
-                raise BadInput(f"{path}: not a readable CSV (Error tokenizing data at line "
-                               f"{where}: {why})")
-            warn(path, where, why)
-            continue
-        rows.append(row)
-        lines.append(first)
-    if header is None:
-        raise BadInput(f"{path}: empty, not a CSV with a header")
-    return header, rows, lines
-
-
-def read_csv(path: Path | str, required: Sequence[str] = (), whole: dict[str, int] | None = None,
-             non_negative: Sequence[str] = (), signed: Sequence[str] = (),
-             strict: bool = True) -> Any:
-    """A CSV file as a DataFrame, checked: BadInput naming the file, line and column for a
-    missing column, an empty required value, text in a number column (``whole``: column ->
-    least value; ``non_negative``; ``signed``) or a negative value where none can be. A
-    damaged line (wrong number of fields) is BadInput when ``strict``, else a warning and
-    skipped. Numbers may be empty (NaN) or infinite; what that means is the caller's call."""
-    import pandas as pd
-
-    path = Path(path)
-    header, rows, lines = _records_of(path, strict)
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise BadInput(f"{path}: missing column(s) {', '.join(missing)}")
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows([header, *rows])
-    try:
-        frame = pd.read_csv(io.StringIO(buffer.getvalue()))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"{path}: not a readable CSV ({reason})") from None
-
-    def bad(row: int, column: str, why: str) -> BadInput:
-        return BadInput(f"{path}: line {lines[row]}: column {column} {why}")
-
-    for column in required:
-        empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
-        if empty.any():
-            raise bad(int(empty.to_numpy().argmax()), column, "is empty")
-    whole = whole or {}
-    for column in [*whole, *non_negative, *signed]:
-        if column not in frame.columns:
-            continue
-        values = []
-        for row, value in enumerate(frame[column]):
-            number = _parse_number(value)
-            if number is None:
-                raise bad(row, column, f"holds '{value}', not a number")
-            if column in whole and not math.isnan(number) and not number.is_integer():
-                raise bad(row, column, f"holds '{value}', not a whole number")
-            least = whole.get(column, 0 if column in non_negative else None)
-            if least is not None and number < least:
-                raise bad(row, column, f"holds {value}, below {least}")
-            values.append(number)
-        if frame[column].dtype == object and column not in whole:
-            frame[column] = values
-    frame.attrs["lines"] = lines  # the file's line of each row, for messages
-    return frame
-
-
-def load_results(source: Path | str, strict: bool = True) -> Any:
+def load_results(source: Path | str, strict: bool = True,
+                 cell_noise: CellNoise | None = None) -> Any:
     """results.csv (or a baseline) as a DataFrame, from a run directory or a CSV path: the one
     reader that decides such a file is malformed (BadInput naming file, line and column; see
-    ``read_csv``). ``strict=False``: a damaged line is a warning and skipped instead. Status
-    values come back stripped and lower-case."""
+    ``read_csv``). ``strict=False``: a damaged line is a warning and skipped instead. A run
+    directory's results.csv is derived first when missing or stale (``results_csv``; its noise
+    columns by ``cell_noise``, see ``write_csv``). Status values come back stripped and
+    lower-case; time statistics come from the raw step times where a row has them, and the
+    noise columns from ``cell_noise`` when given (derived on read: a file saved without them,
+    or by an older statistic, reads the same as one derived now)."""
     path = Path(source)
     if path.is_dir():
-        csv_path = path / RESULTS
-        if not csv_path.exists() and (path / RECORDS).exists():
-            write_csv(path)
-        path = csv_path
+        path = results_csv(path, cell_noise)
+    elif path.name == RESULTS and (path.parent / RECORDS).is_file():
+        path = results_csv(path.parent, cell_noise)  # a run directory's results.csv, by path
     if not path.is_file():
         raise BadInput(f"{source}: no such run directory or results CSV")
     frame = read_csv(path, REQUIRED, WHOLE, NON_NEGATIVE, SIGNED, strict=strict)
@@ -513,7 +375,40 @@ def load_results(source: Path | str, strict: bool = True) -> Any:
         raise BadInput(f"{path}: line {frame.attrs['lines'][row]}: unknown status "
                        f"'{frame['status'].iloc[row]}' (valid: {', '.join(STATUSES)})")
     frame["status"] = status
-    return _upgrade(frame)
+    if "schema" in frame.columns:
+        _warn_newer(path, frame["schema"])
+    frame = _upgrade(_with_raw_stats(frame, path))
+    return frame if cell_noise is None else cell_noise(frame)
+
+
+def _with_raw_stats(frame: Any, path: Path) -> Any:
+    """``frame`` with STEP_STATS derived from each row's raw step times, where it has them;
+    BadInput naming the line of a damaged list."""
+    if STEP_TIMES not in frame.columns:
+        return frame
+    lines = frame.attrs["lines"]
+    stats: list[dict[str, float] | None] = []
+    for row, value in enumerate(frame[STEP_TIMES]):
+        times = _split_times(value)
+        if times is None:
+            raise BadInput(f"{path}: line {lines[row]}: column {STEP_TIMES} holds "
+                           f"'{str(value)[:40]}', not step times in ms separated by ';'")
+        stats.append(step_stats(times) if times else None)
+    has = [s is not None for s in stats]
+    for column in STEP_STATS:
+        values = [s[column] for s in stats if s is not None]
+        frame[column] = frame[column].astype(float) if column in frame.columns else math.nan
+        frame.loc[has, column] = values
+    return frame
+
+
+def _split_times(value: Any) -> list[float] | None:
+    """A results.csv value of STEP_TIMES as numbers ([] when empty), None when damaged."""
+    numbers = [parse_number(p) for p in (value.split(";") if isinstance(value, str) else [value])]
+    if len(numbers) == 1 and numbers[0] is not None and math.isnan(numbers[0]):
+        return []
+    times = [n for n in numbers if n is not None and n >= 0]
+    return times if len(times) == len(numbers) else None
 
 
 def _upgrade(frame: Any) -> Any:
@@ -542,6 +437,32 @@ def _upgrade(frame: Any) -> Any:
     return frame
 
 
+_SPREAD_WARNING = 0.10  # IQR / median above this makes a number hard to trust
+
+
+def record_line(record: dict[str, Any]) -> str:
+    """One human-readable line for a record (stderr of a cell, progress of a run)."""
+    size = f"T={record['seq_len']}" if record.get("seq_len") else f"{record.get('image_size')}px"
+    head = f"{record['model']} {record['precision']} b={record['batch_size']} {size}"
+    if (record.get("world_size") or 1) > 1:
+        head += f" ws={record['world_size']}"
+    if record["status"] != "ok":
+        error = (record.get("error") or "").splitlines()
+        return f"{head}: {record['status']}" + (f" ({error[-1][:160]})" if error else "")
+    mem = record["peak_mem_reserved_gib"] or record["peak_rss_gib"]
+    mem_kind = "reserved" if record["peak_mem_reserved_gib"] is not None else "rss"
+    line = (f"{head}: ok {record['samples_per_s']:,.1f} samples/s, step "
+            f"{record['step_ms_median']:.2f} ms (IQR {record['step_ms_iqr']:.2f}), "
+            f"peak {mem:.2f} GiB {mem_kind}, {record['achieved_tflops']:.3f} TFLOP/s")
+    if record["step_ms_iqr"] > _SPREAD_WARNING * record["step_ms_median"]:
+        line += " [wide spread: IQR > 10% of median]"
+    if record.get("host_bound"):
+        line += " [host-bound: the GPU waits for the host's kernel launches]"
+    if record.get("emulated"):
+        line += " [emulated: software FP8, its speed is not FP8's]"
+    return line
+
+
 def latest_run(runs: Path = RUNS) -> Path:
     """The most recently written run directory under ``runs``; BadInput when there is none."""
     written = {}
@@ -553,15 +474,6 @@ def latest_run(runs: Path = RUNS) -> Path:
     if not written:
         raise BadInput(f"no run directory under {runs}; pass RUN_DIR")
     return max(written, key=written.__getitem__)
-
-
-def truthy(value: Any) -> bool:
-    """A flag read back from JSON or CSV: True, "True", "true", 1 -> True; NaN, "" -> False."""
-    import pandas as pd
-
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return not pd.isna(value) and bool(value)
 
 
 _MARKS = re.compile(r"\((?:r|tm|c)\)|[®™©]", re.IGNORECASE)

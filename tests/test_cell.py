@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ EXPECTED_TYPES = {
     "device_name": str, "device_count": int, "torch_version": str, "python_version": str,
     "machine_id": str, "timestamp": str, "host_ms_median": float, "memory_format": type(None),
     "mfu_flag": str,  # on this CPU: "no peak for '<its name>'"
+    "step_times_ms": list,
 }
 # Filled on a GPU with NVML (or for a known device); empty on this CPU box.
 EMPTY_ON_CPU = (
@@ -58,12 +60,21 @@ def test_record_has_every_schema_field_with_the_right_type(tmp_path, capsys):
     assert record["mfu_flag"] == f"no peak for '{record['device_name']}'"
     assert "gpt2-tiny fp16 b=2 T=64: ok" in capsys.readouterr().err
 
+    # Schema 6: the raw times of the timed window, and the statistics are theirs.
+    times = record["step_times_ms"]
+    assert len(times) == record["timed_steps"] and all(t > 0 for t in times)
+    q1, q3 = np.percentile(times, [25, 75])
+    assert record["step_ms_median"] == pytest.approx(float(np.median(times)))
+    assert record["step_ms_iqr"] == pytest.approx(q3 - q1)
+    assert record["step_ms_min"] == min(times)
+    assert record["schema"] == store.SCHEMA_VERSION == 6
+
 
 def test_failed_cell_still_writes_its_record(tmp_path, monkeypatch):
     def explode(self):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("bench.cell.main.Trainer.step", explode)
+    monkeypatch.setattr("bench.cell.train.Trainer.step", explode)
     code, record = _cell(tmp_path)
     assert code == 1
     assert record["status"] == "oom" and "out of memory" in record["error"]
@@ -82,7 +93,7 @@ def test_error_keeps_the_exception_message(tmp_path, monkeypatch):
     def broken(self):
         raise ValueError("shapes do not match")
 
-    monkeypatch.setattr("bench.cell.main.Trainer.step", broken)
+    monkeypatch.setattr("bench.cell.train.Trainer.step", broken)
     _, record = _cell(tmp_path)
     assert record["status"] == "error" and "ValueError: shapes do not match" in record["error"]
 
@@ -194,8 +205,8 @@ def test_cuda_record_has_memory_and_timing(tmp_path, policy):
 
 
 def test_ranks_combine_into_the_slowest_step_and_the_largest_memory():
-    from bench.cell.main import _combine_ranks
-    from bench.telemetry.power import empty_fields
+    from bench.cell.dist import combine_ranks
+    from bench.telemetry.monitor import empty_fields
 
     def rank(median, iqr, rss, host_bound):
         return {"step_ms_median": median, "step_ms_iqr": iqr, "step_ms_min": median - 1,
@@ -203,17 +214,19 @@ def test_ranks_combine_into_the_slowest_step_and_the_largest_memory():
                 "peak_mem_allocated_gib": None, "peak_mem_reserved_gib": None,
                 "peak_rss_gib": rss, **empty_fields()}
 
-    combined = _combine_ranks([rank(10.0, 0.5, 2.0, False), rank(12.0, 0.1, 1.5, True)],
-                              num_samples=8)
+    fast, slow = rank(10.0, 0.5, 2.0, False), rank(12.0, 0.1, 1.5, True)
+    fast["step_times_ms"], slow["step_times_ms"] = [9.0, 10.0, 11.0], [11.0, 12.0, 12.1]
+    combined = combine_ranks([fast, slow], num_samples=8)
     assert (combined["step_ms_median"], combined["step_ms_iqr"], combined["step_ms_min"]) == (
         12.0, 0.1, 11.0)
+    assert combined["step_times_ms"] == [11.0, 12.0, 12.1]  # the slowest rank's raw times
     assert (combined["host_ms_median"], combined["host_bound"]) == (10.0, True)
     assert combined["peak_rss_gib"] == 2.0 and combined["peak_mem_reserved_gib"] is None
     assert combined["energy_source"] == "none"
 
 
 def test_an_image_cell_records_the_memory_format_it_used(tmp_path):
-    from bench.cell.main import prepare
+    from bench.cell.train import prepare
 
     default = prepare("resnet-tiny", "fp32", batch_size=2)
     assert default.memory_format == "contiguous" and default.inputs.is_contiguous()
@@ -231,16 +244,3 @@ def test_memory_format_of_a_language_model_is_bad_input(capsys):
     assert main(["cell", "--model", "gpt2-tiny", "--precision", "fp32", "--batch-size", "2",
                  "--device", "cpu", "--memory-format", "contiguous"]) == 2
     assert "--memory-format does not apply to gpt2-tiny" in capsys.readouterr().err
-
-
-def test_summary_line_marks_a_host_bound_cell():
-    from bench.cell.main import summary_line
-
-    record = store.empty_record(
-        model="bert-base", precision="bf16", batch_size=16, seq_len=128, status="ok",
-        samples_per_s=800.0, step_ms_median=20.0, step_ms_iqr=0.2, peak_mem_reserved_gib=3.0,
-        achieved_tflops=90.0, host_ms_median=19.5, host_bound=False)
-    assert "host-bound" not in summary_line(record)
-    record.update(host_bound=True)
-    assert summary_line(record).endswith("[host-bound: the GPU waits for the host's kernel "
-                                         "launches]")

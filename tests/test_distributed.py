@@ -24,7 +24,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 from bench import precision
-from bench.cell.main import prepare
+from bench.cell.train import prepare
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -200,7 +200,7 @@ def test_the_process_group_is_gone_on_every_way_out(monkeypatch, fails):
     import torch
     import torch.distributed as dist
 
-    from bench.cell.main import Ranks, _process_group
+    from bench.cell.dist import Ranks, process_group
 
     _one_rank_group(monkeypatch, "100")
     init, seen = dist.init_process_group, {}
@@ -211,7 +211,7 @@ def test_the_process_group_is_gone_on_every_way_out(monkeypatch, fails):
     monkeypatch.setattr(dist, "barrier", lambda: pytest.fail("barrier after a failure")
                         if fails else barrier())
     with pytest.raises(RuntimeError, match="boom") if fails else contextlib.nullcontext(), \
-            _process_group(torch.device("cpu"), Ranks(0, 0, 1)):
+            process_group(torch.device("cpu"), Ranks(0, 0, 1)):
         assert dist.is_initialized()
         if fails:
             raise RuntimeError("boom")
@@ -229,3 +229,6 @@ def test_a_ddp_cell_warms_up_past_the_steps_where_ddp_waits_for_the_gpu(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert (record["world_size"], record["warmup_steps"]) == (2, 11)
+    # The slowest rank's raw times, and the record's statistics are theirs.
+    assert len(record["step_times_ms"]) == record["timed_steps"] == 2
+    assert record["step_ms_median"] == store.step_stats(record["step_times_ms"])["step_ms_median"]

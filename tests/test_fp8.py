@@ -130,14 +130,15 @@ def test_a_model_with_a_convertible_layer_is_supported():
 @needs_torchao
 def test_parity_skips_a_model_fp8_would_not_touch_and_says_why(tmp_path, monkeypatch, capsys):
     from bench import parity
+    from bench.parity import stage
 
     trained = []
 
-    def fake_train_one(model_name, policy_name, seed, *args, **kwargs):
-        trained.append((model_name, policy_name))
-        raise RuntimeError("not trained in this test")
+    def fake_train_pair(runs, *args, **kwargs):  # the runs one child would train
+        trained.extend((run.model, run.precision) for run in runs)
+        return {run.key: stage._failed(run, "not trained in this test") for run in runs}
 
-    monkeypatch.setattr(parity, "train_one", fake_train_one)
+    monkeypatch.setattr(stage, "_train_pair", fake_train_pair)
     parity.run_parity(tmp_path, models=["resnet-tiny"], precisions=["fp32", "fp8"], seeds=2,
                       steps=2, device="cpu")
     assert trained == [("resnet-tiny", "fp32")] * 2
@@ -224,7 +225,7 @@ def test_compile_only_without_a_compiled_axis_keeps_the_eager_cells():
 def test_fp8_names_are_validated_without_torch(run_python):
     code = (
         "import sys\n"
-        "from bench import config, precision\n"
+        "from bench import BadInput, config, precision\n"
         "assert precision.get('fp8').fp8_recipe == 'tensorwise'\n"
         "m = config.from_dict({'models': {'gpt2-tiny': {'batch_sizes': [2]}},\n"
         "                      'precisions': ['fp8', 'fp8-rowwise'], 'compile_only': ['fp8']})\n"
@@ -232,7 +233,7 @@ def test_fp8_names_are_validated_without_torch(run_python):
         "for bad in ({'precisions': ['fp8-blockwise']}, {'compile_only': ['fp9']}):\n"
         "    try:\n"
         "        config.from_dict({'models': {'gpt2-tiny': {}}, **bad})\n"
-        "    except config.BadInput as exc:\n"
+        "    except BadInput as exc:\n"
         "        assert 'fp8-rowwise' in str(exc), exc\n"
         "    else:\n"
         "        raise AssertionError(bad)\n"
@@ -255,6 +256,6 @@ def test_parity_on_cpu_leaves_emulated_fp8_out_unless_asked(tmp_path, monkeypatc
         seen["chosen"] = list(chosen)
         return run_dir / "parity.csv"
 
-    monkeypatch.setattr(parity, "_run_all", fake_run_all)
+    monkeypatch.setattr(parity.stage, "_run_all", fake_run_all)
     parity.run_parity(tmp_path, models=["gpt2-tiny"], precisions=asked, seeds=2, device="cpu")
     assert seen["chosen"] == expected

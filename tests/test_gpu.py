@@ -74,7 +74,7 @@ def test_each_policy_trains_each_full_size_model(tmp_path, model, policy):
 def test_energy_counter_agrees_with_the_sampled_integral(tmp_path):
     import torch
 
-    from bench.telemetry.power import PowerMonitor
+    from bench.telemetry.monitor import PowerMonitor
 
     device = torch.device("cuda")
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)

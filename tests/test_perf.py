@@ -17,11 +17,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bench.cell.timing import peak_memory, reset_peak_memory  # noqa: E402
-
 from bench import precision  # noqa: E402  (after the importorskip above)
-from bench.cell.main import prepare  # noqa: E402
-from bench.telemetry.power import PowerMonitor  # noqa: E402
+from bench.cell.timing import peak_memory, reset_peak_memory  # noqa: E402
+from bench.cell.train import prepare  # noqa: E402
+from bench.telemetry.monitor import PowerMonitor  # noqa: E402
 
 pytestmark = pytest.mark.perf
 

@@ -3,7 +3,7 @@ import torch
 
 import models
 from bench import precision
-from bench.cell.main import prepare
+from bench.cell.train import prepare
 
 TINY = ["resnet-tiny", "bert-tiny", "gpt2-tiny"]
 CPU = torch.device("cpu")

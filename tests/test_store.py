@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from bench import BadInput, store
+from bench.analysis import noise
 
 
 def _record(batch_size: int, **fields: object) -> dict:
@@ -94,7 +95,7 @@ def test_results_csv_states_each_cells_value_and_noise_across_its_processes(tmp_
     for repeat, value in enumerate([100.0, 101.0, 99.0]):
         store.append(tmp_path, _timed(1, repeat, value))
     store.append(tmp_path, _timed(2, 0, 50.0))
-    frame = pd.read_csv(store.write_csv(tmp_path))
+    frame = pd.read_csv(store.write_csv(tmp_path, cell_noise=noise.results_columns))
     one, two = frame[frame["batch_size"] == 1].iloc[0], frame[frame["batch_size"] == 2].iloc[0]
     assert (one["num_processes"], one["cell_samples_per_s"]) == (3, 100.0)
     assert one["process_spread_pct"] == pytest.approx(1.0)
@@ -112,7 +113,7 @@ def test_a_price_in_meta_adds_the_cost_of_a_million_samples_to_results_csv(tmp_p
         store.append(tmp_path, _timed(1, repeat, value, joules_per_sample=2.0, world_size=1))
     store.append(tmp_path, _timed(2, 0, 50.0, world_size=4))  # no energy measured
     store.append(tmp_path, {**_record(3), "status": "oom"})
-    frame = pd.read_csv(store.write_csv(tmp_path))
+    frame = pd.read_csv(store.write_csv(tmp_path, cell_noise=noise.results_columns))
     assert list(frame.columns) == [*store.FIELDS, *store.CELL_NOISE, *store.COST]
     one, four, oom = (frame[frame["batch_size"] == b].iloc[0] for b in (1, 2, 3))
     # $3.6 per device-hour = $0.001 per device-second; 1M samples at 100/s take 10,000 s.
@@ -262,3 +263,155 @@ def test_damaged_meta_is_a_warning_and_empty(tmp_path, capsys, text, why):
     (tmp_path / store.META).write_bytes(text)
     assert store.read_meta(tmp_path) == {}
     assert f"warning: {tmp_path / store.META}: {why}" in capsys.readouterr().err
+
+
+def test_the_record_line_marks_a_host_bound_cell():
+    # One line per record: a cell's stderr and the runner's progress (torch-free).
+    record = store.empty_record(
+        model="bert-base", precision="bf16", batch_size=16, seq_len=128, status="ok",
+        samples_per_s=800.0, step_ms_median=20.0, step_ms_iqr=0.2, peak_mem_reserved_gib=3.0,
+        achieved_tflops=90.0, host_ms_median=19.5, host_bound=False)
+    assert "host-bound" not in store.record_line(record)
+    record.update(host_bound=True)
+    assert store.record_line(record).endswith(
+        "[host-bound: the GPU waits for the host's kernel launches]")
+
+
+# ---------------------------------------------------------------- schema 6: raw step times
+
+
+def test_a_record_keeps_its_raw_step_times_and_readers_derive_the_statistics(tmp_path):
+    times = [10.0, 12.0, 11.0, 30.0, 10.5]
+    # Stored statistics that disagree with the raw times: every reader goes by the raw times,
+    # so a better statistic later applies to old records too.
+    store.append(tmp_path, _record(1, timed_steps=5, step_times_ms=times, step_ms_median=99.0,
+                                   step_ms_iqr=0.0, step_ms_min=1.0))
+    q1, q3 = np.percentile(times, [25, 75])
+    (record,) = store.load_records(tmp_path)
+    assert record["step_times_ms"] == times and len(times) == record["timed_steps"]
+    assert (record["step_ms_median"], record["step_ms_min"]) == (11.0, 10.0)
+    assert record["step_ms_iqr"] == pytest.approx(q3 - q1)
+    row = store.load_results(tmp_path).iloc[0]
+    assert (row["step_ms_median"], row["step_ms_min"]) == (11.0, 10.0)
+    assert row["step_ms_iqr"] == pytest.approx(q3 - q1)
+    # results.csv carries the raw times too, as one exact ";"-joined column.
+    text = pd.read_csv(tmp_path / store.RESULTS)["step_times_ms"][0]
+    assert [float(t) for t in text.split(";")] == times
+
+
+def test_a_schema_5_record_without_raw_times_keeps_its_stored_statistics(tmp_path):
+    old = {k: v for k, v in _record(1, step_ms_median=10.0, step_ms_iqr=0.4, step_ms_min=9.5,
+                                    samples_per_s=100.0).items() if k != "step_times_ms"}
+    (tmp_path / store.RECORDS).write_text(json.dumps({**old, "schema": 5}) + "\n")
+    (record,) = store.load_records(tmp_path)
+    assert (record["schema"], record["step_ms_median"], record["step_ms_iqr"],
+            record["step_ms_min"], record["samples_per_s"]) == (5, 10.0, 0.4, 9.5, 100.0)
+    row = store.load_results(tmp_path).iloc[0]
+    assert (row["step_ms_median"], row["step_ms_iqr"], row["step_ms_min"]) == (10.0, 0.4, 9.5)
+    assert np.isnan(row["step_times_ms"])
+
+
+def test_results_csv_rows_get_their_statistics_from_their_raw_times(tmp_path):
+    path = _csv(tmp_path, "schema,model,precision,batch_size,status,step_ms_median,step_ms_iqr,"
+                "step_ms_min,step_times_ms\n"
+                "6,gpt2-tiny,fp32,1,ok,99,0,1,4.0;2.0;3.0\n"
+                "6,gpt2-tiny,fp32,2,ok,5.0,0,5.0,5.0\n"  # one step: a plain number
+                "5,gpt2-tiny,fp32,4,ok,7.5,0.5,7.0,\n"  # schema 5: its stored statistics
+                "6,gpt2-tiny,fp32,8,oom,,,,\n")
+    frame = store.load_results(path)
+    assert frame["step_ms_median"].tolist()[:3] == [3.0, 5.0, 7.5]
+    assert frame["step_ms_iqr"].tolist()[:3] == [1.0, 0.0, 0.5]
+    assert frame["step_ms_min"].tolist()[:3] == [2.0, 5.0, 7.0]
+    assert np.isnan(frame["step_ms_median"][3])
+
+
+@pytest.mark.parametrize("times", ["1.0;fast", "1.0;;2.0", "-1", "2.0;-1.0"])
+def test_damaged_raw_times_in_results_csv_are_bad_input_naming_the_line(tmp_path, times):
+    path = _csv(tmp_path, "model,precision,batch_size,status,step_times_ms\n"
+                f"gpt2-tiny,fp32,1,ok,1.0\ngpt2-tiny,fp32,2,ok,{times}\n")
+    with pytest.raises(BadInput, match=f"{re.escape(str(path))}: line 3: column step_times_ms "
+                                       "holds '.*', not step times in ms"):
+        store.load_results(path)
+
+
+@pytest.mark.parametrize("times", ["fast", [], [1.0, "x"], [1.0, -2.0], [True]])
+def test_a_record_with_damaged_raw_times_is_a_warning_and_skipped(tmp_path, capsys, times):
+    store.append(tmp_path, _record(1, step_times_ms=[1.0, 2.0]))
+    store.append(tmp_path, _record(2, step_times_ms=times))
+    assert [r["batch_size"] for r in store.load_records(tmp_path)] == [1]
+    assert "line 2: step_times_ms" in capsys.readouterr().err
+
+
+def test_records_of_a_newer_schema_are_read_with_a_warning(tmp_path, capsys):
+    store.append(tmp_path, {**_record(1), "schema": store.SCHEMA_VERSION + 1})
+    assert len(store.load_records(tmp_path)) == 1
+    newer = f"1 row(s) of schema {store.SCHEMA_VERSION + 1}, newer than this ampbench's"
+    assert newer in capsys.readouterr().err
+    store.load_results(tmp_path)
+    assert newer in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- results.csv: derived, not kept
+
+
+def _count_write_csv(monkeypatch) -> list:
+    calls: list = []
+    write = store.write_csv
+    monkeypatch.setattr(store, "write_csv", lambda *a, **kw: calls.append(a) or write(*a, **kw))
+    return calls
+
+
+def test_results_csv_is_derived_on_read_when_missing_or_older_than_the_records(tmp_path,
+                                                                            monkeypatch):
+    calls = _count_write_csv(monkeypatch)
+    store.append(tmp_path, _record(1, samples_per_s=10.0))
+    assert store.load_results(tmp_path)["batch_size"].tolist() == [1]  # missing: derived
+    assert len(calls) == 1
+    assert store.load_results(tmp_path)["batch_size"].tolist() == [1]  # fresh: read as it is
+    assert len(calls) == 1
+    store.append(tmp_path, _record(2))  # a sweep still running appends its next record
+    past = (tmp_path / store.RECORDS).stat().st_mtime_ns - 10**9
+    os.utime(tmp_path / store.RESULTS, ns=(past, past))
+    # Stale: derived again, from the run directory or from its results.csv by name.
+    assert store.load_results(tmp_path / store.RESULTS)["batch_size"].tolist() == [1, 2]
+    assert len(calls) == 2 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_stale_results_csv_that_cannot_be_derived_again_is_read_with_a_warning(
+        tmp_path, monkeypatch, capsys):
+    store.append(tmp_path, _record(1))
+    store.write_csv(tmp_path)
+    store.append(tmp_path, _record(2))
+    os.utime(tmp_path / store.RESULTS, ns=(0, 0))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(store, "write_csv", refuse)
+    assert store.load_results(tmp_path)["batch_size"].tolist() == [1]
+    assert "older than records.jsonl and cannot be derived again" in capsys.readouterr().err
+    (tmp_path / store.RESULTS).unlink()
+    with pytest.raises(BadInput, match=r"cannot derive it from records\.jsonl"):
+        store.load_results(tmp_path)
+
+
+def test_a_sweep_appends_per_cell_and_derives_results_csv_once_at_the_end(tmp_path,
+                                                                       monkeypatch):
+    from bench import report
+    from bench.cli import main
+
+    calls = _count_write_csv(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "quick", "--models", "gpt2-tiny", "--precisions", "fp32",
+                 "--batch-sizes", "1,2", "--steps", "2", "--warmup", "0", "--no-parity",
+                 "--no-report", "--out", str(out)]) == 0
+    assert len(calls) == 1  # not once per cell
+    frame = pd.read_csv(out / store.RESULTS)
+    assert frame["batch_size"].tolist() == [1, 2]
+    assert [len(t.split(";")) for t in frame["step_times_ms"]] == [2, 2]
+    # A sweep still running: its next record is appended, results.csv not yet rewritten; a
+    # report read now sees it.
+    record = store.load_records(out)[0]
+    store.append(out, {**record, "cell_id": "another", "batch_size": 4})
+    assert sorted(report.load(out).cells["batch_size"]) == [1, 2, 4]
+    assert len(calls) == 2

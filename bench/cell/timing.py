@@ -2,7 +2,8 @@
 
 CUDA: an event pair around each step, one synchronize after the whole window, so nothing in
 the window waits on the host. CPU: ``time.perf_counter`` (the step is synchronous there).
-Raw step times are kept; median, IQR and min are derived from them.
+Raw step times are kept (the record's ``step_times_ms``); median, IQR and min are derived
+from them by bench/store.py's ``step_stats``, here and wherever a record is read.
 
 Every process that times on a GPU calls ``use_device`` first (a cell, peers, parity), and
 StepTimer records on its device's stream by name, so ``--device cuda:1`` times GPU 1's work.
@@ -19,6 +20,8 @@ import statistics
 import sys
 import time
 from typing import Any
+
+from bench import store
 
 GIB = 1024**3
 
@@ -122,17 +125,9 @@ class StepTimer:
                                    and queued_ms < QUEUED_SHARE * step_ms)}
 
 
-def summarize(times_ms: list[float]) -> dict[str, float]:
-    """Median, interquartile range and minimum of raw step times (ms)."""
-    if len(times_ms) >= 2:
-        q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
-    else:
-        q1 = q3 = times_ms[0]
-    return {
-        "step_ms_median": statistics.median(times_ms),
-        "step_ms_iqr": q3 - q1,
-        "step_ms_min": min(times_ms),
-    }
+# Median, IQR and minimum of raw step times (ms): the store's one rule, which every reader of a
+# record applies again to its raw times.
+summarize = store.step_stats
 
 
 def reset_peak_memory(device: Any) -> None:
