@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from bench import BadInput, store
-from bench.analysis.gate import Check, parse_checks
+from bench.analysis.checks import Check, parse_checks
 from bench.analysis.noise import Estimate
 from bench.cli import main
 

@@ -2,18 +2,16 @@
 
 Run ``python -m bench gate --baseline results/baselines/<device>.csv --current RUN_DIR``; with
 neither flag (``nox -s gate``) the latest run under ``results/runs/`` is gated against this
-device's baseline ``results/baselines/<device-slug>.csv``. A baseline is promoted deliberately,
-never automatically, with ``python -m bench baseline RUN_DIR [--out PATH]``.
+device's baseline ``results/baselines/<device-slug>.csv``, which ``python -m bench baseline
+RUN_DIR`` promotes (bench/analysis/baseline.py).
 
-Matching. Rows are grouped into cells by (model, precision, batch_size, seq_len, image_size,
-grad_accum, compile, world_size) and ``device_name``; the repeats of a cell are one cell. A
-baseline from another device is refused unless ``--allow-device-mismatch`` (then the device is
-left out of the key).
+Matching. Rows are grouped into cells by store.KEY and ``device_name`` (bench/analysis/cells.py);
+the repeats of a cell, and the extra processes of a calibration cell, are one cell. A baseline
+from another device is refused unless ``--allow-device-mismatch`` (then the device is left out
+of the key).
 
-Checks. ``--check METRIC:[+|-]THRESHOLD[%]`` (repeatable; replaces the defaults): ``-`` means a
-drop is the regression, ``+`` a rise; without a sign the metric's usual direction is used; ``%``
-makes the threshold relative to the baseline, without it the threshold is in the metric's unit.
-Defaults: ``samples_per_s:-5% step_ms_median:+5% peak_mem_reserved_gib:+5% joules_per_sample:+5%``.
+Checks (bench/analysis/checks.py). ``--check METRIC:[+|-]THRESHOLD[%]``, repeatable; defaults
+``samples_per_s:-5% step_ms_median:+5% peak_mem_reserved_gib:+5% joules_per_sample:+5%``.
 A memory check on a cell with no reserved/allocated memory (CPU) falls back to ``peak_rss_gib``;
 a metric empty on either side (no NVML: no joules) is reported as n/a.
 
@@ -48,121 +46,27 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
-import shutil
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from bench import BadInput, parity, paths, store
-from bench.analysis import noise
+from bench import BadInput, store
+from bench.analysis import baseline as baselines
+from bench.analysis import cells, noise
+from bench.analysis.cells import CellKey
+from bench.analysis.checks import ALWAYS, FAIL, FALLBACK, NOISY, PASS, WARN, Check, parse_checks
+from bench.parity.verdict import VERDICTS, worst_verdict
 from bench.run import contention
 
-KEY = store.KEY
-# A key field left empty in a hand-written CSV means its default, so it still matches.
-_KEY_DEFAULTS = {"grad_accum": "1", "world_size": "1", "compile": "false"}
-
-DEFAULT_CHECKS = ("samples_per_s:-5%", "step_ms_median:+5%", "peak_mem_reserved_gib:+5%",
-                  "joules_per_sample:+5%")
-
-# Metrics a check may name: numeric measurements of results.csv.
-CHECKABLE = (
-    "step_ms_median", "step_ms_iqr", "step_ms_min", "samples_per_s", "tokens_per_s", "startup_s",
-    "peak_mem_allocated_gib", "peak_mem_reserved_gib", "peak_rss_gib",
-    "flops_per_step", "achieved_tflops", "mfu_pct",
-    "power_avg_w", "power_max_w", "energy_j", "joules_per_sample", "sm_clock_mhz_avg",
-    "temp_max_c", "loss_last", "nonfinite_steps", "scaler_skipped_steps",
-)
-_HIGHER_IS_BETTER = frozenset({"samples_per_s", "tokens_per_s", "achieved_tflops", "mfu_pct",
-                               "sm_clock_mhz_avg"})
-# Every ok cell measures these: a baseline without them is damaged, a current run lost them.
-_ALWAYS = ("step_ms_median", "step_ms_iqr", "samples_per_s")
-# CUDA memory columns are empty on CPU, where the child's peak RSS is the measure.
-_FALLBACK = {"peak_mem_reserved_gib": "peak_rss_gib", "peak_mem_allocated_gib": "peak_rss_gib"}
-
 _FAILED_STATUS = frozenset({"oom", "timeout", "error"})
-
-BASELINES = Path("results") / "baselines"
-PARITY = "parity.csv"
-
-PASS, FAIL, WARN, NOISY = "pass", "FAIL", "warn", "too noisy"
-
-
-_CHECK_RE = re.compile(r"^\s*([a-z_]+)\s*:\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
-
-
-@dataclass(frozen=True)
-class Check:
-    """A regression check such as ``samples_per_s:-5%`` (a drop of more than 5% fails)."""
-
-    metric: str
-    threshold: float
-    worse: int  # +1: a rise is a regression; -1: a drop is
-    percent: bool = True
-
-    @classmethod
-    def parse(cls, text: str) -> Check:
-        """Parse ``METRIC:[+|-]THRESHOLD[%]``; a bad expression raises BadInput."""
-        match = _CHECK_RE.match(text)
-        if not match:
-            raise BadInput(f"check '{text}' is not METRIC:[+|-]THRESHOLD[%] "
-                           f"(e.g. samples_per_s:-5% or peak_rss_gib:+0.5)")
-        metric, sign, number, percent = match.groups()
-        if metric not in CHECKABLE:
-            raise BadInput(f"check '{text}': unknown metric '{metric}'; "
-                           f"valid: {', '.join(CHECKABLE)}")
-        usual = -1 if metric in _HIGHER_IS_BETTER else 1
-        worse = {"+": 1, "-": -1}.get(sign, usual)
-        return cls(metric, float(number), worse, bool(percent))
-
-    def __str__(self) -> str:
-        sign = "+" if self.worse > 0 else "-"
-        return f"{self.metric}:{sign}{self.threshold:g}{'%' if self.percent else ''}"
-
-    def change(self, baseline: float, current: float) -> float:
-        """Current minus baseline: in percent of the baseline, or in the metric's unit."""
-        if not self.percent:
-            return current - baseline
-        if baseline == 0:
-            return 0.0 if current == 0 else math.copysign(math.inf, current)
-        return (current - baseline) / abs(baseline) * 100.0
-
-    def judge(self, baseline: noise.Estimate, current: noise.Estimate) -> str:
-        """PASS, FAIL (beyond the threshold and beyond the noise of both sides) or NOISY (no
-        regression seen, but the noise is too wide to have seen one of the threshold's size)."""
-        change = self.change(baseline.value, current.value)
-        sigma = self.sigma(baseline, current)
-        if change * self.worse > self.threshold and change * self.worse > noise.Z * sigma:
-            return FAIL
-        if noise.Z * sigma > self.threshold:
-            return NOISY
-        return PASS
-
-    def sigma(self, baseline: noise.Estimate, current: noise.Estimate) -> float:
-        """The standard error of ``change``, in its unit (percent or the metric's)."""
-        if self.percent:
-            return math.hypot(baseline.error, current.error) * 100.0
-        return math.hypot(baseline.error * baseline.value, current.error * current.value)
-
-    def fails(self, baseline: noise.Estimate, current: noise.Estimate) -> bool:
-        """A regression: beyond the threshold and beyond the noise of both sides."""
-        return self.judge(baseline, current) == FAIL
-
-
-def parse_checks(texts: Iterable[str] | None) -> list[Check]:
-    """The checks given on the command line, or the defaults when none were."""
-    return [Check.parse(text) for text in (texts or DEFAULT_CHECKS)]
 
 
 @dataclass
 class _Cell:
-    key: tuple[str, ...]
+    key: CellKey
     label: str
     status: str
     throttled: bool
@@ -174,11 +78,11 @@ class _Cell:
 class _Side:
     """One side of the comparison: its cells and, per metric, their estimates and the band."""
 
-    cells: dict[tuple[str, ...], _Cell]
-    _estimates: dict[str, tuple[dict[tuple[str, ...], noise.Estimate], noise.Band]] = field(
+    cells: dict[CellKey, _Cell]
+    _estimates: dict[str, tuple[dict[CellKey, noise.Estimate], noise.Band]] = field(
         default_factory=dict)
 
-    def _of(self, metric: str) -> tuple[dict[tuple[str, ...], noise.Estimate], noise.Band]:
+    def _of(self, metric: str) -> tuple[dict[CellKey, noise.Estimate], noise.Band]:
         if metric not in self._estimates:
             self._estimates[metric] = noise.cell_estimates(
                 {key: cell.ok.to_dict("records") for key, cell in self.cells.items()}, metric)
@@ -218,39 +122,15 @@ class _Row:
 # ---------------------------------------------------------------------------------- loading
 
 
-def _canon(value: Any, column: str = "") -> str:
-    """A key value as a comparable string: 64.0 == 64 == "64", True == "True", NaN == ""."""
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        text = ""
-    elif isinstance(value, (bool, np.bool_)):
-        text = "true" if value else "false"
-    elif isinstance(value, (float, np.floating)):
-        number = float(value)
-        text = str(int(number)) if number.is_integer() else repr(number)
-    else:
-        text = str(value).strip()
-        if text.lower() in ("true", "false"):
-            text = text.lower()
-        else:
-            try:  # "64.0" in a hand-written CSV is still 64
-                number = float(text)
-                text = str(int(number)) if number.is_integer() else text
-            except ValueError:
-                pass
-    return text or _KEY_DEFAULTS.get(column, "")
-
-
-
-
 def _validate_baseline(frame: pd.DataFrame, checks: Sequence[Check], source: Path) -> None:
     """A baseline is the reference: an infinite value, or an ok cell without the measurements
     every ok cell has, means the file is damaged (bad input), not that nothing can be checked."""
     ok = frame[frame["status"] == "ok"]
-    for column in dict.fromkeys([*(c.metric for c in checks), *_ALWAYS]):
+    for column in dict.fromkeys([*(c.metric for c in checks), *ALWAYS]):
         if column not in ok:
             continue
         values = pd.to_numeric(ok[column], errors="coerce")
-        bad = values.map(lambda v: math.isinf(v)) | (values.isna() & (column in _ALWAYS))
+        bad = values.map(lambda v: math.isinf(v)) | (values.isna() & (column in ALWAYS))
         if bad.any():
             row = frame.attrs["lines"][frame.index.get_loc(bad.idxmax())] \
                 if "lines" in frame.attrs else int(bad.idxmax()) + 2  # after the header
@@ -260,66 +140,35 @@ def _validate_baseline(frame: pd.DataFrame, checks: Sequence[Check], source: Pat
 
 def _load(source: Path | str, checks: Sequence[Check]) -> pd.DataFrame:
     """results.csv of a run dir or a CSV (store's one reader), with the columns the gate reads."""
-    frame = store.load_results(source)
-    needed = [*KEY, "status", "device_name"]
-    for check in checks:
-        needed.append(check.metric)
+    frame = store.load_results(source, cell_noise=noise.results_columns)
+    needed = [*store.KEY, "status", "device_name", *(check.metric for check in checks)]
     missing = [c for c in dict.fromkeys(needed) if c not in frame.columns]
     if missing:
         raise BadInput(f"{source}: missing column(s) {', '.join(missing)}")
     # store.load_results has refused unknown statuses and text where numbers belong.
-    frame["device_name"] = frame["device_name"].map(lambda v: _canon(v) or "unknown device")
+    frame["device_name"] = frame["device_name"].map(cells.device_name)
     return frame
 
 
-def _label(key: dict[str, str]) -> str:
-    parts = [key["model"], key["precision"], f"b={key['batch_size']}"]
-    if key["seq_len"]:
-        parts.append(f"seq={key['seq_len']}")
-    if key["image_size"]:
-        parts.append(f"img={key['image_size']}")
-    if key["grad_accum"] != "1":
-        parts.append(f"ga={key['grad_accum']}")
-    if key["compile"] == "true":
-        parts.append("compile")
-    if key["world_size"] != "1":
-        parts.append(f"ws={key['world_size']}")
-    return " ".join(parts)
-
-
-def _cells(frame: pd.DataFrame, with_device: bool) -> dict[tuple[str, ...], _Cell]:
-    columns = [*KEY, "device_name"] if with_device else list(KEY)
-    if frame.empty:
-        return {}
-    keys = frame[columns].apply(lambda row: tuple(_canon(row[c], c) for c in columns), axis=1)
-    cells: dict[tuple[str, ...], _Cell] = {}
-    for key, rows in frame.groupby(keys, sort=True):
+def _cells(frame: pd.DataFrame, with_device: bool) -> dict[CellKey, _Cell]:
+    """The side's cells; a max-batch run's search rows are cells too (its results)."""
+    mixed = with_device and len(set(frame.get("device_name", ()))) > 1
+    found: dict[CellKey, _Cell] = {}
+    for key, rows in cells.group_frame(frame, with_device=with_device, searches=True).items():
         statuses = list(rows["status"])
         # The worst repeat speaks for the cell: one OOM among repeats is still an OOM.
         status = next((s for s in store.FAILED if s in statuses), "ok")
         throttled = "throttled" in rows and any(store.truthy(v) for v in rows["throttled"])
-        label = _label(dict(zip(columns, key, strict=True)))
-        if with_device and len(set(frame["device_name"])) > 1:
-            label += f" [{key[-1]}]"
+        label = cells.label(key) + (f" [{key.device_name}]" if mixed else "")
         ok = rows[rows["status"] == "ok"]
         contended = "others_cpu_pct" in ok and any(map(contention.contended, ok["others_cpu_pct"]))
-        cells[key] = _Cell(key, label, status, throttled, ok, contended)
-    return cells
-
-
-def _parity_path(source: Path) -> Path | None:
-    if source.is_dir():
-        path = source / PARITY
-    elif source.name == store.RESULTS:
-        path = source.parent / PARITY
-    else:
-        path = source.with_name(f"{source.stem}.parity.csv")
-    return path if path.exists() else None
+        found[key] = _Cell(key, label, status, throttled, ok, contended)
+    return found
 
 
 def _parity(source: Path) -> dict[tuple[str, str], str] | None:
     """(model, precision) -> worst verdict over seeds, or None when the side has no parity CSV."""
-    path = _parity_path(source)
+    path = baselines.parity_path(source)
     if path is None:
         return None
     try:
@@ -333,11 +182,11 @@ def _parity(source: Path) -> dict[tuple[str, str], str] | None:
     verdicts: dict[tuple[str, str], str] = {}
     for (model, precision), rows in frame.groupby(["model", "precision"]):
         seen = {str(v).strip().upper() for v in rows["verdict"].dropna()}
-        unknown = seen - set(parity.VERDICTS) - {""}
+        unknown = seen - set(VERDICTS) - {""}
         if unknown:
             raise BadInput(f"{path}: unknown verdict '{sorted(unknown)[0]}' "
-                           f"(valid: {', '.join(parity.VERDICTS)})")
-        worst = parity.worst_verdict(seen)
+                           f"(valid: {', '.join(VERDICTS)})")
+        worst = worst_verdict(seen)
         if worst:  # the FP32 reference rows may carry no verdict
             verdicts[(str(model), str(precision))] = worst
     return verdicts
@@ -379,8 +228,8 @@ def _compare_metric(check: Check, base: tuple[_Side, _Cell], cur: tuple[_Side, _
     (base_side, base_cell), (cur_side, cur_cell) = base, cur
     metric = check.metric
     b, c = base_side.estimate(base_cell, metric), cur_side.estimate(cur_cell, metric)
-    if b is None and c is None and metric in _FALLBACK:
-        metric = _FALLBACK[metric]
+    if b is None and c is None and metric in FALLBACK:
+        metric = FALLBACK[metric]
         b, c = base_side.estimate(base_cell, metric), cur_side.estimate(cur_cell, metric)
     if b is None:
         return "n/a", PASS  # the baseline never measured it (no NVML: no joules)
@@ -432,7 +281,7 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame, checks: Sequence[Chec
     base_cells, cur_cells = base_side.cells, cur_side.cells
     findings: list[Finding] = []
     rows: list[_Row] = []
-    for key in sorted(set(base_cells) | set(cur_cells)):
+    for key in sorted(set(base_cells) | set(cur_cells), key=cells.sort_key):
         base, cur = base_cells.get(key), cur_cells.get(key)
         row = _Row(cur, base)
         rows.append(row)
@@ -554,27 +403,6 @@ def _markdown(outcome: Outcome, baseline: str, current: str) -> str:
 # ------------------------------------------------------------------------------------- CLI
 
 
-
-
-def _single_device(frame: pd.DataFrame, source: Path | str) -> str:
-    names = sorted(set(frame["device_name"]))
-    if len(names) != 1:
-        raise BadInput(f"{source}: rows from {len(names)} devices ({', '.join(names)}); "
-                       f"a baseline covers one device")
-    return names[0]
-
-
-
-
-def baseline_for(current: Path | str, baselines: Path = BASELINES) -> Path:
-    """Where the baseline for the current run's device lives (it may not exist yet)."""
-    frame = store.load_results(current)
-    if "device_name" not in frame.columns:
-        raise BadInput(f"{current}: missing column(s) device_name")
-    names = frame["device_name"].map(lambda v: _canon(v) or "unknown device")
-    return baselines / f"{store.device_slug(_single_device(names.to_frame(), current))}.csv"
-
-
 def judge_runs(baseline: Path, current: Path, checks: Sequence[Check], *,
                allow_device_mismatch: bool = False, fail_on_throttled: bool = False,
                fail_on_noisy: bool = False) -> Outcome:
@@ -602,7 +430,7 @@ def main(args: argparse.Namespace) -> int:
     if args.baseline:
         baseline = Path(args.baseline)
     else:
-        baseline = baseline_for(current)
+        baseline = baselines.baseline_for(current)
         if not baseline.exists():
             raise BadInput(f"no baseline {baseline} for this device; promote one with "
                            f"`python -m bench baseline RUN_DIR` or pass --baseline")
@@ -621,44 +449,3 @@ def main(args: argparse.Namespace) -> int:
         with open(summary, "a", encoding="utf-8") as f:
             f.write(_markdown(outcome, str(baseline), str(current)))
     return 1 if outcome.failed else 0
-
-
-def promote(run_dir: Path | str, out: Path | str | None = None) -> Path:
-    """Copy a run's results (and parity verdicts) to a baseline CSV; returns its path."""
-    if out:
-        paths.output_file(out, "--out", make_parents=True)
-    frame = store.load_results(run_dir)
-    if "device_name" not in frame.columns:
-        raise BadInput(f"{run_dir}: missing column(s) device_name")
-    device = _single_device(
-        frame["device_name"].map(lambda v: _canon(v) or "unknown device").to_frame(), run_dir)
-    if not (frame["status"] == "ok").any():
-        raise BadInput(f"{run_dir}: no cell with status ok; nothing worth a baseline")
-    path = paths.output_file(out or BASELINES / f"{store.device_slug(device)}.csv", "--out",
-                             make_parents=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp")
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # never left behind, whatever failed
-    # The parity sibling travels with the CSV; a stale one from an older baseline must not stay.
-    sibling = path.with_name(f"{path.stem}.parity.csv")
-    source_parity = _parity_path(Path(run_dir))
-    if source_parity is not None:
-        shutil.copyfile(source_parity, sibling)
-    elif sibling.exists():
-        sibling.unlink()
-    for column, why in (("git_dirty", "uncommitted changes"), ("throttled", "throttled cells")):
-        if column in frame and any(store.truthy(v) for v in frame[column]):
-            print(f"warning: {run_dir} has {why}; promoted anyway", file=sys.stderr)
-    return path
-
-
-def promote_main(args: argparse.Namespace) -> int:
-    """``ampbench baseline RUN_DIR``: promote a run to this device's baseline."""
-    path = promote(args.run_dir, args.out)
-    parity = path.with_name(f"{path.stem}.parity.csv")
-    print(f"promoted {args.run_dir} to {path}" + (f" (+ {parity})" if parity.exists() else ""))
-    return 0

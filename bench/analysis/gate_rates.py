@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import store
-from bench.analysis import gate
+from bench.analysis import gate, noise
 
 
 def _run(preset: str, repeats: int, out: Path, slowdown: float = 0.0) -> None:
@@ -76,7 +76,8 @@ def measure(preset: str, reruns: int, repeats: int, slowdown: float, out: Path,
     figures = {
         "preset": preset, "repeats": repeats, "baseline_repeats": baseline_repeats or repeats,
         "reruns": reruns, "slowdown": slowdown,
-        "device_name": str(store.load_results(baseline)["device_name"].dropna().iloc[0]),
+        "device_name": str(store.load_results(baseline, cell_noise=noise.results_columns)[
+            "device_name"].dropna().iloc[0]),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checks": [str(c) for c in checks],
         "same_code": {"judged_checks": judged, "false_positives": false_pos,

@@ -24,7 +24,8 @@ nothing at all (``none``) the noise is unbounded: no claim can be made.
 
 Claims use one threshold, ``Z`` standard errors: an interval shown as ``±`` is ``Z`` sigma
 wide, a change is "beyond noise" when the interval excludes no change, and the gate judges a
-check only when a change of its threshold's size would be beyond noise. torch-free.
+check only when a change of its threshold's size would be beyond noise. results.csv's per-cell
+noise columns come from ``results_columns``, which store.write_csv is given. torch-free.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ import math
 import statistics
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench import store
+from bench.analysis.cells import group_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 K = TypeVar("K", bound=Hashable)
 
@@ -207,6 +212,35 @@ def cell_estimates(cells: Mapping[K, Sequence[Mapping[str, Any]]], metric: str,
         if est is not None:
             out[key] = est
     return out, band
+
+
+def results_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (results.csv's rows) with store.CELL_NOISE: each cell's samples/s over all its
+    ok processes, the same on each of its rows. store.write_csv receives this function (store
+    imports nothing from analysis)."""
+    import pandas as pd
+
+    frame = frame.copy()
+    for column in store.CELL_NOISE:
+        frame[column] = None
+    if frame.empty:
+        return frame
+    ok = frame[frame["status"] == "ok"]
+    # Search rows too: each is a cell of its own run, and results.csv has always described them.
+    cells = {tuple(rows.index): rows.to_dict("records")
+             for rows in group_frame(ok, searches=True).values()}
+    estimates, _ = cell_estimates(cells, "samples_per_s")
+    for index, est in estimates.items():
+        spread = own_spread(finite(r["samples_per_s"] for r in cells[index]))
+        frame.loc[list(index), list(store.CELL_NOISE)] = [
+            est.n, est.value, _finite_or_none(est.error * 100),
+            None if spread is None else spread * 100, _finite_or_none(est.spread * 100),
+            est.source]
+    return frame.astype({c: "object" for c in store.CELL_NOISE}).where(pd.notna(frame), None)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # unknown noise: an empty cell, not inf
 
 
 def shared(a: Estimate, b: Estimate) -> tuple[Estimate, Estimate]:
