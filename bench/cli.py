@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from bench import BadInput, paths
 
@@ -183,7 +185,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true", help="skip writing report.md and plots")
     _add_prices(p, "results.csv and the report get",
                 "kept in meta.json, so a resumed run and `report` use it too")
-    p.set_defaults(handler="bench.run.sweep:main")
+    p.set_defaults(handler="bench.run.command:main")
 
 
 def _add_parity(sub: argparse._SubParsersAction) -> None:
@@ -268,7 +270,7 @@ def _add_gate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--out", type=_out_csv,
                    help="baseline CSV path (default results/baselines/<device>.csv)")
-    p.set_defaults(handler="bench.analysis.gate:promote_main")
+    p.set_defaults(handler="bench.analysis.baseline:promote_main")
 
 
 def _add_env(sub: argparse._SubParsersAction) -> None:
@@ -376,9 +378,23 @@ def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(module), name)
 
 
+def _own_models() -> None:
+    """BadInput unless ``import models`` finds ampbench's own package: ``models`` (like
+    ``bench``) is a generic name that another distribution may also install."""
+    spec = importlib.util.find_spec("models")
+    ours = Path(__file__).resolve().parents[1] / "models" / "__init__.py"
+    found = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    if found != ours:
+        raise BadInput(f"'import models' finds {found or 'nothing'}, not ampbench's {ours}: "
+                       "another package named 'models' shadows it; run ampbench in a "
+                       "virtualenv of its own (nox makes one)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """`ampbench COMMAND`: parse, run the command's handler; BadInput is one line, exit 2."""
     args = build_parser().parse_args(argv)
     try:
+        _own_models()
         return int(_resolve(args.handler)(args) or 0)
     except BadInput as exc:
         # One line, even when the bad value held a newline.

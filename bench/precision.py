@@ -1,7 +1,7 @@
 """Precision policies: what each of fp32, tf32, fp16, bf16, fp16-noscale, fp8 and fp8-rowwise
 switches on.
 
-A Policy is data; the training step (bench/cell/main.py) has one code path and asks the policy for
+A Policy is data; the training step (bench/cell/train.py) has one code path and asks the policy for
 its autocast context and its GradScaler. Parts a policy does not use simply do nothing
 (``nullcontext()``, a disabled scaler), as in nanoGPT. torch is imported lazily, so names can be
 validated without it. Master weights and optimizer state stay FP32 under every policy.

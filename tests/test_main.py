@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +38,16 @@ def test_a_bad_value_with_a_line_break_is_still_one_line(tmp_path, capsys):
     assert main(["run", "--models", "gpt\n2", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown model 'gpt\\n2'" in err, err
+
+
+def test_another_models_package_on_the_path_is_one_line_not_a_confusing_crash(tmp_path, cli_env):
+    # `models` is a generic name (PyPI has a distribution of it): one that shadows ours is
+    # named, exit 2, before any command runs.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("")
+    env = {**cli_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), cli_env["PYTHONPATH"]])}
+    done = subprocess.run([sys.executable, "-m", "bench", "models"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "another package named 'models' shadows it" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
-"""Output paths checked before any work, and one process per run directory."""
+"""Output paths checked before any work (bench/paths.py), and one process per run directory
+(bench/run/lock.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from bench import BadInput, paths
+from bench.run import lock
 
 
 def test_an_output_directory_may_be_new_or_existing(tmp_path):
@@ -67,7 +69,7 @@ def test_an_output_file_needs_an_existing_directory_unless_it_may_make_one(tmp_p
     assert os.listdir(tmp_path) == ["file"]
 
 
-HOLD = "import sys, time\nfrom bench import paths\nwith paths.lock(sys.argv[1], 'holder'):\n" \
+HOLD = "import sys, time\nfrom bench.run.lock import lock\nwith lock(sys.argv[1], 'holder'):\n" \
        "    print('held', flush=True)\n    time.sleep(60)\n"
 
 
@@ -77,17 +79,17 @@ def test_a_run_directory_has_one_holder_and_a_dead_ones_lock_is_taken_over(tmp_p
     try:
         assert holder.stdout.readline() == "held\n"
         in_use = f"in use by another ampbench process \\(pid {holder.pid}, holder\\)"
-        with pytest.raises(BadInput, match=in_use), paths.lock(tmp_path):
+        with pytest.raises(BadInput, match=in_use), lock.lock(tmp_path):
             pass
     finally:
         holder.kill()
         holder.wait()
     # The kernel dropped the dead holder's lock; its file (and pid) is still there.
-    assert f"pid {holder.pid}" in (tmp_path / paths.LOCK).read_text()
+    assert f"pid {holder.pid}" in (tmp_path / lock.LOCK).read_text()
     deadline = time.monotonic() + 5
-    with paths.lock(tmp_path, "second"):
+    with lock.lock(tmp_path, "second"):
         assert time.monotonic() < deadline
-        assert (tmp_path / paths.LOCK).read_text() == f"pid {os.getpid()}, second\n"
-        with paths.lock(tmp_path):  # re-entrant in one process: parity inside a run
+        assert (tmp_path / lock.LOCK).read_text() == f"pid {os.getpid()}, second\n"
+        with lock.lock(tmp_path):  # re-entrant in one process: parity inside a run
             pass
-        assert (tmp_path / paths.LOCK).read_text() == f"pid {os.getpid()}, second\n"
+        assert (tmp_path / lock.LOCK).read_text() == f"pid {os.getpid()}, second\n"

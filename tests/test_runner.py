@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 import models
-from bench import store
+from bench import BadInput, store
 from bench.cli import main
 from bench.config import Cell
-from bench.run import launch, sweep
+from bench.run import budget, command, console, device, launch, sweep
+from bench.run.signals import Stopped, stop_on_signals
 
 # One timed step, no warmup, the tiniest model: a cell is mostly child start-up.
 FAST = ["--preset", "quick", "--models", "gpt2-tiny", "--steps", "1", "--warmup", "0",
@@ -356,7 +357,7 @@ def _slow_children(monkeypatch) -> _FakeClock:
         clock.now += 100.0
         return real_child(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "_clock", clock)
+    monkeypatch.setattr(budget, "_clock", clock)
     monkeypatch.setattr(sweep, "run_child", slow_child)
     return clock
 
@@ -371,7 +372,7 @@ def test_a_time_budget_stops_before_a_cell_it_cannot_finish_and_resume_finishes(
     # left, then bf16 b=2 (200 s) does not fit in 10.
     assert main(["run", *FAST, "--precisions", "fp32,bf16", "--batch-sizes", "1,2",
                  "--timeout", "120", "--calibration", "0", "--time-budget", "310s",
-                 "--out", str(out)]) == sweep.BUDGET_EXIT
+                 "--out", str(out)]) == command.BUDGET_EXIT
     err = capsys.readouterr().err
     assert "--time-budget 310s is spent: 1 cell process(es)" in err
     [resume] = [line.removeprefix("resume with: ") for line in err.splitlines()
@@ -431,7 +432,8 @@ def _ran(cell, wall_s, step_ms, warmup=5, timed=15, status="ok"):
 
 def _estimate(cell, finished, timeout_s=300.0, num_steps=20):
     cells = {c.cell_id: c for c in [cell, *(c for c, _ in finished)]}
-    return sweep.estimate_s(cell, [r for _, r in finished], cells, timeout_s, num_steps)
+    return budget.estimate_s(cell, [r for _, r in finished], cells, timeout_s, num_steps,
+                             _flops_of(cells.values()))
 
 
 def _flops(cell):
@@ -439,12 +441,17 @@ def _flops(cell):
         * cell.batch_size * cell.grad_accum
 
 
+def _flops_of(cells):
+    """What the device probe answers the runner: cell_id -> analytic FLOPs per step."""
+    return {c.cell_id: _flops(c) for c in cells}
+
+
 def test_an_unseen_model_is_estimated_from_a_finished_one_scaled_by_flops():
     # gpt2-tiny: 20 steps of 100 ms and 8 s of start-up.
     finished = [_ran(GPT, wall_s=10.0, step_ms=100.0)]
     ratio = _flops(BERT) / _flops(GPT)
     assert ratio != pytest.approx(1.0, rel=0.1)  # the scaling shows
-    expected = 8.0 + 20 * 0.1 * ratio * sweep._STEP_MARGIN
+    expected = 8.0 + 20 * 0.1 * ratio * budget.STEP_MARGIN
     assert _estimate(BERT, finished) == pytest.approx(expected)
     # The same policy is closer in kind than the same model under another policy.
     finished.append(_ran(replace(BERT, precision="bf16"), wall_s=8.0 + 20 * 5.0,
@@ -460,10 +467,11 @@ def test_records_of_another_matrix_in_the_run_directory_count_too():
     record = {**_ran(GPT, wall_s=10.0, step_ms=100.0)[1], "model": GPT.model,
               "precision": GPT.precision, "batch_size": GPT.batch_size, "seq_len": GPT.seq_len}
     tf32 = replace(GPT, precision="tf32")
-    estimate = sweep.estimate_s(tf32, [record], {tf32.cell_id: tf32}, 300.0, 20)
-    assert estimate == pytest.approx(8.0 + 20 * 0.1 * sweep._STEP_MARGIN)
+    flops = _flops_of([GPT, tf32])
+    estimate = budget.estimate_s(tf32, [record], {tf32.cell_id: tf32}, 300.0, 20, flops)
+    assert estimate == pytest.approx(8.0 + 20 * 0.1 * budget.STEP_MARGIN)
     damaged = {**record, "batch_size": "many"}
-    assert sweep.estimate_s(tf32, [damaged], {tf32.cell_id: tf32}, 300.0, 20) == 300.0
+    assert budget.estimate_s(tf32, [damaged], {tf32.cell_id: tf32}, 300.0, 20, flops) == 300.0
 
 
 def test_a_compiled_unseen_cell_adds_the_compile_time_measured_so_far():
@@ -474,7 +482,7 @@ def test_a_compiled_unseen_cell_adds_the_compile_time_measured_so_far():
     # gpt2-tiny compiled: 20 steps of 50 ms in 61 s, so 60 s of start-up, 52 of it compiling.
     compiled = _ran(replace(GPT, compile=True), wall_s=61.0, step_ms=50.0)
     # Its steps: the slowest of the same policy's (the eager 100 ms), scaled by FLOPs.
-    steps_s = 20 * 0.1 * _flops(BERT) / _flops(GPT) * sweep._STEP_MARGIN
+    steps_s = 20 * 0.1 * _flops(BERT) / _flops(GPT) * budget.STEP_MARGIN
     assert _estimate(bert_compiled, [eager, compiled]) == pytest.approx(60.0 + steps_s)
     # An eager cell pays the eager start-up only.
     assert _estimate(BERT, [eager, compiled]) == pytest.approx(8.0 + steps_s)
@@ -520,7 +528,7 @@ def test_a_time_budget_leaves_parity_runs_for_the_resume(tmp_path, monkeypatch, 
     out = tmp_path / "run"
     # The cell takes 100 of 200 s; a parity run of a model not seen yet may take the timeout.
     assert main(["run", "--matrix", str(matrix), "--no-report", "--time-budget", "200s",
-                 "--out", str(out)]) == sweep.BUDGET_EXIT
+                 "--out", str(out)]) == command.BUDGET_EXIT
     assert "0 cell process(es) and 2 parity run(s) not started" in capsys.readouterr().err
     meta = json.loads((out / store.META).read_text())
     assert meta["incomplete"]["parity_runs"] == ["gpt2-tiny fp32 seed 0", "gpt2-tiny fp32 seed 1"]
@@ -537,6 +545,39 @@ def test_the_console_summary_labels_emulated_policies():
     records = [dict(model="gpt2-tiny", precision=p, batch_size=4, seq_len=64, status="ok",
                     samples_per_s=sps, emulated=p == "fp8")
                for p, sps in (("fp32", 100.0), ("fp8", 40.0))]
-    text = sweep.summarize(records)
+    text = console.summarize(records)
     assert "fp8 (emulated)" in text and "fp32 (emulated)" not in text
     assert "b=4" in text
+
+
+def test_the_device_probe_answers_what_the_runner_would_ask_torch():
+    import torch
+
+    cell = Cell("gpt2-tiny", "fp32", 4, seq_len=64)
+    found = device.probe("cpu", [cell, Cell("no-such-model", "fp32", 1)])
+    assert found.checked_device() == "cpu" and found.error is None
+    assert found.cuda == torch.cuda.is_available()
+    assert found.env["device"] == "cpu" and found.env["torch_version"] == torch.__version__
+    assert set(found.env) <= set(store.ENVIRONMENT) | {"torch_cuda_build"} and found.cpu_model
+    assert found.flops_per_step == {cell.cell_id: _flops(cell)}  # an unknown model has none
+    bad = device.probe("tpu")
+    assert bad.device is None and bad.env == {} and bad.cuda == found.cuda
+    with pytest.raises(BadInput, match=r"^unknown device 'tpu'; valid: cpu, cuda, cuda:N, auto$"):
+        bad.checked_device()
+
+
+@pytest.mark.parametrize("busy", [None, "ampbench run"])
+def test_a_signal_stops_once_and_later_ones_wait_for_the_cleanup(capsys, busy):
+    # `run` says it is still cleaning up; `validate` ignores them (busy=None).
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(busy):
+        with pytest.raises(Stopped) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert stopped.value.signum == signal.SIGTERM and str(stopped.value) == "SIGTERM"
+        assert isinstance(stopped.value, KeyboardInterrupt)  # nothing catches it by mistake
+        os.kill(os.getpid(), signal.SIGHUP)  # during the cleanup: no second Stopped
+        time.sleep(0.2)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert capsys.readouterr().err == ("ampbench run: SIGHUP: still cleaning up\n" if busy
+                                       else "")

@@ -170,3 +170,14 @@ def test_a_budget_too_short_for_the_sweep_exits_3_with_the_command_to_run_again(
     assert state["steps"]["sweep"]["status"] != "done"
     assert "resume with: python3 -m bench validate" in stderr
     assert "--time-budget 40s" in stderr
+
+
+def test_the_plan_imports_no_torch(tmp_path, cli_env):
+    # FLOPs and FP8's unconverted models come from the device probe, a child of its own.
+    code = ("import sys\nsys.modules['torch'] = None\nfrom bench.cli import main\n"
+            f"sys.exit(main(['validate', '--out', {str(tmp_path / 'v')!r}, '--time-budget', "
+            f"'9m', '--plan', '--gpu', {H100!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| sweep " in done.stdout and "total: " in done.stdout

@@ -8,8 +8,8 @@ matrices; files.py what comes from outside (TOML files, meta.json, command-line 
 checked. A preset is a function returning a Matrix; a TOML file (and meta.json's copy of a run's
 matrix) maps onto the same dataclasses through ``from_dict``, which checks every key and type
 and raises BadInput with one line naming the bad key and the file. torch-free: only the
-model and policy registries (themselves torch-free) are imported; ``auto`` alone asks torch
-whether CUDA is present, lazily.
+model and policy registries (themselves torch-free) are imported; ``auto`` is told whether
+CUDA is present (the run's device probe, bench/run/device.py, asks torch in a child).
 
 A TOML matrix::
 

@@ -1,5 +1,5 @@
-"""Named presets: each a function returning a Matrix (``preset(name)``), torch-free except
-``auto``, which asks torch whether CUDA is present."""
+"""Named presets: each a function returning a Matrix (``preset(name)``), torch-free; ``auto``
+takes whether CUDA is present, which the runner asks a child process (bench/cell/probe.py)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def gpu_quick() -> Matrix:
     CPU. Runner start and report ~15 s. Total ~7.5 minutes; compile time is the least certain
     part. ``timeout_s`` (180 s) is what ``--time-budget`` allows the first cell, the first
     compiled cell and the first torchrun cell; later ones are estimated from those
-    (bench/run/sweep.py, estimate_s).
+    (bench/run/budget.py, estimate_s).
 
     FP8 (an estimate, not yet measured anywhere): 6 compiled cells at ~55 s of compiling and
     ~8 s of start-up each, ~6.5 minutes, and 12 more parity runs (eager), ~45 s: ~14.5 minutes
@@ -113,14 +113,13 @@ def quick() -> Matrix:
     )
 
 
-def auto() -> Matrix:
-    """gpu where CUDA is available, cpu otherwise."""
-    import torch  # only 'auto' needs to know the hardware
+def auto(has_cuda: bool) -> Matrix:
+    """gpu where CUDA is available, cpu otherwise. ``has_cuda`` is torch's answer, asked in a
+    child process (bench/cell/probe.py), so that no torch is imported here."""
+    return gpu() if has_cuda else cpu()
 
-    return gpu() if torch.cuda.is_available() else cpu()
 
-
-PRESETS: dict[str, Callable[[], Matrix]] = {"gpu": gpu, "gpu-quick": gpu_quick, "cpu": cpu,
+PRESETS: dict[str, Callable[..., Matrix]] = {"gpu": gpu, "gpu-quick": gpu_quick, "cpu": cpu,
                                             "quick": quick, "auto": auto}
 
 

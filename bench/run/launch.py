@@ -1,5 +1,7 @@
 """One cell's child process, seen from the runner: its command line, its launch under a
 timeout in a session of its own, the kill of its whole tree, and a record either way.
+``run_child_process`` and ``read_result`` are the part that is not about cells: the parity
+stage launches its training children with them too (bench/parity/stage.py).
 
 A cell runs as ``python -m bench cell ... --out <tmp json>`` (torchrun for more than one
 process; through a launcher on several nodes). A child that leaves no record still gets one
@@ -107,13 +109,17 @@ def classify(returncode: int, stderr: str) -> tuple[str, str]:
     """(status, error) for a child that exited without a record: oom or error."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     tail = "\n".join(lines[-_STDERR_LINES:])
-    if returncode < 0:
-        how = f"killed by signal {signal.Signals(-returncode).name}"
-    else:
-        how = f"exit code {returncode}"
+    how = exit_text(returncode)
     if failures.is_oom(stderr):
         return "oom", f"{how}: {tail}" if tail else how
     return "error", f"{how}" + (f"\n{tail}" if tail else " (no output)")
+
+
+def exit_text(returncode: int) -> str:
+    """How a child exited, in words: ``exit code N`` or ``killed by signal SIGKILL``."""
+    if returncode < 0:
+        return f"killed by signal {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}"
 
 
 def classify_torchrun(stderr: str, logs: Path) -> tuple[str, str]:
@@ -150,6 +156,56 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 
 @dataclass
+class Ended:
+    """How a child process ended: timed out (and killed) or its exit code, and its stderr."""
+
+    timed_out: bool
+    returncode: int
+    stderr: str
+    wall_s: float
+
+
+def run_child_process(argv: list[str], timeout_s: float, stderr_path: Path) -> Ended:
+    """Run ``argv`` in a session of its own under ``timeout_s``, its stderr to ``stderr_path``;
+    kill its whole tree at the timeout. Never raises for a failed child; KeyboardInterrupt
+    (any BaseException) kills the child's tree and propagates.
+
+    The child's result is a file it writes where its argv says (read it with
+    ``read_result``); the watchdog's settings are in its environment (bench/run/proctree.py).
+    """
+    timed_out = False
+    started = time.monotonic()
+    with open(stderr_path, "wb") as err:
+        # stderr to a file, not a pipe: a chatty child can never block on a full pipe.
+        # The child polices itself too (bench/run/proctree.py): it dies with this process, and at
+        # its own deadline, a little after this one, should this process be gone by then.
+        env = {**os.environ, **proctree.runner_env(timeout_s + _KILL_GRACE_S)}
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True, env=env)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_tree(proc)
+        except BaseException:
+            _kill_tree(proc)
+            raise
+    wall_s = time.monotonic() - started
+    stderr = stderr_path.read_text(encoding="utf-8", errors="replace")
+    return Ended(timed_out, proc.returncode, stderr, wall_s)
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The JSON object a child left at ``path``; None when absent, damaged or not an object."""
+    if not path.exists():
+        return None
+    result = None
+    with contextlib.suppress(ValueError):  # bad JSON or not UTF-8: no result
+        result = json.loads(path.read_text(encoding="utf-8"))
+    return result if isinstance(result, dict) else None
+
+
+@dataclass
 class Child:
     """How one child ended: timed out or its exit code, its stderr, and its record if any."""
 
@@ -167,33 +223,11 @@ def launch(cell: Cell, settings: Settings, repeat: int, workdir: Path, slot: int
     out, err_path, logs = (workdir / f"{name}.json", workdir / f"{name}.stderr",
                            workdir / f"{name}-logs")
     out.unlink(missing_ok=True)
-    timed_out = False
-    with open(err_path, "wb") as err:
-        # stderr to a file, not a pipe: a chatty child can never block on a full pipe.
-        # The child polices itself too (bench/run/proctree.py): it dies with this process, and at
-        # its own deadline, a little after this one, should this process be gone by then.
-        env = {**os.environ, **proctree.runner_env(settings.timeout_s + _KILL_GRACE_S)}
-        proc = subprocess.Popen(cell_argv(cell, settings, repeat, out, logs, slot),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True, env=env)
-        try:
-            proc.wait(timeout=settings.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_tree(proc)
-        except BaseException:
-            _kill_tree(proc)
-            raise
-    record = None
+    ended = run_child_process(cell_argv(cell, settings, repeat, out, logs, slot),
+                              settings.timeout_s, err_path)
     # A record means the measurement finished, even when the launcher then hung on its way
     # out and the timeout had to kill it.
-    if out.exists():
-        with contextlib.suppress(ValueError):  # bad JSON or not UTF-8: no record
-            record = json.loads(out.read_text(encoding="utf-8"))
-        if not isinstance(record, dict):
-            record = None
-    stderr = err_path.read_text(encoding="utf-8", errors="replace")
-    return Child(timed_out, proc.returncode, stderr, record, logs)
+    return Child(ended.timed_out, ended.returncode, ended.stderr, read_result(out), logs)
 
 
 def run_child(cell: Cell, settings: Settings, repeat: int, workdir: Path,

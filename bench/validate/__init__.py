@@ -27,7 +27,7 @@ are done, finishes a stopped sweep or parity where it stopped and runs what is l
 
 The estimates are a priori (``Costs``): process start-up, compile and parity-run costs and
 achieved TFLOP/s per model family and math, for an H100 SXM from public eager-PyTorch rates
-(bench/config's gpu_quick explains them), scaled by the peak table (bench/cell/flops.py) for
+(bench/config's gpu_quick explains them), scaled by the peak table (bench/telemetry/peaks.py) for
 other GPUs. VALIDATE.md puts each step's measured wall time beside its estimate, so the first
 run on a GPU corrects them. Exit 0 when every planned step is done, 3 when the budget left
 steps for another call (the command to run is printed), 1 when a step failed, 2 on bad input,
@@ -45,7 +45,9 @@ from pathlib import Path
 
 from bench import BadInput, paths
 from bench.config import ModelAxis
-from bench.validate.execute import BUDGET_EXIT, Stopped, execute, stop_on_signals
+from bench.run.lock import lock
+from bench.run.signals import Stopped, stop_on_signals
+from bench.validate.execute import BUDGET_EXIT, execute
 from bench.validate.plan import (
     CPU_MODELS,
     GPU_MODELS,
@@ -112,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python3", "-m", "bench", "validate", *sys.argv[2:]]) \
         if sys.argv[1:2] == ["validate"] else "the same command"
-    with paths.lock(out, "ampbench validate"), stop_on_signals():
+    with lock(out, "ampbench validate"), stop_on_signals():
         print(render_plan(target, steps, budget_s, done), file=sys.stderr)
         try:
             return execute(steps, target, out, budget_s, command)

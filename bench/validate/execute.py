@@ -13,12 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import config, store
+from bench.run.signals import Stopped
 from bench.validate.plan import ROOT, Step, Target, allotted_s
 from bench.validate.state import LOGS, MATRICES, RUN, SUMMARY, load_state, now, write_atomic
 from bench.validate.summary import save
@@ -34,34 +35,6 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
-
-
-class Stopped(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP raise Stopped in the main thread, once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    names = ("SIGINT", "SIGTERM", "SIGHUP")
-    sigs = [getattr(signal, n) for n in names if hasattr(signal, n)]
-
-    def first(signum: int, frame: Any) -> None:
-        for sig in sigs:
-            signal.signal(sig, signal.SIG_IGN)
-        raise Stopped(signum)
-
-    before = {sig: signal.signal(sig, first) for sig in sigs}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -5,6 +5,7 @@ target GPU (or CPU), and what a call with a given budget does. Estimates are a p
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import models
-from bench import parity, precision
-from bench.cell import flops
-from bench.config import Matrix, ModelAxis, matrix
+from bench import parity
+from bench.config import Cell, Matrix, ModelAxis, matrix
+from bench.run.device import Probe, probe
+from bench.telemetry.peaks import KINDS, PEAK_TFLOPS, device_key, math_kind
 from bench.validate.state import ENV_JSON, MATRICES, RUN, TESTS_XML
 
 _MIN_START_S = 5.0  # no step starts with less than this left
@@ -48,7 +50,7 @@ class Costs:
 
 # H100 SXM, eager PyTorch at public rates (bench/config/__init__.py, gpu_quick): fp32 ~45% of the 67
 # TFLOP/s peak; TF32 ~60 (ResNet-50) and ~130 (transformers); fp16/bf16 ~75 and ~250. FP8 is
-# planned at bf16's rate (flops.math_kind): its gain is what the run measures, not what the
+# planned at bf16's rate (math_kind): its gain is what the run measures, not what the
 # plan assumes.
 _H100_RATES = {"fp32": 30.0, "tf32": 130.0, "fp16": 250.0, "bf16": 250.0,
                "resnet:tf32": 60.0, "resnet:fp16": 75.0, "resnet:bf16": 75.0}
@@ -59,18 +61,18 @@ H100_COSTS = Costs(env_s=10, tests_s=150, tests_cap_s=240, process_s=8, compile_
 # Two shared cores, tiny models: start-up and Python dominate (measured on AMD EPYC here).
 CPU_COSTS = Costs(env_s=8, tests_s=30, tests_cap_s=120, process_s=5, compile_s=60,
                   parity_run_s=3, peers_start_s=10, peers_pair_s=4, report_s=20,
-                  rates={kind: 0.01 for kind in flops.KINDS})
+                  rates={kind: 0.01 for kind in KINDS})
 
 
 def gpu_costs(device_name: str) -> Costs:
-    """The H100's costs with its rates scaled by this GPU's dense peaks (flops.PEAK_TFLOPS);
+    """The H100's costs with its rates scaled by this GPU's dense peaks (PEAK_TFLOPS);
     a GPU not in the table is planned at a third of an H100, and the plan says so."""
-    key = flops.device_key(device_name)
+    key = device_key(device_name)
     if key is None:
         return replace(H100_COSTS, rates={k: v / 3 for k, v in _H100_RATES.items()},
                        note=f"'{device_name}' is not in the peak table: rates guessed at a "
                             "third of an H100's")
-    peaks, h100 = flops.PEAK_TFLOPS[key], flops.PEAK_TFLOPS[_H100]
+    peaks, h100 = PEAK_TFLOPS[key], PEAK_TFLOPS[_H100]
     rates = {}
     for name, rate in _H100_RATES.items():
         kind = name.rpartition(":")[2]
@@ -103,16 +105,16 @@ def target_for(gpu_name: str | None) -> Target:
     """A Target for a GPU of that name, or for this machine's CPU when ``gpu_name`` is None."""
     if gpu_name is None:
         return Target("cpu", "cpu", CPU_COSTS, "FP8 off CUDA is emulated: its speed says nothing")
-    key = flops.device_key(gpu_name)
+    key = device_key(gpu_name)
     fp8 = _torchao_missing()
-    if fp8 is None and (key is None or "fp8" not in flops.PEAK_TFLOPS[key]):
+    if fp8 is None and (key is None or "fp8" not in PEAK_TFLOPS[key]):
         fp8 = f"'{gpu_name}' has no FP8 tensor cores in the peak table"
     return Target("cuda", gpu_name, gpu_costs(gpu_name), fp8)
 
 
 def detect() -> Target:
     """This machine: its first GPU as NVML sees it (no torch needed), else its CPU."""
-    from bench.telemetry.power import open_nvml
+    from bench.telemetry.nvml import open_nvml
 
     try:
         nvml = open_nvml()
@@ -171,21 +173,27 @@ def _sweep_matrix(target: Target, axes: Sequence[ModelAxis], name: str, precisio
         timeout_s=180.0 if gpu else 120.0, calibration=calibration, parity=False)
 
 
-def sweep_estimate_s(mx: Matrix, costs: Costs) -> float:
-    """Seconds for a sweep step: per process start-up, compile and its training steps."""
+def sweep_estimate_s(mx: Matrix, costs: Costs, facts: Probe) -> float:
+    """Seconds for a sweep step: per process start-up, compile and its training steps, the
+    FLOPs per step and the cells left unsupported from the device probe (``facts``)."""
     each = []
     for cell in matrix.expand(mx):
-        spec = models.get(cell.model)
-        if precision.get(cell.precision).model_reason(spec):  # `unsupported` in seconds
+        if cell.cell_id in facts.unchanged:  # an `unsupported` record in seconds
             each.append(costs.process_s)
             continue
-        size = cell.seq_len or cell.image_size or spec.default_size
-        work = spec.flops_per_sample(size) * cell.batch_size * cell.grad_accum
+        work = facts.flops_per_step[cell.cell_id]
         each.append(costs.process_s + (costs.compile_s if cell.compile else 0.0)
                     + (mx.warmup + mx.steps) * costs.step_s(cell.model,
-                                                            flops.math_kind(cell.precision), work))
+                                                            math_kind(cell.precision), work))
     # The runner's calibration processes run the first cell again (bench/run/sweep.py, plan).
     return sum(each) + (mx.calibration * each[0] if each else 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _facts(cells: tuple[Cell, ...]) -> Probe:
+    """What torch knows of the plan's cells, from the device probe (a child: validate itself
+    never imports torch); the FLOPs do not depend on the device, so the CPU answers."""
+    return probe("cpu", cells)
 
 
 def build_plan(target: Target, out: Path, axes: Sequence[ModelAxis] | None = None) -> list[Step]:
@@ -231,10 +239,11 @@ def _sweeps(target: Target, axes: tuple[ModelAxis, ...], out: Path) -> list[Step
         ("batches", "twice the batch under fp32 and bf16",
          _sweep_matrix(target, double, "batches", ("fp32", "bf16")), False, None),
     ]
+    facts = _facts(tuple(c for _, _, mx, _, _ in sweeps for c in matrix.expand(mx)))
     return [Step(name, what, _python("-m", "bench", "run", "--matrix",
                                      str(out / MATRICES / f"{name}.toml"), "--out",
                                      str(out / RUN), "--no-parity", "--no-report"),
-                 sweep_estimate_s(mx, target.costs), essential=essential, budgeted=True,
+                 sweep_estimate_s(mx, target.costs, facts), essential=essential, budgeted=True,
                  skip=skip, matrix=mx)
             for name, what, mx, essential, skip in sweeps]
 

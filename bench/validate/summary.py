@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import store
 from bench.validate.plan import Step, Target
 from bench.validate.state import RUN, STATE, SUMMARY, write_atomic
 
@@ -41,8 +42,8 @@ def render_summary(state: dict[str, Any], steps: Sequence[Step], target: Target,
     calls = "; ".join(f"call {i + 1} at {c['started']}, budget {c['budget_s']:.0f} s, "
                       f"{c.get('wall_s', 0):.0f} s used" for i, c in enumerate(state["calls"]))
     links = [f"[{text}]({RUN}/{name})" for text, name in (
-        ("report", "report.md"), ("results.csv", "results.csv"), ("parity.csv", "parity.csv"),
-        ("peers.csv", "peers.csv")) if (out / RUN / name).exists()]
+        ("report", store.REPORT), ("results.csv", store.RESULTS), ("parity.csv", store.PARITY),
+        ("peers.csv", store.PEERS)) if (out / RUN / name).exists()]
     return "\n".join([
         f"# ampbench validate: {target.name}", "",
         f"{calls or 'not started yet'}.", "",
