@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from bench import BadInput, report, store
+from bench.analysis import noise
 from bench.cli import main
 from bench.report import gradients
 
@@ -111,7 +112,7 @@ def _run_dir(root: Path, meta: dict[str, Any] | None = None, parity: bool = True
              peers: bool = True, cells: bool = True) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     store.write_meta(root, {"run_id": "r", "device_name": "Test CPU", **(meta or {})})
-    store.write_csv(root, _cells() if cells else [])
+    store.write_csv(root, _cells() if cells else [], cell_noise=noise.results_columns)
     if parity:
         pd.DataFrame(_parity_rows()).to_csv(root / report.PARITY, index=False)
         pd.DataFrame(_curves()).to_csv(root / report.CURVES, index=False)
@@ -325,7 +326,7 @@ def test_a_damaged_price_in_meta_stops_report_with_exit_2(tmp_path, capsys):
 
 
 def test_a_run_records_its_prices_and_a_resumed_run_keeps_them():
-    from bench.run.sweep import _prices
+    from bench.run.command import _prices
 
     def args(**given: float | None) -> argparse.Namespace:
         return argparse.Namespace(**{"price_per_hour": None, "price_per_kwh": None, **given})
