@@ -1,8 +1,8 @@
 import pytest
 import torch
-from bench.cell.flops import count_training_flops
 
 import models
+from bench.cell.flops import count_training_flops
 
 EXACT_PARAMETERS = {
     "resnet50": 25_557_032,
