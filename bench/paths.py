@@ -2,7 +2,8 @@
 
 Every command that writes checks its output paths first (``output_dir``, ``output_file``): a
 file where a directory is wanted or the reverse, a path under a file or a missing directory,
-one that is not writable or too long is one line of BadInput, before a model is built. (One
+one too long, or one where a file cannot be created (tried: a directory under /proc or /sys,
+a read-only mount, root included) is one line of BadInput, before a model is built. (One
 process per run directory: bench/run/lock.py.) torch-free.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from bench import BadInput
@@ -73,6 +75,27 @@ def _stat_problem(path: Path, flag: str) -> None:
         raise BadInput(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
+def _try_writing(path: Path, flag: str, what: str) -> None:
+    """BadInput unless a file can be created in directory ``path``: tried, not asked
+    (``os.access`` answers yes to root under a read-only mount or /proc). Directories missing
+    on the way are created for the try and removed again: a check leaves nothing behind."""
+    created: list[Path] = []
+    try:
+        for parent in [*reversed(Path(os.path.abspath(path)).parents), Path(os.path.abspath(path))]:
+            if not os.path.isdir(parent):
+                os.mkdir(parent)
+                created.append(parent)
+        fd, probe = tempfile.mkstemp(prefix=".ampbench-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BadInput(f"{flag} {what} ({exc.strerror or exc})") from None
+    finally:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+
+
 def output_dir(text: str | os.PathLike[str], flag: str = "--out", inside: int = _INSIDE) -> Path:
     """A directory the command will write into (created with its parents if missing)."""
     path = _check_text(text, flag, inside)
@@ -80,12 +103,10 @@ def output_dir(text: str | os.PathLike[str], flag: str = "--out", inside: int = 
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise BadInput(f"{flag} {path}: a file, not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise BadInput(f"{flag} {path}: directory not writable")
+        _try_writing(path, flag, f"{path}: directory not writable")
         return path
     parent = _existing_ancestor(path, flag)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"{flag} {path}: cannot create it, {parent} is not writable")
+    _try_writing(path, flag, f"{path}: cannot create it under {parent}")
     return path
 
 
@@ -104,9 +125,8 @@ def output_file(text: str | os.PathLike[str], flag: str = "--out",
     if not os.path.lexists(parent):
         if not make_parents:
             raise BadInput(f"{flag} {path}: directory {parent} does not exist")
-        parent = _existing_ancestor(path, flag)
+        _existing_ancestor(path, flag)
     elif not os.path.isdir(parent):
         raise BadInput(f"{flag} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"{flag} {path}: directory {parent} not writable")
+    _try_writing(parent, flag, f"{path}: directory {parent} not writable")
     return path

@@ -26,10 +26,13 @@ def warn(path: Path | str, line: int | str, why: str) -> None:
     print(f"warning: {path}: line {line}: {why}; skipped", file=sys.stderr)
 
 
-def load_jsonl(path: Path, problem: Callable[[Any], str | None]) -> list[Any]:
+def load_jsonl(path: Path, problem: Callable[[Any], str | None],
+               skipped: list[str] | None = None) -> list[Any]:
     """The entries of a JSON-lines file that ``problem`` finds nothing wrong with (it returns
     why an entry is damaged, or None); every damaged line is a warning naming it and skipped.
-    A torn last line (no newline: a writer killed mid-line) is skipped silently."""
+    A torn last line (no newline: a writer killed mid-line) is skipped without a warning: a
+    resumed run ends it and runs its entry again. Given ``skipped``, it collects one line for
+    each of both instead of the warnings, for a reader that says what it left out itself."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -43,17 +46,20 @@ def load_jsonl(path: Path, problem: Callable[[Any], str | None]) -> list[Any]:
             continue
         try:
             entry = json.loads(raw.decode("utf-8"))
+            why = problem(entry)
         except UnicodeDecodeError:
-            warn(path, number, "not UTF-8 text")
-            continue
+            why = "not UTF-8 text"
         except ValueError:
-            warn(path, number, "not valid JSON")
-            continue
-        why = problem(entry)
-        if why:
+            why = "not valid JSON"
+        if not why:
+            entries.append(entry)
+        elif skipped is not None:
+            skipped.append(f"{path}: line {number}: {why}; skipped")
+        else:
             warn(path, number, why)
-            continue
-        entries.append(entry)
+    if lines[-1].strip() and skipped is not None:
+        skipped.append(f"{path}: line {len(lines)}: cut off (no newline at its end: the "
+                       "writer was stopped mid-line)")
     return entries
 
 
@@ -76,9 +82,11 @@ def parse_number(value: Any) -> float | None:
         return None
 
 
-def _records_of(path: Path, strict: bool) -> tuple[list[str], list[list[str]], list[int]]:
-    """(header, rows, first line of each row) of a CSV file; a row whose field count is not
-    the header's is damaged: BadInput when ``strict``, else a warning and skipped."""
+def _records_of(path: Path, strict: bool
+                ) -> tuple[list[str], list[list[str]], list[int], list[str]]:
+    """(header, rows, first line of each row, why each damaged line was skipped) of a CSV
+    file; a row whose field count is not the header's is damaged: BadInput when ``strict``,
+    else a warning and skipped."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -90,6 +98,7 @@ def _records_of(path: Path, strict: bool) -> tuple[list[str], list[list[str]], l
     header: list[str] | None = None
     rows: list[list[str]] = []
     lines: list[int] = []
+    skipped: list[str] = []
     last = 0
     while True:
         try:
@@ -107,6 +116,8 @@ def _records_of(path: Path, strict: bool) -> tuple[list[str], list[list[str]], l
         why = None
         if len(row) != len(header):
             why = f"{len(row)} fields, the header has {len(header)}"
+            if last == text.count("\n") + 1 and not text.endswith("\n"):
+                why = f"cut off ({why}, and no newline at its end: the writer was stopped)"
         elif any("\0" in field for field in row):
             why = "a NUL character"
         if why:
@@ -115,12 +126,13 @@ def _records_of(path: Path, strict: bool) -> tuple[list[str], list[list[str]], l
                 raise BadInput(f"{path}: not a readable CSV (Error tokenizing data at line "
                                f"{where}: {why})")
             warn(path, where, why)
+            skipped.append(f"{path}: line {where}: {why}; skipped")
             continue
         rows.append(row)
         lines.append(first)
     if header is None:
         raise BadInput(f"{path}: empty, not a CSV with a header")
-    return header, rows, lines
+    return header, rows, lines, skipped
 
 
 def read_csv(path: Path | str, required: Sequence[str] = (), whole: dict[str, int] | None = None,
@@ -134,7 +146,7 @@ def read_csv(path: Path | str, required: Sequence[str] = (), whole: dict[str, in
     import pandas as pd
 
     path = Path(path)
-    header, rows, lines = _records_of(path, strict)
+    header, rows, lines, skipped = _records_of(path, strict)
     missing = [c for c in required if c not in header]
     if missing:
         raise BadInput(f"{path}: missing column(s) {', '.join(missing)}")
@@ -171,6 +183,7 @@ def read_csv(path: Path | str, required: Sequence[str] = (), whole: dict[str, in
         if frame[column].dtype == object and column not in whole:
             frame[column] = values
     frame.attrs["lines"] = lines  # the file's line of each row, for messages
+    frame.attrs["problems"] = skipped  # what was read around (the report shows it)
     return frame
 
 

@@ -15,7 +15,8 @@ import pytest
 from test_power import _warnings, _window
 
 from bench.cell import flops
-from bench.telemetry import amd, env, gpu, monitor, peaks
+from bench.telemetry import amd, env, gpu, machine, monitor, peaks
+from bench.telemetry.machine import MachineState
 from bench.telemetry.monitor import PowerMonitor
 from bench.telemetry.nvml import NVML
 
@@ -354,7 +355,8 @@ def test_amd_state_of_a_quiet_well_set_gpu(amdsmi):
     assert gpu["power_w"] == 550.0 and gpu["temp_c"] == 71
     assert gpu["power_limit_w"] == gpu["power_limit_default_w"] == 750.0
     assert gpu["processes"] == []
-    assert env.noise_warnings({"available": False}, {"performance": 16}, state) == []
+    assert machine.noise_warnings(MachineState({"available": False}, {"performance": 16},
+                                               state)) == []
     assert amd.driver_version() == "6.10.5"
 
 
@@ -369,7 +371,7 @@ def test_a_noisy_amd_gpu_gets_one_warning_per_problem(monkeypatch):
     ).install(monkeypatch)
     state = amd.state()
     assert state["gpus"][0]["processes"] == [{"pid": 4242, "name": "python3", "used_gib": 3.0}]
-    warnings = env.noise_warnings({"available": False}, None, state)
+    warnings = machine.noise_warnings(MachineState({"available": False}, None, state))
     assert len(warnings) == 5, warnings
     text = "\n".join(warnings)
     assert "1 other process(es)" in text and "4242 python3" in text

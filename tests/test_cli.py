@@ -19,6 +19,8 @@ OUTPUTS = [  # (command line with {out}, wants a directory)
     (["publish", "{run}", "--results", "{out}"], True),
     (["baseline", "{run}", "--out", "{out}"], False),
     (["peers", "--models", "gpt2-tiny", "--out", "{out}"], False),
+    (["peers", "--models", "gpt2-tiny", "--out-dir", "{out}"], True),
+    (["validate", "--out", "{out}", "--time-budget", "9m"], True),
 ]
 BAD = {  # what is wrong -> the path, made under tmp_path
     "the wrong kind": lambda tmp, want_dir: _file(tmp / "taken") if want_dir else tmp,
@@ -50,12 +52,17 @@ def test_every_bad_output_path_is_one_line_and_exit_2_before_any_work(tmp_path, 
     assert os.listdir(run) == []
 
 
-def test_an_unwritable_output_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
+@pytest.mark.parametrize("out", ["/proc/ampbench-out", "/sys/ampbench-out"])
+def test_an_unwritable_output_is_refused_by_trying_it(tmp_path, capsys, monkeypatch, out):
+    # os.access says yes to root, under /proc too: the path is tried, not asked.
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
     for argv, _ in OUTPUTS:
-        with pytest.raises(SystemExit):
-            main([a.format(out=tmp_path / "x", run=tmp_path) for a in argv])
-        assert "not writable" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as stopped:
+            main([a.format(out=out, run=tmp_path) for a in argv])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert "not writable" in err or "cannot create it" in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_report_and_gate_refuse_the_same_malformed_results(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""`ampbench env`: fingerprint, NVML state and noise warnings (fake NVML; real CLI on CPU)."""
+"""`ampbench env`: fingerprint, NVML state and noise warnings (fake NVML; real CLI on CPU).
+The machine state and the warnings' rule are bench/telemetry/machine.py's (test_machine.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pynvml
 import pytest
@@ -28,64 +28,10 @@ def test_env_json_is_machine_readable(cli_env):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report) == {"fingerprint", "cpu", "nvml", "warnings"}
+    assert set(report) == {"fingerprint", "cpu", "load", "nvml", "warnings"}
     assert report["fingerprint"]["python_version"].count(".") == 2
     assert report["nvml"]["available"] is False and report["nvml"]["reason"]
     assert isinstance(report["warnings"], list)
-
-
-def test_nvml_state_of_a_quiet_well_set_gpu(monkeypatch):
-    FakeNVML().install(monkeypatch)
-    state = env.nvml_state()
-    assert state["available"] and state["driver_version"] == "550.54.15"
-    assert state["cuda_driver_version"] == "12.4"
-    (gpu,) = state["gpus"]
-    assert gpu["name"] == "NVIDIA H100 80GB HBM3" and gpu["pstate"] == "P0"
-    assert gpu["clocks_locked"] is False and gpu["clock_event_reasons"] == []
-    assert gpu["power_limit_w"] == gpu["power_limit_default_w"] == 700.0
-    assert gpu["persistence_mode"] is True and gpu["processes"] == []
-    assert env.noise_warnings(state, {"performance": 16}) == []
-
-
-def test_noisy_gpu_gets_one_warning_per_problem(monkeypatch):
-    FakeNVML(
-        processes=[SimpleNamespace(pid=4242, usedGpuMemory=3 * 1024**3)],
-        power_limit_mw=300_000,
-        reasons=pynvml.nvmlClocksEventReasonHwThermalSlowdown,
-        temp_c=91,
-        persistence=pynvml.NVML_FEATURE_DISABLED,
-    ).install(monkeypatch)
-    state = env.nvml_state()
-    assert state["gpus"][0]["processes"] == [{"pid": 4242, "name": "python", "used_gib": 3.0}]
-    warnings = env.noise_warnings(state, {"powersave": 2})
-    assert len(warnings) == 5, warnings
-    text = "\n".join(warnings)
-    assert "1 other process(es)" in text and "4242 python" in text
-    assert "power limit 300 W is below the default 700 W" in text
-    assert "hw_thermal_slowdown" in text and "91 C" in text
-    assert "persistence mode is off" in text
-    assert "governor is powersave" in text
-
-
-def test_applications_clocks_set_count_as_locked(monkeypatch):
-    FakeNVML(app_clocks=(1410, 2619)).install(monkeypatch)
-    assert env.nvml_state()["gpus"][0]["clocks_locked"] is True
-
-
-def test_nvml_missing_is_a_state_not_an_error(monkeypatch):
-    FakeNVML(init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED).install(monkeypatch)
-    state = env.nvml_state()
-    assert state == {"available": False, "reason": "Driver Not Loaded"}
-    assert env.noise_warnings(state, None) == []
-
-
-def test_cpu_governors_are_counted(tmp_path):
-    for cpu, governor in enumerate(("performance", "powersave", "powersave")):
-        path = tmp_path / f"cpu{cpu}" / "cpufreq"
-        path.mkdir(parents=True)
-        (path / "scaling_governor").write_text(governor + "\n")
-    assert env.cpu_governors(tmp_path) == {"performance": 1, "powersave": 2}
-    assert env.cpu_governors(tmp_path / "absent") is None
 
 
 def test_env_main_prints_gpu_state_and_warnings(monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """What only a CUDA GPU can show: every policy on every full-size model, NVML energy, OOM as
 data, NCCL under torchrun, a cell on a second GPU. Skipped cleanly without CUDA; ``-m gpu``
-selects them (README, "Validate on a new GPU box")."""
+selects them (docs/gpu-runbook.md)."""
 
 from __future__ import annotations
 

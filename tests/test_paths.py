@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,15 +42,21 @@ def test_a_dangling_link_is_not_an_output(tmp_path):
         paths.output_file(tmp_path / "link")
 
 
-def test_an_unwritable_directory_is_refused(tmp_path, monkeypatch):
-    # Root writes anywhere, so the refusal is simulated where os.access answers.
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
-    with pytest.raises(BadInput, match="directory not writable"):
-        paths.output_dir(tmp_path)
-    with pytest.raises(BadInput, match="cannot create it"):
-        paths.output_dir(tmp_path / "new")
-    with pytest.raises(BadInput, match="not writable"):
-        paths.output_file(tmp_path / "record.json")
+def test_an_unwritable_directory_is_refused_by_trying_it(tmp_path, monkeypatch):
+    # /proc takes no new file, not even from root (to whom os.access says yes): tried, not asked.
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    for check, given, said in (
+            (paths.output_dir, "/proc", "directory not writable"),
+            (paths.output_dir, "/proc/ampbench/run", "cannot create it under /proc"),
+            (paths.output_file, "/proc/r.json", "directory /proc not writable")):
+        with pytest.raises(BadInput, match="^" + re.escape(f"--out {given}: {said} (")):
+            check(given)
+    with pytest.raises(BadInput, match=re.escape("/proc/a/r.csv: directory /proc/a not writ")):
+        paths.output_file("/proc/a/r.csv", make_parents=True)
+    # A good path is tried too, and the try leaves nothing behind.
+    assert paths.output_file(tmp_path / "a" / "b" / "r.csv", make_parents=True)
+    assert paths.output_dir(tmp_path / "c" / "d") == tmp_path / "c" / "d"
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_output_file_needs_an_existing_directory_unless_it_may_make_one(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def test_language_models_report_tokens_and_joules_per_token(tmp_path):
     assert "|       8 |  0.100 | 0.0500 (-50% (noise unknown)) |" in text  # 12.8 J / 128 tokens
     assert "not judged (noise not measured)" in text and "Wide spread" not in text
     summary = text.split("## Summary")[1].split("##")[0]
-    assert "| gpt2-tiny | not judged (noise not measured)" in summary  # one process, no spread
+    assert re.search(r"\| gpt2-tiny \| bf16 +\| batch 8 +\| 2\.50x, not judged \(noise not "
+                     r"measured\) \|", summary)  # one process, no spread: shown, not claimed
 
 
 def test_emulated_cells_are_noted_and_never_the_summary_s_finding(tmp_path):
@@ -101,7 +103,8 @@ def test_emulated_cells_are_noted_and_never_the_summary_s_finding(tmp_path):
     assert "Emulated: these cells ran their low-precision math in software" in text
     assert text.split("Emulated:")[1].split("\n")[0].endswith("claims them: fp8, batch 8.")
     summary = text.split("## Summary")[1].split("##")[0]
-    assert "fp8" not in summary, summary  # 5x faster, emulated: no finding
+    row = next(line for line in summary.splitlines() if "| fp8 " in line)
+    assert "5.00x (emulated: not a speed finding)" in row and "**" not in row  # no finding
 
 
 def test_mfu_compares_fp8_with_bf16_shows_its_fp8_peak_and_never_prints_a_flagged_value(
@@ -166,7 +169,8 @@ def test_parity_table_shows_the_optimum_and_the_numerics_telemetry(tmp_path):
     assert table[""] == ["fp32", "fp16", "fp16-noscale"]
     assert table["achievable optimum (entropy rate)"] == ["1.086"] * 3
     assert table["loss-scaler skipped steps"] == ["", "6", ""]  # summed over seeds
-    assert table["FP32 gradients below FP16's range"] == ["1.23%"] * 3
+    assert table["weight gradients below 2^-24 (FP32 copy; mean of every probe and seed)"] == [
+        "1.2%"] * 3
     assert table["crashed runs (see parity.csv)"] == ["0", "0", "1"]
 
 
@@ -209,7 +213,8 @@ def test_plots_and_report_for_partial_data(tmp_path):
     assert "|       8 | unsupported |" in text  # a model with nothing ok still shows why
     assert "- bf16, batch 16: error: RuntimeError: boom" in text
     assert "energy: not measured" in text and "parity: not run" in text
-    assert "| gpt2-tiny   | n/a " in text
+    assert re.search(r"\| gpt2-tiny +\| fp16 +\| +\| n/a \(no ok pair with fp32; fp16: "
+                     r"unsupported\)", text)
     assert "5 cells: 2 ok, 1 error, 1 oom, 1 unsupported." in text
 
 
@@ -243,7 +248,8 @@ def test_publish_copies_the_run_and_indexes_it(tmp_path, fixture_report, capsys)
     index = (results / report.INDEX).read_text(encoding="utf-8")
     assert "## NVIDIA H100 80GB HBM3" in index
     assert ("| 2026-01-05 | [20260105-101500-nvidia-h100](nvidia-h100-80gb-hbm3/2026-01-05/"
-            "report.md) | 2.4.0+cu124 | resnet50 | 2.00x ±0.43 (fp16, batch 128)") in index
+            "report.md) | 2.4.0+cu124 | resnet50 | 2.00x [1.61–2.48] (fp16, batch 128) | -44% "
+            "(exact) (fp16, batch 128)") in index
     assert "| FAIL: bf16 |" in index
 
     # Publishing again changes nothing; another run of the same day gets its own directory.
@@ -272,8 +278,9 @@ def test_missing_run_dir_is_exit_2(tmp_path, capsys):
     assert main(["report", str(missing)]) == 2
     assert main(["publish", str(missing), "--results", str(tmp_path / "results")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"ampbench report: error: {missing}: no such run directory",
-                   f"ampbench publish: error: {missing}: no such run directory"]
+    assert err == [f"ampbench report: error: {missing}: no such run directory or results CSV",
+                   f"ampbench publish: error: {missing}: no such run directory or results "
+                   "CSV"]
     assert not (tmp_path / "results").exists()
 
 
@@ -302,22 +309,43 @@ def test_a_cuda_build_of_torch_on_a_cpu_is_not_reported_as_the_devices_cuda(tmp_
     assert "CUDA 13.0," not in text
 
 
-def test_a_difference_within_the_noise_is_never_a_headline(tmp_path):
+def test_the_header_shows_the_threads_a_cpu_number_depends_on(tmp_path):
+    # meta.json's fingerprint (schema 7): torch's pools, each variable set or unset (None).
+    meta = {"device": "cpu", "torch_version": "2.13.0", "torch_num_threads": 8,
+            "torch_num_interop_threads": 4, "omp_num_threads": "8", "mkl_num_threads": None,
+            "openblas_num_threads": None, "cuda_visible_devices": "0,1"}
+    text = report.render(report.load(_run_dir(tmp_path, [_record()], meta)))
+    assert ("- **Threads:** torch 8 intra-op, 4 inter-op; OMP_NUM_THREADS 8, MKL_NUM_THREADS "
+            "unset, OPENBLAS_NUM_THREADS unset, CUDA_VISIBLE_DEVICES 0,1") in text
+    # A run recorded before schema 7 claims nothing about its threads.
+    older = {k: v for k, v in meta.items() if "thread" not in k and "visible" not in k}
+    text = report.render(report.load(_run_dir(tmp_path, [_record()], older, name="older")))
+    assert "**Threads:**" not in text
+
+
+def test_a_difference_within_the_noise_is_never_a_finding(tmp_path):
     # One process per cell and a calibration cell that moved by ~8% between its processes:
     # a 5% "speedup" and a 2% memory "saving" are noise, a 60% speedup is not.
     calibration = [_record(repeat=i, samples_per_s=v, calibration=i > 0, step_ms_median=10.0,
                            step_ms_iqr=0.1)
                    for i, v in enumerate([100.0, 92.0, 108.0, 100.0, 95.0])]
     small = [*calibration, _record(precision="bf16", samples_per_s=105.0, peak_rss_gib=0.49)]
-    text = report.render(report.load(_run_dir(tmp_path, small, name="small")))
+    run = report.load(_run_dir(tmp_path, small, name="small"))
+    text = report.render(run)
     summary = text.split("## Summary")[1].split("##")[0]
-    assert "none beyond noise" in summary and "1.05x" not in summary
+    row = next(line for line in summary.splitlines() if "| bf16 " in line)
+    # The point estimate and its interval, said to be within the noise, never bold.
+    assert re.search(r"\| 1\.05x \[0\.\d\d–1\.\d\d\] within noise \|", row), row
+    assert "**" not in row.split("|")[4]
     assert "from a calibration cell run in several processes" in text
-    assert re.search(r"\| 1\.05x ±0\.\d\d \|", text)  # shown, not bold: not a finding
+    assert re.search(r"\| 1\.05x \[0\.\d\d–1\.\d\d\] \|", text)  # the model's table too
+    assert report.headline(run)[0].speedup == "none beyond noise"
     big = [*calibration, _record(precision="bf16", samples_per_s=160.0)]
-    summary = report.render(report.load(_run_dir(tmp_path, big, name="big"))).split(
-        "## Summary")[1].split("##")[0]
-    assert re.search(r"1\.60x ±0\.\d\d \(bf16, batch 8\)", summary)
+    run = report.load(_run_dir(tmp_path, big, name="big"))
+    summary = report.render(run).split("## Summary")[1].split("##")[0]
+    assert re.search(r"\| \*\*1\.60x\*\* \[1\.\d\d–\d\.\d\d\] faster \|", summary)
+    assert re.search(r"1\.60x \[1\.\d\d–\d\.\d\d\] \(bf16, batch 8\)",
+                     report.headline(run)[0].speedup)
 
 
 def test_a_wide_spread_is_flagged_with_the_advice_that_fixes_it(tmp_path):
@@ -328,15 +356,18 @@ def test_a_wide_spread_is_flagged_with_the_advice_that_fixes_it(tmp_path):
     assert "--repeats 3 or more on an idle machine" in text
 
 
-def test_a_contended_cell_is_marked_and_never_a_headline(tmp_path):
+def test_a_contended_cell_is_marked_and_never_a_finding(tmp_path):
     calibration = [_record(repeat=i, samples_per_s=v, calibration=i > 0, step_ms_median=10.0,
                            step_ms_iqr=0.1) for i, v in enumerate([100.0, 99.0, 101.0, 100.0])]
     rows = [*calibration, _record(precision="bf16", samples_per_s=300.0, others_cpu_pct=40.0)]
-    text = report.render(report.load(_run_dir(tmp_path, rows)))
+    run = report.load(_run_dir(tmp_path, rows))
+    text = report.render(run)
     summary = text.split("## Summary")[1].split("##")[0]
-    assert "3.00x" not in summary and "n/a (contended cells left out)" in summary
+    row = next(line for line in summary.splitlines() if "| bf16 " in line)
+    assert "| 3.00x ‡ (contended: not a finding) |" in row and "**" not in row
+    assert report.headline(run)[0].speedup == "n/a (contended cells left out)"
     assert "‡ other processes used more than 10% of the run's cores" in text
-    assert re.search(r"\*\*3\.00x\*\* ±0\.\d\d ‡", text)
+    assert re.search(r"\*\*3\.00x\*\* \[\d\.\d\d–\d\.\d\d\] ‡", text)
 
 
 def test_a_host_bound_cell_gets_a_note(tmp_path):
@@ -359,3 +390,81 @@ def test_power_capping_is_a_note_not_a_dagger(tmp_path):
     assert "Power-capped (the clocks held to the power limit" in text
     assert "bf16, batch 8" in text.split("Power-capped")[1]
     assert "Warning: throttling" not in text and "200 †" not in text  # no dagger on the cell
+
+
+# ------------------------------------------------------------------ bad data is never silent
+
+
+def _warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("- **Warning:**")]
+
+
+def test_a_run_cut_off_mid_record_says_so_in_report_md(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for batch in (8, 16):
+        store.append(run_dir, _record(batch_size=batch))
+    records = run_dir / store.RECORDS
+    records.write_bytes(records.read_bytes()[:-30])  # the runner was killed mid-line
+    warnings = _warnings(report.render(report.load(run_dir)))
+    assert warnings[0].startswith("- **Warning:** incomplete: the run was stopped mid-write")
+    assert f"read around: {records}: line 2: cut off" in warnings[1]
+
+
+def test_report_md_says_what_it_left_out(tmp_path):
+    rows = [_record(repeat=0), _record(repeat=1, samples_per_s=float("inf")),
+            _record(repeat=0)]
+    run_dir = _run_dir(tmp_path, rows)
+    run = report.load(run_dir)
+    assert run.cells["samples_per_s"].tolist() == [100.0]  # the inf is no median's
+    warnings = _warnings(report.render(run))
+    assert any("line 2 repeat a later row's run, cell and repeat" in w for w in warnings)
+    assert any("line 3: ok row(s) without a finite samples_per_s" in w for w in warnings)
+    assert not any("incomplete" in w for w in warnings)
+
+
+def test_report_takes_the_path_forms_the_gate_takes(tmp_path, capsys):
+    measured = _record(step_ms_median=80.0, step_ms_iqr=1.0)
+    run_dir = _run_dir(tmp_path, [measured])
+    store.append(run_dir, measured)
+    expected = report.render(report.load(run_dir))
+    for given in (run_dir / store.RESULTS, run_dir / store.RECORDS):
+        assert report.render(report.load(given)) == expected
+    assert main(["report", str(run_dir / store.RECORDS)]) == 0
+    assert (run_dir / report.REPORT).read_text().startswith(expected.split("\n## ")[0])
+    baseline = tmp_path / "gpu.csv"  # a results CSV of its own: its report goes to --out
+    shutil.copyfile(run_dir / store.RESULTS, baseline)
+    capsys.readouterr()
+    assert main(["report", str(baseline)]) == 2
+    assert capsys.readouterr().err == (f"ampbench report: error: {baseline}: a results CSV "
+                                       "outside a run directory; pass --out DIR for its "
+                                       "report.md\n")
+    assert main(["report", str(baseline), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / report.REPORT).exists()
+    assert main(["publish", str(baseline), "--results", str(tmp_path / "results")]) == 2
+    assert "publish takes a run directory" in capsys.readouterr().err
+
+
+def test_a_newer_schema_is_one_line_and_no_report(tmp_path, capsys):
+    newer = store.SCHEMA_VERSION + 1
+    run_dir = _run_dir(tmp_path, [{**_record(), "schema": newer}])
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ampbench report: error: {run_dir / store.RESULTS}: schema {newer} ")
+    assert err.count("\n") == 1 and not (run_dir / report.REPORT).exists()
+
+
+def test_an_outlier_process_is_named_and_does_not_set_the_band(tmp_path):
+    # Five processes of the calibration cell, one of them far off (the machine went quiet):
+    # the report names it by cell and process, and the band is what the other four show.
+    values = [100.0, 96.0, 104.0, 100.0, 180.0]
+    rows = [_record(repeat=i, samples_per_s=v, calibration=i > 0, step_ms_median=10.0,
+                    step_ms_iqr=0.1) for i, v in enumerate(values)]
+    text = report.render(report.load(_run_dir(tmp_path, rows)))
+    noise_line = next(line for line in text.splitlines() if line.startswith("- **Noise:**"))
+    assert ("Outlier processes (more than 5 robust standard deviations from their cell's "
+            "median" in noise_line)
+    assert "resnet-tiny fp32 batch 8: process 4: 180 samples/s against the median 100" in \
+        noise_line
+    spread = statistics.stdev([100.0, 96.0, 104.0, 100.0]) * 1.601  # 5.2%, not 34%
+    assert f"between-process noise {spread:.1f}% per process" in noise_line

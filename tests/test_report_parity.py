@@ -66,7 +66,7 @@ def _parity_rows() -> list[dict[str, Any]]:
                     verdict="FAIL" if policy == "fp16-noscale" and model == UNDERFLOW
                     else "PASS", fp32_mean=1.2, delta=0.0, tolerance=0.03, final_train_loss=1.1,
                     train_time_s=step_ms * f * 0.3, step_time_ms=step_ms * f,
-                    time_to_target_s=times[seed]))
+                    time_to_target_s=times[seed], batch_size=16))
     return rows
 
 
@@ -203,11 +203,11 @@ def test_the_parity_section_states_the_shares_on_one_line(priced):
     line = next(line for line in priced[1].splitlines()
                 if line.startswith("**Gradients in FP16's range**"))
     assert line == (
-        "**Gradients in FP16's range** (FP32 reference, steps 0, 10; shares of the non-zero "
-        "elements): activation gradients: 40.0% below 2^-24 unscaled, 10.0% after scaling by "
-        "2^4, 0% above 65504 after scaling; 50.0% exactly zero; weight gradients: 0% below "
-        "2^-24 unscaled, 0% after scaling by 2^4, 10.0% above 65504 after scaling; 0% exactly "
-        "zero.")
+        "**Gradients in FP16's range** (FP32 seed 0, steps 0, 10 pooled; shares of the non-zero "
+        "elements; the parity table's row averages every probe and seed instead): activation "
+        "gradients: 40.0% below 2^-24 unscaled, 10.0% after scaling by 2^4, 0% above 65504 after "
+        "scaling; 50.0% exactly zero; weight gradients: 0% below 2^-24 unscaled, 0% after "
+        "scaling by 2^4, 10.0% above 65504 after scaling; 0% exactly zero.")
 
 
 def test_a_step_whose_gradients_were_all_zero_still_counts_its_zeros(tmp_path):
@@ -235,27 +235,36 @@ def test_time_to_accuracy_against_fp32_worked_by_hand(priced):
     text = _section(priced[1], "## gpt2-tiny")
     table = _table(text, "Time to accuracy")
     assert table[""] == ["fp32", "fp16", "fp16-noscale"]
-    assert table["median step time, ms"] == ["10.0", "5.00", "10.0"]
+    assert table["step time in the parity runs (batch 16), ms"] == ["10.0", "5.00", "10.0"]
     # Medians 10 / 5 ms; each over 3 seeds with a 2% spread: error 2%/sqrt(3) per side,
-    # sqrt(2) x that for the ratio, x 3 sigma x 2.00 = 0.098.
-    assert table["step-time speedup over fp32"] == ["reference", "**2.00x** ±0.10", "1.00x ±0.05"]
-    assert table["steps to the target (x fp32's)"] == ["200", "250 (1.25x)", "not reached"]
-    assert table["time to the target, s"] == ["2.00", "1.25", "not reached"]
+    # sqrt(2) x that for the ratio; 3 sigma on the log scale: 2.00 x exp(-+0.049).
+    assert table["its speedup over fp32"] == ["reference", "**2.00x** [1.90–2.10]",
+                                              "1.00x [0.95–1.05]"]
+    assert table["steps to the target (x fp32's)"] == ["200", "250 (1.25x)",
+                                                       "not reached (0 of 3 seeds)"]
+    assert table["time to the target, s"] == ["2.00", "1.25", "not reached (0 of 3 seeds)"]
     # 2.0 s / 1.25 s: faster per step by 2x, but 25% more steps.
-    assert table["time-to-accuracy speedup over fp32"] == ["reference", "**1.60x** ±0.08",
+    assert table["time-to-accuracy speedup over fp32"] == ["reference", "**1.60x** [1.52–1.68]",
                                                            "not reached"]
-    assert table["benchmark throughput speedup"] == ["reference", "**2.00x** ±0.10 (batch 8)",
-                                                     ""]
+    # The benchmark ran batch 8 only (parity's 16 is not among its cells).
+    assert table["benchmark throughput speedup (its own processes)"] == [
+        "reference", "**2.00x** [1.90–2.10] (batch 8)", ""]
 
 
 def test_a_policy_that_reached_the_target_in_some_seeds_says_so(priced):
     text = _section(priced[1], f"## {UNDERFLOW} (parity task)")
     table = _table(text, "Time to accuracy")
     assert table[""] == ["fp32", "fp16", "bf16", "fp16-noscale"]
-    assert table["time to the target, s"][2] == "1.33 (2 of 3 seeds)"
+    # Seeds 1.32 s, 1.35 s and one that never reached it, counted as the slowest: median 1.35.
+    assert table["time to the target, s"][2] == "1.35 (2 of 3 seeds)"
     assert table["steps to the target (x fp32's)"][2] == "220 (1.10x) (2 of 3 seeds)"
+    assert table["time-to-accuracy speedup over fp32"][2].startswith("**1.48x** [")  # 2.0/1.35
     assert table["time-to-accuracy speedup over fp32"][3] == "not reached"
-    assert "benchmark throughput speedup" not in table  # no cells of this task
+    assert table["steps to the target (x fp32's)"][3] == "not reached (0 of 3 seeds)"
+    assert "benchmark throughput speedup (its own processes)" not in table  # no cells here
+    # What the missing seed did is said under the table (target max(1.1, 1.1 + 0.03)).
+    assert ("Seeds that did not reach the target: bf16 seed 2 did not reach the target 1.13 at "
+            "any logged step (final training loss 1.1); fp16-noscale seed 0") in text
     assert _table(text, "Accuracy parity")["verdict"][3] == "FAIL"
 
 
@@ -275,12 +284,12 @@ def test_cost_tables_for_the_price_the_run_recorded(priced):
     run_dir, text = priced
     text = _section(text, "## gpt2-tiny")
     # $3.6 per device-hour is $0.001 a second: 1M samples at 100/s cost $10, at 200/s $5;
-    # ± 3 x 2%/sqrt(3) of the value.
+    # 3 x 2%/sqrt(3) = 3.5% either way on the log scale.
     assert _table(text, "Cost, $ per 1M samples (at $3.6 per device-hour)")["8"] == [
-        "$10.00 ±0.35", "$5.00 ±0.17"]
+        "$10.00 [9.66–10.35]", "$5.00 [4.83–5.18]"]
     # 2 J/sample x 1M = 0.556 kWh at $0.36; fp16 measured no energy.
     assert _table(text, "Energy cost, $ per 1M samples (at $0.36 per kWh)")["8"] == [
-        "$0.200 ±0.007", "n/a"]
+        "$0.200 [0.193–0.207]", "n/a"]
     results = pd.read_csv(run_dir / store.RESULTS)
     assert sorted(results["usd_per_1m_samples"].round(6).unique()) == [5.0, 10.0]
 
@@ -289,7 +298,7 @@ def test_a_price_given_to_report_overrides_the_recorded_one(tmp_path):
     run_dir = _run_dir(tmp_path / "run", {"price_per_hour": 3.6}, parity=False)
     text = report.render(report.load(run_dir, price_per_hour=7.2))
     assert _table(text, "Cost, $ per 1M samples (at $7.2 per device-hour)")["8"] == [
-        "$20.00 ±0.69", "$10.00 ±0.35"]
+        "$20.00 [19.32–20.70]", "$10.00 [9.66–10.35]"]
     assert "Energy cost" not in text  # no price per kWh
 
 

@@ -581,3 +581,44 @@ def test_a_signal_stops_once_and_later_ones_wait_for_the_cleanup(capsys, busy):
     assert signal.getsignal(signal.SIGTERM) is before
     assert capsys.readouterr().err == ("ampbench run: SIGHUP: still cleaning up\n" if busy
                                        else "")
+
+
+def test_a_resumed_run_keeps_every_choice_of_the_original(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *FAST, "--precisions", "fp32", "--batch-sizes", "1", "--calibration",
+                 "0", "--out", str(out)]) == 0
+    meta = json.loads((out / store.META).read_text())
+    assert meta["matrix"]["parity"] is False and meta["no_report"] is True
+    assert meta["find_max_batch"] is False
+    capsys.readouterr()
+    # Flags that contradict the run: one line each, nothing run or written.
+    for flags, said in ((["--steps", "5"], "--steps makes steps 5, the run has 1"),
+                        (["--precisions", "bf16"], "--precisions makes precisions ['bf16']"),
+                        (["--find-max-batch"], "--find-max-batch, but the run is a sweep")):
+        assert main(["run", "--resume", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "a resumed run keeps every choice" in err, err
+        assert err.count("\n") == 1
+    # Without them it keeps --no-parity and --no-report: no parity stage, no report.
+    assert main(["run", "--resume", str(out)]) == 0
+    assert not (out / store.PARITY).exists() and not (out / store.PARITY_RUNS).exists()
+    assert not (out / store.REPORT).exists()
+    assert "accuracy parity" not in capsys.readouterr().err
+    assert len(_lines(out)) == 1
+
+
+def test_a_resumed_run_refuses_records_of_a_newer_schema_untouched(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    store.write_meta(out, {"run_id": "r", "matrix": {"models": {"gpt2-tiny": {
+        "batch_sizes": [1]}}, "precisions": ["fp32"], "steps": 1, "warmup": 0,
+        "calibration": 0, "parity": False}})
+    newer = {**store.empty_record(cell_id="c", repeat=0, model="gpt2-tiny", precision="fp32",
+                                  batch_size=1, status="ok"), "schema": store.SCHEMA_VERSION + 1}
+    store.append(out, newer)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["run", "--resume", str(out), "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert f"schema {store.SCHEMA_VERSION + 1} (1 row(s)), newer than the schema" in err
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != store.LOCK}
+    assert after == before  # meta.json and records.jsonl untouched

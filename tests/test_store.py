@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -342,13 +343,113 @@ def test_a_record_with_damaged_raw_times_is_a_warning_and_skipped(tmp_path, caps
     assert "line 2: step_times_ms" in capsys.readouterr().err
 
 
-def test_records_of_a_newer_schema_are_read_with_a_warning(tmp_path, capsys):
-    store.append(tmp_path, {**_record(1), "schema": store.SCHEMA_VERSION + 1})
-    assert len(store.load_records(tmp_path)) == 1
-    newer = f"1 row(s) of schema {store.SCHEMA_VERSION + 1}, newer than this ampbench's"
-    assert newer in capsys.readouterr().err
-    store.load_results(tmp_path)
-    assert newer in capsys.readouterr().err
+def test_a_newer_schema_is_one_line_naming_the_file_and_both_schemas(tmp_path):
+    newer = store.SCHEMA_VERSION + 1
+    store.append(tmp_path, {**_record(1), "schema": newer})
+    said = (f"records.jsonl: schema {newer} (1 row(s)), newer than the schema "
+            f"{store.SCHEMA_VERSION} this ampbench reads")
+    with pytest.raises(BadInput, match=re.escape(said)):
+        store.load_records(tmp_path)
+    with pytest.raises(BadInput, match=re.escape(said)):
+        store.load_results(tmp_path)  # derived from the records
+    csv = tmp_path / "baseline.csv"  # a results CSV of its own, written by a newer ampbench
+    pd.DataFrame([{**_record(1, samples_per_s=1.0), "schema": newer}]).to_csv(csv, index=False)
+    with pytest.raises(BadInput, match=re.escape(f"baseline.csv: schema {newer} (1 row(s))")):
+        store.load_results(csv)
+
+
+def _ok(batch_size: int, repeat: int = 0, **fields: object) -> dict:
+    measured = {"run_id": "r", "samples_per_s": 100.0, "step_ms_median": 10.0,
+                "step_ms_iqr": 0.1, **fields}
+    return {**_record(batch_size, **measured), "repeat": repeat}
+
+
+def test_an_ok_record_with_a_non_finite_measurement_is_damaged_but_a_nan_loss_is_a_result(
+        tmp_path, capsys):
+    assert store.record_problem(_ok(1, loss_last=float("nan"))) is None  # fp16 diverged
+    for field, value in (("samples_per_s", float("nan")), ("peak_rss_gib", float("inf"))):
+        assert store.record_problem(_ok(1, **{field: value})) == \
+            f"ok record with {field} {value}: not a finite measurement"
+    assert store.record_problem({**_ok(1, samples_per_s=float("nan")), "status": "oom"}) is None
+    store.append(tmp_path, _ok(1))
+    store.append(tmp_path, _ok(2, samples_per_s=float("inf")))
+    assert [r["batch_size"] for r in store.load_records(tmp_path)] == [1]  # run again on resume
+    assert "line 2: ok record with samples_per_s inf: not a finite measurement; skipped" in \
+        capsys.readouterr().err
+    frame = store.load_results(tmp_path, strict=False)
+    assert frame.attrs["problems"] == [f"{tmp_path / store.RECORDS}: line 2: ok record with "
+                                       "samples_per_s inf: not a finite measurement; skipped"]
+
+
+def test_non_finite_measurements_of_a_results_csv_are_left_out_and_said_by_a_lenient_reader(
+        tmp_path):
+    csv = tmp_path / "r.csv"
+    rows = [_ok(1), _ok(1, 1, samples_per_s=float("inf")), _ok(1, 2, step_ms_median=math.inf),
+            _ok(1, 3, loss_last=float("nan")), _ok(1, 4, samples_per_s=None)]
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    strict = store.load_results(csv)  # the gate's: it judges what a missing value means
+    assert np.isinf(strict["samples_per_s"][1]) and len(strict) == 5
+    lenient = store.load_results(csv, strict=False)
+    assert lenient["samples_per_s"].isna().tolist() == [False, True, False, False, True]
+    assert np.isnan(lenient["step_ms_median"][2]) and np.isnan(lenient["loss_last"][3])
+    assert lenient.attrs["problems"] == [
+        f"{csv}: line 4: ok row(s) without a finite step_ms_median (NaN, inf or empty); left "
+        "out of every statistic of it",
+        f"{csv}: lines 3, 6: ok row(s) without a finite samples_per_s (NaN, inf or empty); "
+        "left out of every statistic of it"]
+
+
+def test_a_process_written_twice_counts_once_and_the_reader_says_so(tmp_path):
+    csv = tmp_path / "r.csv"
+    rows = [_ok(1, 0, samples_per_s=100.0), _ok(1, 1, samples_per_s=90.0),
+            _ok(1, 0, samples_per_s=101.0), _ok(2, 0)]
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    frame = store.load_results(csv, cell_noise=noise.results_columns)
+    assert frame["samples_per_s"].tolist() == [90.0, 101.0, 100.0]  # the last of repeat 0
+    assert frame["num_processes"].tolist() == [2, 2, 1]  # not three processes of cell 1
+    assert frame.attrs["problems"] == [
+        f"{csv}: line 2 repeat a later row's run, cell and repeat (the same process twice): "
+        "each process is counted once, its last row kept"]
+    # Two repeats, or two runs, of a cell are two processes.
+    pd.DataFrame([_ok(1, 0), _ok(1, 1), {**_ok(1, 0), "run_id": "other"}]).to_csv(
+        csv, index=False)
+    assert len(store.load_results(csv)) == 3
+
+
+def test_a_cut_off_last_line_is_said_by_a_lenient_reader(tmp_path):
+    store.append(tmp_path, _ok(1))
+    store.append(tmp_path, _ok(2))
+    data = (tmp_path / store.RECORDS).read_bytes()
+    (tmp_path / store.RECORDS).write_bytes(data[:-40])  # the writer died mid-line
+    frame = store.load_results(tmp_path, strict=False)
+    assert frame["batch_size"].tolist() == [1]
+    assert frame.attrs["problems"] == [
+        f"{tmp_path / store.RECORDS}: line 2: cut off (no newline at its end: the writer was "
+        "stopped mid-line)"]
+    csv = tmp_path / "copy.csv"
+    text = (tmp_path / store.RESULTS).read_text()
+    csv.write_text(text + text.splitlines()[1][:30])  # a second row, cut off
+    assert "line 3: cut off (" in store.load_results(csv, strict=False).attrs["problems"][0]
+    with pytest.raises(BadInput, match="line 3: cut off"):
+        store.load_results(csv)  # the gate's reader refuses it
+
+
+def test_a_run_directory_its_results_csv_and_its_records_resolve_alike(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    store.append(run, _ok(1))
+    for given in (run, run / store.RESULTS, run / store.RECORDS):
+        if given.name != store.RESULTS or given.exists():
+            assert store.resolve(given) == (run, run / store.RESULTS)
+        assert store.load_results(given)["batch_size"].tolist() == [1]
+    baseline = tmp_path / "gpu.csv"
+    baseline.write_text((run / store.RESULTS).read_text())
+    assert store.resolve(baseline) == (None, baseline)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInput, match="empty: not a run directory"):
+        store.resolve(tmp_path / "empty")
+    with pytest.raises(BadInput, match="nope: no such run directory or results CSV"):
+        store.resolve(tmp_path / "nope")
 
 
 # ---------------------------------------------------------------- results.csv: derived, not kept

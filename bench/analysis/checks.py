@@ -5,10 +5,11 @@ the regression, ``+`` a rise; without a sign the metric's usual direction is use
 the threshold relative to the baseline, without it the threshold is in the metric's unit.
 Defaults: ``samples_per_s:-5% step_ms_median:+5% peak_mem_reserved_gib:+5% joules_per_sample:+5%``.
 
-A check fails only when the change is beyond its threshold in the bad direction AND beyond
-``noise.Z`` standard errors of the difference; when ``Z`` standard errors are wider than the
-threshold, a change of the threshold's size could not have been seen: the check is ``too
-noisy``. Unknown noise is unbounded: such a check is too noisy. torch-free.
+A check fails only when the change is beyond its threshold in the bad direction AND its
+``noise.Z``-sigma interval excludes no change (a relative change's interval is the ratio's, on
+the log scale, as everywhere in ampbench); when a change of the threshold's size would not be
+beyond that noise, it could not have been seen: the check is ``too noisy``. Unknown noise is
+unbounded: such a check is too noisy. torch-free.
 """
 
 from __future__ import annotations
@@ -84,12 +85,32 @@ class Check:
         """PASS, FAIL (beyond the threshold and beyond the noise of both sides) or NOISY (no
         regression seen, but the noise is too wide to have seen one of the threshold's size)."""
         change = self.change(baseline.value, current.value)
-        sigma = self.sigma(baseline, current)
-        if change * self.worse > self.threshold and change * self.worse > noise.Z * sigma:
+        low, high = self.interval(baseline, current)
+        beyond = low > 0 if self.worse > 0 else high < 0  # the interval excludes no change
+        if change * self.worse > self.threshold and beyond:
             return FAIL
-        if noise.Z * sigma > self.threshold:
+        if not self.resolves(baseline, current):
             return NOISY
         return PASS
+
+    def interval(self, baseline: noise.Estimate, current: noise.Estimate) -> tuple[float, float]:
+        """The ``noise.Z``-sigma interval of ``change``: for a relative check the ratio's, on
+        the log scale (a drop is never shown below -100%), else ``change`` ± Z sigma."""
+        change = self.change(baseline.value, current.value)
+        error = math.hypot(baseline.error, current.error)
+        if self.percent and baseline.value and current.value / baseline.value > 0:
+            ratio = noise.Ratio(current.value / baseline.value, error, noise.NONE)
+            return (ratio.low - 1) * 100.0, (ratio.high - 1) * 100.0
+        width = noise.Z * self.sigma(baseline, current)
+        return change - width, change + width
+
+    def resolves(self, baseline: noise.Estimate, current: noise.Estimate) -> bool:
+        """Whether a change of the threshold's size would be beyond the noise."""
+        if not self.percent:
+            return noise.Z * self.sigma(baseline, current) <= self.threshold
+        error = math.hypot(baseline.error, current.error)
+        step = 1 + self.worse * self.threshold / 100.0  # the ratio at the threshold
+        return step <= 0 or noise.Z * error <= abs(math.log(step))
 
     def sigma(self, baseline: noise.Estimate, current: noise.Estimate) -> float:
         """The standard error of ``change``, in its unit (percent or the metric's)."""

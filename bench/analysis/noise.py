@@ -6,7 +6,19 @@ a regression is always a comparison of two processes. So, as pyperf and asv do, 
 is the median over its processes (``repeats``, run interleaved across cells) and its noise is
 the spread between them:
 
-- ``own``: the relative standard deviation of the cell's per-process values (two or more);
+- ``own``: the cell's per-process spread, estimated so that one process cannot set it: from
+  ``TRIM_FROM`` (five) processes on, the standard deviation of all but the one farthest from
+  the median, times the factor that makes it unbiased for normal noise (``TRIMMED_SD``, 1.601
+  for five processes, measured by simulation and rechecked in tests/test_noise.py); below
+  five, the plain standard deviation (with four or fewer, dropping one leaves too little; a
+  cell's own spread is then guarded by the run's band, the median over cells). The process
+  left out is an *outlier* when it lies more than ``OUTLIER_Z`` of those spreads from the
+  median (on a scale never finer than the cell's step-to-step spread): the report names it by
+  cell and process. Under normal noise that flags a cell of five processes 2.5% of the time,
+  of eight 0.5%. Measured effect on results/amd-epyc/2026-12-06, whose calibration cell ran
+  five processes at 485, 388, 481, 553 and 836 samples/s: their standard deviation read 35.2%
+  per process and set every interval of that run; the trimmed one reads 22.4% (836 is 3.2 of
+  them out: wide noise on a shared machine rather than a lone outlier, so it is not flagged);
 - ``band``: the run's typical between-process spread, the median of ``own`` over every cell
   with several processes. With ``--repeats 1`` the runner measures it on a calibration cell
   run in a few extra processes at the start and end of the sweep;
@@ -22,8 +34,10 @@ the square root of its number of processes. Where neither repeats nor calibratio
 within-process floor is all there is and the source says ``within-run``: a lower bound. With
 nothing at all (``none``) the noise is unbounded: no claim can be made.
 
-Claims use one threshold, ``Z`` standard errors: an interval shown as ``±`` is ``Z`` sigma
-wide, a change is "beyond noise" when the interval excludes no change, and the gate judges a
+Claims use one threshold, ``Z`` standard errors. Values and ratios are positive, and their
+noise is relative, so intervals are taken on the log scale: ``value * exp(±Z * error)``, shown
+as a range (``1.13x [0.71–1.80]``) that never reaches below zero. A change is "beyond noise"
+when its interval excludes no change (1x), and the gate judges a
 check only when a change of its threshold's size would be beyond noise. results.csv's per-cell
 noise columns come from ``results_columns``, which store.write_csv is given. torch-free.
 """
@@ -47,6 +61,12 @@ K = TypeVar("K", bound=Hashable)
 Z = 3.0  # standard errors for an interval or a "beyond noise" claim (~99.7% two-sided)
 # Cells need this many processes of their own before their own spread is trusted alone.
 MIN_OWN = 3
+TRIM_FROM = 5  # processes from which the one farthest from the median is left out
+OUTLIER_Z = 5.0  # spreads from the median beyond which the process left out is an outlier
+# E[trimmed standard deviation] = sigma / TRIMMED_SD[n] for n normal values (simulated, 4e5
+# draws each); beyond the table 1 + 2.9 / n is within 1%.
+TRIMMED_SD = {5: 1.601, 6: 1.475, 7: 1.390, 8: 1.340, 9: 1.297, 10: 1.271, 11: 1.245,
+              12: 1.226}
 CALIBRATION_PROCESSES = 4  # extra processes of the calibration cell (half first, half last)
 # Metrics that scale with (or inversely to) the step time: the step-spread floor applies.
 TIME_DERIVED = frozenset({"step_ms_median", "step_ms_min", "samples_per_s", "tokens_per_s",
@@ -88,9 +108,14 @@ class Estimate:
         return self.spread / math.sqrt(max(self.n, 1))
 
     @property
-    def half_width(self) -> float:
-        """Half the ``Z``-sigma interval of ``value``, in its unit."""
-        return Z * self.error * abs(self.value)
+    def low(self) -> float:
+        """The ``Z``-sigma interval's lower end, on the log scale (never below zero)."""
+        return _scaled(self.value, -Z * self.error)
+
+    @property
+    def high(self) -> float:
+        """The ``Z``-sigma interval's upper end, on the log scale."""
+        return _scaled(self.value, Z * self.error)
 
     def ratio(self, other: Estimate) -> Ratio:
         """``self / other`` with both errors combined (relative errors add in quadrature)."""
@@ -107,14 +132,32 @@ class Ratio:
     source: str
 
     @property
-    def half_width(self) -> float:
-        """Half the ``Z``-sigma interval, in the ratio's own unit."""
-        return Z * self.error * abs(self.value)
+    def low(self) -> float:
+        """The ``Z``-sigma interval's lower end, ``value * exp(-Z * error)``: the log scale,
+        where a ratio's noise is symmetric, so the interval never reaches zero."""
+        return _scaled(self.value, -Z * self.error)
+
+    @property
+    def high(self) -> float:
+        """The ``Z``-sigma interval's upper end, ``value * exp(Z * error)``."""
+        return _scaled(self.value, Z * self.error)
+
+    @property
+    def known(self) -> bool:
+        """Whether the noise was measured (a finite error)."""
+        return math.isfinite(self.error)
 
     @property
     def beyond_noise(self) -> bool:
         """True when the interval excludes 1 (no change); never with unknown noise."""
-        return abs(self.value - 1.0) > self.half_width
+        return self.known and (self.low > 1.0 or self.high < 1.0)
+
+
+def _scaled(value: float, log_step: float) -> float:
+    """``value * exp(log_step)``: inf or 0 for an unbounded step, NaN for no value."""
+    if not math.isfinite(log_step):
+        return math.inf if log_step > 0 else 0.0
+    return value * math.exp(log_step)
 
 
 _SOURCE_RANK = {REPEATS: 0, CALIBRATION: 1, WITHIN: 2, NONE: 3}
@@ -137,14 +180,46 @@ def finite(values: Iterable[object]) -> list[float]:
     return out
 
 
+def _farthest(values: Sequence[float]) -> int:
+    """The position of the value farthest from the median (the first of equals)."""
+    centre = statistics.median(values)
+    return max(range(len(values)), key=lambda i: abs(values[i] - centre))
+
+
+def robust_sigma(values: Sequence[float]) -> float | None:
+    """The standard deviation of ``values``' noise, in their unit, estimated so that one value
+    cannot set it: from ``TRIM_FROM`` values on, that of all but the farthest from the median,
+    made unbiased by ``TRIMMED_SD``; below, the sample standard deviation; None below two."""
+    n = len(values)
+    if n < 2:
+        return None
+    if n < TRIM_FROM:
+        return statistics.stdev(values)
+    far = _farthest(values)
+    rest = [v for i, v in enumerate(values) if i != far]
+    return statistics.stdev(rest) * TRIMMED_SD.get(n, 1 + 2.9 / n)
+
+
 def own_spread(values: Sequence[float]) -> float | None:
-    """Relative sample standard deviation of one cell's per-process values; None below two."""
-    if len(values) < 2:
+    """One cell's per-process spread, relative to its median (``robust_sigma``); None below
+    two values."""
+    sigma = robust_sigma(values)
+    if sigma is None:
         return None
     centre = statistics.median(values)
-    if centre == 0:
-        return None
-    return statistics.stdev(values) / abs(centre)
+    return sigma / abs(centre) if centre else None
+
+
+def outliers(values: Sequence[float], floor: float | None = None) -> list[int]:
+    """Positions of the outlier processes among one cell's values: the one farthest from the
+    median when it lies more than ``OUTLIER_Z`` robust sigmas from it, on a scale never finer
+    than ``floor`` (the cell's relative step-to-step spread). Needs ``TRIM_FROM`` values."""
+    if len(values) < TRIM_FROM:
+        return []
+    centre = statistics.median(values)
+    scale = max(robust_sigma(values) or 0.0, (floor or 0.0) * abs(centre))
+    far = _farthest(values)
+    return [far] if scale > 0 and abs(values[far] - centre) > OUTLIER_Z * scale else []
 
 
 def pooled(spreads: Iterable[float | None], calibration_only: bool = False) -> Band:
@@ -270,4 +345,4 @@ def describe(band: Band) -> str:
         text += f" ({floor}; {band.spread * 100:.1f}% measured on {what})"
     else:
         text += f", from {what}"
-    return text + f"; ± is {Z:g} standard errors"
+    return text + f"; intervals are {Z:g} standard errors, on the log scale"

@@ -26,7 +26,7 @@ COLUMNS = (
     "underflow_frac", "subnormal_frac", "fp32_mean", "fp32_std", "delta", "tolerance", "verdict",
 )
 EXTRA_COLUMNS = ("scaler_first_skip_step", "scaler_scale_final", "initial_eval_loss",
-                 "final_train_loss", "train_time_s", "step_time_ms", "error")
+                 "final_train_loss", "train_time_s", "step_time_ms", "batch_size", "error")
 CURVE_COLUMNS = ("model", "precision", "seed", "step", "loss", "scale", "skipped", "time_s")
 HIST_COLUMNS = ("model", "kind", "step", "log2_bin", "count", "zeros")
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
@@ -82,8 +82,7 @@ def _judge_model(frame: Any, model: str, rows: Any, crashed: Any) -> None:
     improvement = float(ref["initial_eval_loss"].astype(float).mean()) - fp32_mean
     too_wide = (not math.isfinite(fp32_std) or not improvement > 0
                 or fp32_std > MAX_BAND_FRACTION * improvement)
-    finals = ref["final_train_loss"].astype(float)  # the target: see the package docstring
-    target = max(finals.max(), finals.mean() + tolerance) if len(ref) else math.nan
+    target = target_loss(ref["final_train_loss"].astype(float), tolerance)
     for _, group in rows.groupby("precision", sort=False):
         ran = group[~crashed[group.index]]
         mean = float(ran["eval_loss"].astype(float).mean(skipna=False)) if len(ran) \
@@ -101,6 +100,15 @@ def _judge_model(frame: Any, model: str, rows: Any, crashed: Any) -> None:
                 if reached is not None:
                     frame.at[idx, "steps_to_target"], frame.at[idx, "time_to_target_s"] = \
                         reached
+
+
+def target_loss(fp32_finals: Iterable[float], tolerance: float) -> float:
+    """Time to accuracy's target (see the package docstring): FP32's mean final training loss
+    plus the parity tolerance, never below its worst seed's; NaN without FP32 seeds."""
+    finals = [float(f) for f in fp32_finals]
+    if not finals:
+        return math.nan
+    return max(max(finals), sum(finals) / len(finals) + tolerance)
 
 
 def worst_verdict(verdicts: Iterable[str]) -> str | None:

@@ -12,8 +12,9 @@ max-batch records (rows of results.csv with
 ``max_batch_search`` set). A cell is one (model, precision, batch_size, seq_len, image_size,
 grad_accum, compile, world_size).
 
-report.md: the environment, a headline summary per model (best speedup, memory and energy
-saving over FP32, parity failures), then per model one table per metric with batch sizes as
+report.md: the environment, the summary (per model and policy, at the largest batch both ran:
+speedup, memory and energy change against FP32 with their intervals, and the parity verdict;
+what is within the noise says so), then per model one table per metric with batch sizes as
 rows and policies as columns. Failed cells show their status (oom, error, ...); cells throttled
 during the timed window carry a dagger. Language models report tokens/s and joules per token.
 
@@ -26,12 +27,13 @@ FP32; with ``peers.csv``, a Peers section; with a price (``--price-per-hour``,
 ``--price-per-kwh``, or the run's meta.json), a cost table per model.
 
 One file per job: ``loading`` (the run directory into one row per cell), ``formats`` (how
-numbers are written), ``tables`` (the per-model tables and their notes), ``markdown``
-(report.md), ``accuracy`` (the parity block: verdicts, time to accuracy, gradient shares),
-``gradients`` (the shares FP16 loses), ``figures`` (colours, markers, the figure maker both
-plotting modules share), ``plots`` and ``parity_plots`` (the figures), ``peers`` (the Peers
-section) and ``publishing`` (results/ and its index); this module keeps the entry points callers
-know.
+numbers are written), ``tables`` (the per-model tables and their notes), ``summary`` (the
+first screen, and results/README.md's headline), ``markdown`` (report.md), ``accuracy`` (the
+parity block: verdicts, time to accuracy, gradient shares), ``gradients`` (the shares FP16
+loses), ``figures`` (colours, markers, the figure maker, y-axis limits and log ticks, interval
+bars: what both plotting modules share), ``plots`` and ``parity_plots`` (the figures),
+``peers`` (the Peers section) and ``publishing`` (results/ and its index); this module keeps
+the entry points callers know.
 
 torch-free: the package reads files only, so it runs on a laptop and in CPU CI.
 """
@@ -55,9 +57,10 @@ from bench.report.loading import (
     aggregate,
     load,
 )
-from bench.report.markdown import Headline, headline, render, write_report
+from bench.report.markdown import render, write_report
 from bench.report.plots import plot
 from bench.report.publishing import publish, render_index, write_index
+from bench.report.summary import Headline, headline
 
 # ------------------------------------------------------------------------------ CLI
 

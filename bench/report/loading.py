@@ -4,6 +4,7 @@ each noisy metric's standard error), meta.json, parity.csv and the loss curves. 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from bench import BadInput, parity, store
-from bench.analysis import noise
+from bench.analysis import baseline, noise
 from bench.analysis.cells import group_frame
 from bench.precision import NAMES as _POLICY_NAMES
 from bench.run import contention as load_
@@ -62,6 +63,8 @@ class Run:
     grad_hist: pd.DataFrame | None = None  # model, kind, step, log2_bin, count, zeros
     peers: pd.DataFrame | None = None  # peers.csv as written
     prices: dict[str, float] = field(default_factory=dict)  # store.PRICES keys given
+    # What reading left out (lines damaged or cut off, a process twice): the report says so.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def device_name(self) -> str:
@@ -158,6 +161,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
                 row["noise_source"] = est.source if est else noise.NONE
         within = (ok["step_ms_iqr"] / ok["step_ms_median"]).dropna()
         row["step_spread_pct"] = within.median() * 100 if len(within) else math.nan
+        row["outliers"] = _outliers(ok, within.median() / 1.349 if len(within) else None)
         reasons = sorted({r.strip() for v in ok["throttle_reasons"].dropna()
                           for r in str(v).split(";") if r.strip()})
         row["throttled"] = bool(ok["throttled"].any())
@@ -179,13 +183,33 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     columns = [*KEY, "status", *METRICS, *(f"{m}_err" for m in _NOISY), "noise_pct",
                "noise_source", "step_spread_pct", "throttled", "contended", "host_bound",
-               "emulated", "mfu_flag",
+               "emulated", "mfu_flag", "outliers",
                "throttle_reasons", "error", "repeats", "calibration_processes", "failed_repeats",
                "device_name"]
     cells = pd.DataFrame(rows, columns=columns)
     # The run's between-process band, for the report's words.
     cells.attrs["band"] = noisy["samples_per_s"][1]
     return cells
+
+
+def _outliers(ok: pd.DataFrame, floor: float | None) -> str:
+    """The cell's outlier processes by samples/s (bench/analysis/noise.py's rule), as
+    'process 4: 836 samples/s' joined by '; ', or ''."""
+    rows = ok[ok["samples_per_s"].notna()]
+    values = [float(v) for v in rows["samples_per_s"]]
+    found = noise.outliers(values, floor)
+    if not found:
+        return ""
+    median = statistics.median(values)
+    names = [rows.iloc[i].get("repeat") for i in found]
+    return "; ".join(f"process {_process(n)}: {values[i]:,.0f} samples/s "
+                     f"against the median {median:,.0f}" for i, n in zip(found, names,
+                                                                         strict=True))
+
+
+def _process(repeat: Any) -> str:
+    number = pd.to_numeric(pd.Series([repeat]), errors="coerce").iloc[0]
+    return str(int(number)) if pd.notna(number) else "?"
 
 
 def _max_batch(frame: pd.DataFrame) -> pd.DataFrame:
@@ -201,7 +225,7 @@ def _max_batch(frame: pd.DataFrame) -> pd.DataFrame:
 
 # parity.csv's numbers the report reads per seed (timing and the scale the scaler settled on).
 _PARITY_NUMBERS = ("steps_to_target", "scaler_scale_final", "train_time_s", "step_time_ms",
-                   "time_to_target_s", "final_train_loss")
+                   "time_to_target_s", "final_train_loss", "batch_size", "tolerance")
 
 
 def _parity_runs(path: Path) -> pd.DataFrame | None:
@@ -306,6 +330,15 @@ def _peers(path: Path) -> pd.DataFrame | None:
     return None if frame is None or frame.empty else frame
 
 
+def _problems(problems: list[str]) -> list[str]:
+    """The report's warning for each file that was read around: a cut-off line means the run
+    was stopped mid-write, so the report says it is incomplete."""
+    cut = [p for p in problems if "cut off" in p]
+    lead = ["incomplete: the run was stopped mid-write (a line cut off); this report covers "
+            "the lines before it, and `ampbench run --resume` runs the rest"] if cut else []
+    return lead + [f"read around: {p}" for p in problems]
+
+
 def prices(meta: dict[str, Any], price_per_hour: float | None = None,
            price_per_kwh: float | None = None) -> dict[str, float]:
     """The prices a report uses: those given here, else those the run kept in meta.json."""
@@ -315,27 +348,29 @@ def prices(meta: dict[str, Any], price_per_hour: float | None = None,
 
 def load(run_dir: Path | str, price_per_hour: float | None = None,
          price_per_kwh: float | None = None) -> Run:
-    """Read a run directory (results.csv, meta.json, parity files) into a Run; a price given
-    here overrides the one the run recorded."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise BadInput(f"{run_dir}: no such run directory")
-    if not (path / store.RESULTS).exists() and not (path / store.RECORDS).exists():
-        raise BadInput(f"{run_dir}: not a run directory (no {store.RESULTS} or {store.RECORDS})")
+    """Read a run (a run directory, its results.csv or records.jsonl, or a results CSV of its
+    own: store.resolve) and its meta.json and parity files into a Run; a price given here
+    overrides the one the run recorded. Lines read around are the report's warnings."""
+    home, csv = store.resolve(run_dir)  # the one rule the gate and baseline take paths by
     # The reader the gate uses too: both refuse the same files; a damaged line is skipped here.
-    raw = _normalise(store.load_results(path, strict=False, cell_noise=noise.results_columns))
-    meta = store.read_meta(path)
-    runs = _parity_runs(path / PARITY)
+    raw = store.load_results(home or csv, strict=False, cell_noise=noise.results_columns)
+    problems = raw.attrs.get("problems", [])
+    raw = _normalise(raw)
+    path = home or csv
+    meta = store.read_meta(home) if home else {}
+    parity_csv = path / PARITY if home else baseline.parity_path(csv)  # X.csv: X.parity.csv
+    runs = _parity_runs(parity_csv) if parity_csv else None
     return Run(
         path=path,
         meta=meta,
         cells=aggregate(raw[~raw["max_batch_search"]]),
         max_batch=_max_batch(raw),
         parity=_parity(runs),
-        curves=_curves(path / CURVES),
+        curves=_curves(path / CURVES) if home else None,
         parity_runs=runs,
-        grad_hist=_grad_hist(path / GRAD_HIST),
-        peers=_peers(path / PEERS),
+        grad_hist=_grad_hist(path / GRAD_HIST) if home else None,
+        peers=_peers(path / PEERS) if home else None,
+        problems=_problems(problems),
         prices=prices(meta, price_per_hour, price_per_kwh),
     )
 

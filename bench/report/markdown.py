@@ -1,138 +1,24 @@
-"""report.md: the environment, the noise band, the headline summary per model (only claims
-beyond the noise), the model sections and the plots list; ``write_report`` writes it all."""
+"""report.md: the environment, the noise band, the summary (bench/report/summary.py), the
+model sections and the plots list; ``write_report`` writes it all."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from tabulate import tabulate
 
-from bench import store
+from bench import BadInput, paths, store
 from bench.analysis import noise
-from bench.report import accuracy, peers
-from bench.report.formats import fmt_width, is_num
+from bench.report import accuracy, peers, summary
+from bench.report.formats import is_num
 from bench.report.loading import PLOTS, REPORT, THROTTLED_MARK, Run, _ordered, load
 from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE
 from bench.report.plots import plot
-from bench.report.tables import (
-    _label,
-    _memory_column,
-    _Model,
-    _model,
-    _model_section,
-    _ratio,
-    _same_key,
-    _speedup,
-    _versus,
-)
-
-# ------------------------------------------------------------------------------ headline
-
-
-@dataclass(frozen=True)
-class Headline:
-    """A model's best numbers over FP32 across its cells, and its parity verdicts."""
-
-    model: str
-    speedup: str
-    memory_saving: str
-    energy_saving: str
-    parity: str
-
-
-def _best(model: _Model, ratio_of: Any, better: int, fmt: Any) -> str:
-    """The best of ``ratio_of(cell)`` over ok non-fp32 cells that is beyond noise in the good
-    direction (``better`` +1: above 1; -1: below 1), as 'text (policy, batch N)'; 'none beyond
-    noise' when no cell's interval excludes no change that way, 'n/a' when nothing compares."""
-    candidates = [cell for _, cell in model.cells.iterrows()  # emulated speed is no finding
-                  if cell["status"] == "ok" and cell["precision"] != "fp32"
-                  and not cell["emulated"]]
-    found = [(r, cell) for cell in candidates
-             if not _contended(model, cell) and (r := ratio_of(cell)) is not None]
-    if not found:
-        left_out = any(_contended(model, cell) for cell in candidates)
-        return "n/a" + (" (contended cells left out)" if left_out else "")
-    # A claim is beyond the noise, the right way, and big enough to show (1%, 0.01x).
-    good = [(r, cell) for r, cell in found
-            if r.beyond_noise and (r.value - 1) * better >= _SHOWN]
-    if not good:
-        known = any(math.isfinite(r.half_width) for r, _ in found)
-        return "none beyond noise" if known else "not judged (noise not measured)"
-    ratio, cell = max(good, key=lambda item: (item[0].value - 1) * better)
-    mark = f" {THROTTLED_MARK}" if cell["throttled"] else ""
-    return f"{fmt(ratio)} ({_label(cell, model.row_keys)}){mark}"
-
-
-_SHOWN = 0.005  # the smallest change a summary shows as a number: 1% or 0.01x after rounding
-
-
-def _contended(model: _Model, cell: pd.Series) -> bool:
-    """The cell, or the fp32 cell it is compared with, ran beside others' work."""
-    fp32 = _same_key(model, cell, "fp32")
-    return bool(cell["contended"] or (fp32 is not None and fp32["contended"]))
-
-
-def _fmt_saving(ratio: noise.Ratio) -> str:
-    return f"{1 - ratio.value:.0%}{fmt_width(ratio, 100, '%', 0)}"
-
-
-def _parity_summary(run: Run, name: str) -> str:
-    if run.parity is None:
-        return "not run"
-    rows = run.parity[run.parity["model"] == name]
-    if rows.empty:
-        return "not run"
-    parts = []
-    for verdict in ("FAIL", "INCONCLUSIVE"):
-        policies = _ordered(rows.loc[rows["verdict"] == verdict, "precision"])
-        if policies:
-            parts.append(f"{verdict}: {', '.join(policies)}")
-    judged = rows[rows["verdict"] != ""]
-    if not parts:
-        return f"PASS ({len(judged)} policies)" if len(judged) else "no verdicts"
-    return "; ".join(parts)
-
-
-def headline(run: Run) -> list[Headline]:
-    """Per model: best speedup, memory saving and energy saving over FP32, parity verdicts."""
-    mem_column, _ = _memory_column(run)
-    out = []
-    for name in run.cells["model"].drop_duplicates():
-        model = _model(run, name)
-        out.append(Headline(
-            model=name,
-            speedup=_best(model, lambda c, m=model: _speedup(m, c, "fp32"), +1,
-                          lambda r: f"{r.value:.2f}x{fmt_width(r, 1, '', 2)}"),
-            memory_saving=_best(model, lambda c, m=model: _versus(m, c, "fp32", mem_column),
-                                -1, _fmt_saving),
-            energy_saving=_best(model, lambda c, m=model: _versus(m, c, "fp32",
-                                                                  "joules_per_sample"),
-                                -1, _fmt_saving),
-            parity=_parity_summary(run, name),
-        ))
-    return out
-
-
-def _parity_failures(run: Run) -> list[str]:
-    if run.parity is None:
-        return []
-    fails = run.parity[run.parity["verdict"] == "FAIL"]
-    out = []
-    for _, row in fails.iterrows():
-        detail = ""
-        if is_num(row["delta"]):
-            detail = f" (eval loss {row['delta']:+.3g} vs fp32"
-            detail += f", tolerance {row['tolerance']:.3g})" if is_num(row["tolerance"]) else ")"
-        if is_num(row["nonfinite_steps"]) and row["nonfinite_steps"] > 0:
-            detail += f", {int(row['nonfinite_steps'])} non-finite steps"
-        out.append(f"{row['model']} {row['precision']}{detail}")
-    return out
-
+from bench.report.tables import _model_section, _ratio
 
 # ------------------------------------------------------------------------------ report.md
 
@@ -143,6 +29,9 @@ def _environment(run: Run) -> list[str]:
     software = _software_line(run)
     if software:
         lines.append(software)
+    threads = _threads_line(run)
+    if threads:
+        lines.append(threads)
     lines.append(_run_line(run))
     ok = run.cells[run.cells["status"] == "ok"]
     lines.append(_clocks_line(ok))
@@ -153,7 +42,7 @@ def _environment(run: Run) -> list[str]:
                      f"throttled" + (f" ({', '.join(reasons)})" if reasons else "")
                      + f"; they are marked {THROTTLED_MARK} and their numbers understate "
                        "the device.")
-    for warning in run.meta.get("warnings") or []:
+    for warning in [*(run.meta.get("warnings") or []), *run.problems]:
         lines.append(f"- **Warning:** {warning}")
     return lines
 
@@ -191,6 +80,25 @@ def _software_line(run: Run) -> str | None:
         return None
     no_gpu = None if cuda else no_gpu_text(build)  # "torch built for CUDA 13.0; no GPU"
     return "- **Software:** " + ", ".join(software) + (f" ({no_gpu})" if no_gpu else "")
+
+
+def _threads_line(run: Run) -> str | None:
+    """torch's thread pools, the thread variables and CUDA_VISIBLE_DEVICES as the run had
+    them; None for a run recorded before they were (schema < 7)."""
+    intra, inter = _recorded(run, "torch_num_threads"), _recorded(run, "torch_num_interop_threads")
+    if not is_num(intra):
+        return None
+
+    def shown(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "unset"
+        return f"{float(value):g}" if is_num(value) else f"'{value}'" if value == "" \
+            else str(value)
+
+    variables = ", ".join(f"{name} {shown(_recorded(run, name.lower()))}" for name in (
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES"))
+    interop = f", {float(inter):g} inter-op" if is_num(inter) else ""
+    return f"- **Threads:** torch {float(intra):g} intra-op{interop}; {variables}"
 
 
 def _run_line(run: Run) -> str:
@@ -235,30 +143,25 @@ def _clocks_line(ok: pd.DataFrame) -> str:
 
 def _noise_line(run: Run) -> str:
     band = run.cells.attrs.get("band") or noise.pooled([])
-    return (f"- **Noise:** {noise.describe(band)}. Bold numbers are beyond the noise; the "
+    line = (f"- **Noise:** {noise.describe(band)}. Bold numbers are beyond the noise; the "
             f"others are not findings.")
-
-
-def _summary(run: Run) -> list[str]:
-    rows = headline(run)
-    mem_label = _memory_column(run)[1]
-    lines = ["## Summary", ""]
-    if rows:
-        body = [[h.model, h.speedup, h.memory_saving, h.energy_saving, h.parity] for h in rows]
-        lines += [tabulate(body, headers=["model", "best speedup over fp32",
-                                          f"best {mem_label} saving", "best energy saving",
-                                          "parity"], tablefmt="github", disable_numparse=True),
-                  ""]
-    else:
-        lines += ["No benchmark cells in this run.", ""]
-    failures = _parity_failures(run)
-    if failures:
-        lines += [f"**Parity FAIL:** {'; '.join(failures)}.", ""]
-    counts = run.cells["status"].value_counts()
-    failed = [f"{int(counts[s])} {s}" for s in store.FAILED if s in counts]
-    lines += [f"{len(run.cells)} cells: {int(counts.get('ok', 0))} ok"
-              + (", " + ", ".join(failed) if failed else "") + ".", ""]
-    return lines
+    exact = [label for column, label in (("peak_mem_reserved_gib", "peak reserved memory"),
+                                         ("peak_mem_allocated_gib", "peak allocated memory"),
+                                         ("peak_rss_gib", "peak RSS"))
+             if (run.cells.get(f"{column}_err", pd.Series(dtype=float)) == 0).any()]
+    if exact:
+        line += (f" {' and '.join(exact).capitalize()} marked (exact) measured the same in every "
+                 "process of the run that was repeated: the same program allocates the same "
+                 "way each time, so those changes carry no measurable noise.")
+    odd = run.cells[run.cells["outliers"].astype(bool)] if "outliers" in run.cells else []
+    if len(odd):
+        line += (" Outlier processes (more than "
+                 f"{noise.OUTLIER_Z:g} robust standard deviations from their cell's median; "
+                 "the cell's value is the median and its spread is robust, so they move "
+                 "neither much): " + "; ".join(
+                     f"{c['model']} {c['precision']} batch {c['batch_size']}: {c['outliers']}"
+                     for _, c in odd.iterrows()) + ".")
+    return line
 
 
 def _max_batch_section(run: Run) -> list[str]:
@@ -294,7 +197,7 @@ def _max_batch_section(run: Run) -> list[str]:
 _PLOT_TITLES = {
     "throughput": "Throughput vs batch size",
     "speedup": "Speedup over fp32",
-    "memory": "Peak memory",
+    "memory": "Peak memory: change against fp32",
     "energy": "Energy per sample",
     "pareto": "Throughput vs energy",
     "loss_curves": "Training loss per policy",
@@ -308,7 +211,7 @@ _PARITY_PLOTS = (f"{GRAD_RANGE}-", f"{LOSS_SCALE}-")  # one per parity model
 def render(run: Run, plots: Sequence[str] = ()) -> str:
     """report.md text for a run; ``plots`` are the plot names written beside it."""
     lines = [f"# ampbench report: {run.device_name}", "", *_environment(run), _noise_line(run),
-             "", *_summary(run)]
+             "", *summary.summary(run)]
     benchmarked = list(run.cells["model"].drop_duplicates())
     for name in benchmarked:
         lines += _model_section(run, name, accuracy.block(run, name, plots))
@@ -323,8 +226,8 @@ def render(run: Run, plots: Sequence[str] = ()) -> str:
         lines += ["## Plots", ""]
         for name in shown:
             lines += [f"![{_PLOT_TITLES.get(name, name)}]({PLOTS}/{name}.png)", ""]
-        lines += [f"Error bars: the noise interval (±{noise.Z:g} standard errors). SVG versions "
-                  f"beside them in `{PLOTS}/`.", ""]
+        lines += [f"Error bars: the noise interval ({noise.Z:g} standard errors, on the log "
+                  f"scale). SVG versions beside them in `{PLOTS}/`.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -334,7 +237,11 @@ def write_report(run_dir: Path | str, out_dir: Path | str | None = None,
     """Write report.md and plots/ for a run (into ``out_dir`` when given); returns report.md.
     A price given here overrides the one the run recorded in meta.json."""
     run = load(run_dir, price_per_hour, price_per_kwh)
-    out = Path(out_dir) if out_dir is not None else run.path
+    if out_dir is None and not run.path.is_dir():
+        raise BadInput(f"{run_dir}: a results CSV outside a run directory; pass --out DIR "
+                       "for its report.md")
+    out = paths.output_dir(out_dir if out_dir is not None else run.path,
+                           "--out" if out_dir is not None else "run directory")
     out.mkdir(parents=True, exist_ok=True)
     written = plot(run, out / PLOTS)
     stale = {p.stem for prefix in _PARITY_PLOTS for p in (out / PLOTS).glob(f"{prefix}*.png")}

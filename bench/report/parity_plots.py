@@ -1,18 +1,20 @@
-"""The parity section's figures, one of each per parity model: where the FP32 gradients fall in
-FP16's range before and after loss scaling (``grad_range-<model>``, the histogram of
-Micikevicius et al., 2018, "Mixed Precision Training"), and the GradScaler's scale over
-training with its skipped steps (``loss_scale-<model>``). torch-free."""
+"""The figures of the parity runs: the training loss per policy, a panel per parity model
+(``loss_curves``), and one of each per parity model: where the FP32 gradients fall in FP16's
+range before and after loss scaling (``grad_range-<model>``, the histogram of Micikevicius et
+al., 2018, "Mixed Precision Training"), and the GradScaler's scale over training with its
+skipped steps (``loss_scale-<model>``). torch-free."""
 
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from bench.report import gradients
+from bench.report.figures import log_axis
 from bench.report.gradients import (
     FP16_MAX,
     FP16_NORMAL_LOG2,
@@ -20,9 +22,11 @@ from bench.report.gradients import (
     FP16_TINY_LOG2,
     Shares,
 )
+from bench.report.loading import Run, _ordered
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
     from bench.report.figures import Plotter
 
@@ -174,6 +178,99 @@ def _scale_plot(plotter: Plotter, model: str) -> list[Path]:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5),
                frameon=False)
     return plotter.save(fig, plot_name(LOSS_SCALE, model))
+
+
+def loss_figure(plotter: Plotter) -> Figure | None:
+    """Training loss over steps, a panel per parity model; one y scale for every panel: log
+    when any model's loss falls more than 20-fold (its tail would lie flat on a linear axis),
+    linear otherwise. None without curves."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    curves = plotter.run.curves
+    if curves is None or curves["loss"].notna().sum() == 0:
+        return None
+    models = list(curves["model"].drop_duplicates())
+    policies = _ordered(curves["precision"])
+    finite = [curves.loc[curves["model"] == m, "loss"].dropna() for m in models]
+    log = all(f.min() > 0 for f in finite if len(f)) and any(
+        len(f) and f.max() / f.min() > 20 for f in finite)
+    fig, axes = plotter.figure(len(models), "Training loss per policy")
+    band_seeds, any_optimum = 0, False
+    for ax, model_name in zip(axes, models, strict=True):
+        seeds, optimum = _loss_panel(ax, plotter, curves[curves["model"] == model_name],
+                                     policies, log)
+        band_seeds, any_optimum = max(band_seeds, seeds), any_optimum or optimum
+    extra = [Patch(color=plotter.colours["fp32"], alpha=0.18,
+                   label=f"fp32 seed range\n({band_seeds} seeds)")] if band_seeds else []
+    if any_optimum:
+        extra.append(Line2D([], [], color="#777777", lw=1.2, ls=":",
+                            label="achievable optimum\n(entropy rate)"))
+    plotter.legend(fig, policies, extra)
+    return fig
+
+
+def _loss_panel(ax: Axes, plotter: Plotter, rows: pd.DataFrame, policies: list[str],
+                log: bool) -> tuple[int, bool]:
+    """One model's loss curves; returns the seeds in its fp32 band and whether the achievable
+    optimum is drawn."""
+    import seaborn as sns
+
+    if log:
+        ax.set_yscale("log")  # before drawing, so the view fits the data in log units
+    optimum = _optimum(plotter.run, str(rows["model"].iloc[0]))
+    if optimum is not None:
+        ax.axhline(optimum, color="#777777", lw=1.2, ls=":", zorder=1)
+    fp32 = rows[rows["precision"] == "fp32"].dropna(subset=["loss"])
+    if len(fp32):
+        band = fp32.groupby("step")["loss"].agg(["min", "max"])
+        ax.fill_between(band.index, band["min"], band["max"], color=plotter.colours["fp32"],
+                        alpha=0.18, lw=0)
+    mean = rows.groupby(["precision", "step"], as_index=False)["loss"].mean()
+    every = max(1, mean["step"].nunique() // 10)  # a marker on every point is a smear
+    for policy in [p for p in policies if p in set(mean["precision"])]:
+        line = mean[mean["precision"] == policy]
+        if line["loss"].isna().all():
+            continue
+        colour = plotter.colours[policy]
+        # fp32 thick underneath: a policy that tracks it exactly still leaves it visible.
+        sns.lineplot(data=line, x="step", y="loss", color=colour,
+                     marker=plotter.markers[policy], mfc="none", mec=colour, mew=1.4,
+                     markersize=6, markevery=every, lw=3.0 if policy == "fp32" else 1.3,
+                     errorbar=None, legend=False, ax=ax)
+    _nonfinite_marks(ax, plotter, rows, mean)
+    if log:
+        log_axis(ax, *ax.get_ylim())
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (nats, mean of seeds" + (", log)" if log else ")"))
+    ax.set_title(str(rows["model"].iloc[0]))
+    return (fp32["seed"].nunique() if len(fp32) else 0), optimum is not None
+
+
+def _optimum(run: Run, model: str) -> float | None:
+    """The lowest loss any model can reach on the parity task, where it is known exactly."""
+    if run.parity is None:
+        return None
+    values = run.parity.loc[run.parity["model"] == model, "optimal_loss"].dropna()
+    return float(values.iloc[0]) if len(values) else None
+
+
+def _nonfinite_marks(ax: Axes, plotter: Plotter, rows: pd.DataFrame,
+                     mean: pd.DataFrame) -> None:
+    """Where a policy's loss went non-finite its line just stops; say so on the plot."""
+    for policy, group in rows[rows["loss"].isna()].groupby("precision", sort=False):
+        first = group["step"].min()
+        before = mean[(mean["precision"] == policy) & (mean["step"] < first)].dropna()
+        if before.empty:
+            at = (first, 0.5)
+            coords: Any = ("data", "axes fraction")
+        else:
+            at, coords = (before["step"].iloc[-1], before["loss"].iloc[-1]), "data"
+        colour = plotter.colours[policy]
+        ax.annotate(f"{policy}: non-finite loss\nfrom step {int(first)}", at, xycoords=coords,
+                    xytext=(0, 22), textcoords="offset points", ha="center", fontsize=7,
+                    color=colour, arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.8},
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
 
 
 def plot_parity(plotter: Plotter) -> list[Path]:

@@ -48,7 +48,9 @@ def _ratio(row: pd.Series) -> str:
     median = _number(row, "ratio_ours_per_peer_median")
     if median is None:
         return ""
-    iqr = _number(row, "ratio_ours_per_peer_iqr")
+    iqr, steps = _number(row, "ratio_ours_per_peer_iqr"), _number(row, "timed_steps")
+    if iqr is None and steps is not None and steps < 2:
+        return f"{median:.2f}x (IQR n/a: {steps:.0f} step has no spread)"
     return f"{median:.2f}x" + (f" (IQR {iqr:.2f})" if iqr is not None else "")
 
 

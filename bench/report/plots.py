@@ -1,11 +1,20 @@
-"""The report's plots, PNG and SVG on Agg canvases (bench/report/figures.py): throughput and
-speedup with noise intervals, memory, energy, Pareto front, loss curves and the largest batch;
-``plot`` draws them and the parity figures (bench/report/parity_plots.py). torch-free."""
+"""The report's plots, PNG and SVG on Agg canvases (bench/report/figures.py): a panel per model
+and a line per policy over batch sizes for throughput, speedup, memory and energy, with noise
+intervals; the Pareto front and the largest batch. ``plot`` draws them, the loss curves and
+the parity figures (bench/report/parity_plots.py). torch-free.
+
+Each figure has one y scale on every panel: throughput and energy from zero; speedup, a ratio,
+on a log axis shared by the panels with 1x marked; memory as the change against fp32 in
+percent, shared, 0% marked (a few percent do not show on an axis from zero GiB). The limits
+come from the points, so an interval wider than the points' spread is cut at the axis and
+marked with an arrowhead rather than squashing them; an unknown noise draws no bar.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,12 +22,20 @@ import pandas as pd
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-from bench.report.figures import Plotter, policy_style
+from bench.report.figures import (
+    Plotter,
+    cut_handle,
+    fit_limits,
+    interval_bars,
+    log_axis,
+    policy_style,
+)
 from bench.report.formats import is_num
 from bench.report.loading import _SECONDARY_HEADERS, THROTTLED_MARK, Run, _ordered
-from bench.report.parity_plots import plot_parity
-from bench.report.tables import _estimate, _memory_column, _Model, _model, _speedup
+from bench.report.parity_plots import loss_figure, plot_parity
+from bench.report.tables import _estimate, _memory_column, _Model, _model, _speedup, _versus
 
 
 def _primary(cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -66,28 +83,6 @@ def _compact(value: float, _: Any = None) -> str:
     return f"{value:g}"
 
 
-def _log_y(ax: Axes, unit: str = "x") -> None:
-    """A log y axis labelled 0.5, 1, 2, 5 ... (plain numbers, not powers of ten)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}{unit}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def _ratio_axis(ax: Axes, values: Sequence[float]) -> None:
-    """Ratios spanning a wide range read best on a log axis, where 0.5x and 2x are symmetric."""
-    from matplotlib.ticker import FuncFormatter
-
-    finite = [v for v in values if is_num(v) and v > 0]
-    if finite and max(finite) / min(finite) > 8:
-        _log_y(ax)
-    else:  # from zero, so a 1.2x gain does not look like a 5x one
-        ax.set_ylim(bottom=0, top=max(finite, default=1.0) * 1.08)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-
-
 def _failed_marks(ax: Axes, plotter: Plotter, cells: pd.DataFrame, policies: list[str]) -> bool:
     """Cells that did not run: an x at the foot of the panel, labelled with the status."""
     failed = cells[cells["status"] != "ok"]
@@ -110,110 +105,181 @@ def _failed_marks(ax: Axes, plotter: Plotter, cells: pd.DataFrame, policies: lis
     return not failed.empty
 
 
-def _failed_handle() -> Any:
-    from matplotlib.lines import Line2D
+@dataclass(frozen=True)
+class _YAxis:
+    """A per-batch figure's y axis, one scale on every panel.
 
-    return Line2D([], [], color="#777777", marker="x", mew=2, ls="none",
-                  label="did not run\n(status shown)")
+    ``kind``: ``amount`` (linear from zero: throughput, energy), ``ratio`` (log, where 0.5x and
+    2x lie as far from 1x: speedup), ``change`` (percent against fp32, linear: memory, whose
+    few percent would vanish on an axis from zero). ``shared``: one y range across the panels,
+    where the quantity compares across models.
+    """
+
+    label: Callable[[_Model], str]
+    kind: str = "amount"
+    shared: bool = False
+
+    @property
+    def reference(self) -> float | None:
+        """Where fp32 lies: 1x, 0%; None for an amount."""
+        return {"ratio": 1.0, "change": 0.0}.get(self.kind)
+
+    def limits(self, ok: pd.DataFrame) -> tuple[float, float] | None:
+        """From the points (and the reference), not from intervals that may be enormous."""
+        points = [*ok["value"], *([] if self.reference is None else [self.reference])]
+        ends = [*ok["low"], *ok["high"]]
+        # Points closer than 1.5x (or 4 points of percent) do not fill the panel.
+        min_span = {"ratio": math.log(1.5), "change": 4.0}.get(self.kind, 0.0)
+        return fit_limits(points, ends, log=self.kind == "ratio", min_span=min_span,
+                          from_zero=self.kind == "amount")
+
+
+_UNITS = {"ratio": "x", "change": "%", "amount": ""}
+_DODGE = 0.03  # log2 units between two policies' points at one batch
 
 
 # A panel's data: the model, its cells in the main configuration, the ok ones with a value
-# (columns ``value`` and ``half_width``), and what was held fixed ('' if nothing).
+# (columns ``value``, ``low``, ``high``: NaN ends where the noise is unknown, ``unknown``), and
+# what was held fixed ('' if nothing).
 _Panel = tuple[_Model, pd.DataFrame, pd.DataFrame, str]
 
 
-def _per_batch_plot(plotter: Plotter, name: str, title: str,
-                    value: Any, ylabel: Any, baseline_one: bool = False,
-                    skip: Sequence[str] = (), empty: str = "no cell ran ok") -> list[Path]:
-    """A panel per model, a line per policy over batch sizes; None values are left out.
+def _per_batch_figure(plotter: Plotter, title: str, value: Any, axis: _YAxis,
+                      skip: Sequence[str] = (), empty: str = "no cell ran ok") -> Figure | None:
+    """A panel per model, a line per policy over batch sizes; None values are left out; None
+    when no panel has a point.
 
-    ``value(model, cell)`` gives a number, or an estimate with ``value`` and ``half_width``
-    (noise.Estimate, noise.Ratio), drawn with its interval as an error bar.
+    ``value(model, cell)`` gives a number, or an estimate with ``value``, ``error``, ``low`` and
+    ``high`` (noise.Estimate, noise.Ratio), drawn with its interval as an error bar.
     """
-    from matplotlib.ticker import FuncFormatter
-
     run = plotter.run
     models = list(run.cells["model"].drop_duplicates())
-    panels = {model_name: _per_batch_panel(run, model_name, value, skip)
-              for model_name in models}
-    if not any(len(ok) for _, _, ok, _ in panels.values()):
-        return []
+    panels = {name: _per_batch_panel(run, name, value, skip, axis.kind) for name in models}
+    oks = [ok for _, _, ok, _ in panels.values() if len(ok)]
+    if not oks:
+        return None
     policies = [p for p in run.policies
                 if any(p in set(cells["precision"]) for _, cells, _, _ in panels.values())]
-    fig, axes = plotter.figure(len(models), title)
-    any_failed = False
+    fig, axes = plotter.figure(len(models), title, sharey=axis.shared)
+    shared = axis.limits(pd.concat(oks)) if axis.shared else None
+    notes: set[str] = set()
     for ax, model_name in zip(axes, models, strict=True):
-        model, cells, ok, held = panels[model_name]
-        if len(ok):
-            _draw_lines(ax, plotter, ok, policies)
-        else:  # an empty panel keeps its place; its y axis would only show made-up numbers
-            ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center",
-                    color="#777777", bbox={"facecolor": "white", "edgecolor": "none"})
+        notes |= _per_batch_axes(ax, plotter, panels[model_name], policies, axis,
+                                 shared or axis.limits(panels[model_name][2]), empty)
+    plotter.legend(fig, [p for p in policies if p not in skip],
+                   _per_batch_handles(plotter, axis, notes))
+    return fig
+
+
+def _per_batch_axes(ax: Axes, plotter: Plotter, panel: _Panel, policies: list[str],
+                    axis: _YAxis, limits: tuple[float, float] | None, empty: str) -> set[str]:
+    """One model's panel; returns what the legend must explain (failed, cut, unknown)."""
+    from matplotlib.ticker import FuncFormatter
+
+    model, cells, ok, held = panel
+    notes = set()
+    if limits is not None and (len(ok) or axis.shared):
+        if axis.kind == "ratio":
+            log_axis(ax, *limits, unit="x")
+        else:
+            ax.set_ylim(*limits)
+        if axis.kind == "change":
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+g}%" if v else "0%"))
+        elif axis.kind == "amount" and limits[1] >= 10_000:
+            ax.yaxis.set_major_formatter(FuncFormatter(_compact))  # 600k, not 600000
+    if axis.reference is not None and limits is not None:
+        ax.axhline(axis.reference, color=plotter.colours["fp32"], lw=1, ls="--", zorder=1)
+    if len(ok):
+        if _draw_lines(ax, plotter, ok, policies):
+            notes.add("cut")
+        if ok["unknown"].any():
+            notes.add("unknown")
+    else:  # an empty panel keeps its place; its y axis would only show made-up numbers
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center",
+                color="#777777", bbox={"facecolor": "white", "edgecolor": "none"})
+        if not axis.shared:
             ax.set_ylim(0, 1)
             ax.set_yticks([])
-        if baseline_one and len(ok):
-            ax.axhline(1.0, color=plotter.colours["fp32"], lw=1, ls="--")
-            spread = ok["half_width"].fillna(0)
-            _ratio_axis(ax, [1.0, *(ok["value"] + spread), *(ok["value"] - spread)])
-        any_failed |= _failed_marks(ax, plotter, cells, policies)
-        _batch_axis(ax, cells["batch_size"])
-        if len(ok) and not baseline_one:
-            ax.set_ylim(bottom=0)
-        if len(ok) and not baseline_one and ok["value"].max() >= 10_000:
-            ax.yaxis.set_major_formatter(FuncFormatter(_compact))  # 600k, not 600000
-        ax.set_ylabel(ylabel(model))
-        ax.set_title(f"{model_name} ({held})" if held else model_name)
-    extra = _per_batch_handles(plotter, baseline_one, any_failed)
-    plotter.legend(fig, [p for p in policies if p not in skip], extra)
-    return plotter.save(fig, name)
+    if _failed_marks(ax, plotter, cells, policies):
+        notes.add("failed")
+    _batch_axis(ax, cells["batch_size"])
+    if not axis.shared or ax.get_subplotspec().is_first_col():
+        ax.set_ylabel(axis.label(model))
+    ax.set_title(f"{model.name} ({held})" if held else model.name)
+    return notes
+
+
+def _point(estimate: Any, kind: str) -> tuple[float, float, float, bool]:
+    """(value, low, high, unknown) as plotted: a change in percent; no ends (NaN) where the
+    noise is unknown or there is no estimate."""
+    value = getattr(estimate, "value", estimate)
+    if value is None or not is_num(value):
+        return math.nan, math.nan, math.nan, False
+    error = getattr(estimate, "error", None)
+    known = error is not None and math.isfinite(error)
+    low, high = (estimate.low, estimate.high) if known else (math.nan, math.nan)
+    if kind == "change":
+        value, low, high = ((end - 1) * 100 for end in (value, low, high))
+    return float(value), low, high, error is not None and not known
 
 
 def _per_batch_panel(run: Run, model_name: str, value: Callable[[_Model, pd.Series], Any],
-                     skip: Sequence[str]) -> _Panel:
+                     skip: Sequence[str], kind: str) -> _Panel:
     """One model's panel data: its cells of the main configuration and their values."""
     model = _model(run, model_name)
     cells, held = _primary(model.cells)
     # A skipped policy draws no line, but where it failed the reader must see why.
     cells = cells[~cells["precision"].isin(skip) | (cells["status"] != "ok")]
     ok = cells[(cells["status"] == "ok")].copy()
-    values = [value(model, c) for _, c in ok.iterrows()]
-    ok["value"] = [getattr(v, "value", v) for v in values]
-    widths = [getattr(v, "half_width", math.nan) for v in values]
-    ok["half_width"] = [w if math.isfinite(w) else math.nan for w in widths]
+    points = [_point(value(model, c), kind) for _, c in ok.iterrows()]
+    for i, column in enumerate(("value", "low", "high", "unknown")):
+        ok[column] = [p[i] for p in points]
     return model, cells, ok.dropna(subset=["value"]), held
 
 
-def _draw_lines(ax: Axes, plotter: Plotter, ok: pd.DataFrame, policies: list[str]) -> None:
-    """A line per policy with its noise intervals, and the throttled mark on throttled cells."""
+def _draw_lines(ax: Axes, plotter: Plotter, ok: pd.DataFrame, policies: list[str]) -> bool:
+    """A line per policy with its noise intervals (the axis' limits set first), and the
+    throttled mark on throttled cells; True when an interval was cut at the axis."""
     import seaborn as sns
 
     drawn = [p for p in policies if p in set(ok["precision"])]
+    cut = False
     for i, policy in enumerate(drawn):
+        mine = ok[ok["precision"] == policy].copy()
+        # Each policy a little aside (a factor, as the batch axis may be log): intervals at one
+        # batch would otherwise lie on top of each other.
+        mine["x"] = mine["batch_size"] * 2 ** (_DODGE * (i - (len(drawn) - 1) / 2))
         # Policies often coincide (fp32 and tf32 memory, say): hollow markers of
         # different shapes stay readable on top of each other, filled ones hide.
-        sns.lineplot(data=ok[ok["precision"] == policy], x="batch_size", y="value",
+        sns.lineplot(data=mine, x="x", y="value",
                      color=plotter.colours[policy], marker=plotter.markers[policy],
                      mfc="none", mec=plotter.colours[policy], mew=1.6, markersize=8,
-                     lw=1.6, errorbar=None, legend=False, ax=ax, zorder=2 + i)
-        mine = ok[(ok["precision"] == policy) & ok["half_width"].notna()]
-        if len(mine):  # the noise interval of each point (noise.Z sigma)
-            ax.errorbar(mine["batch_size"], mine["value"], yerr=mine["half_width"],
-                        fmt="none", ecolor=plotter.colours[policy], elinewidth=1.2,
-                        capsize=3, alpha=0.8, zorder=2 + i)
-    for _, cell in ok[ok["throttled"]].iterrows():
-        ax.annotate(THROTTLED_MARK, (cell["batch_size"], cell["value"]),
-                    xytext=(4, 4), textcoords="offset points", fontsize=11,
-                    color=plotter.colours[cell["precision"]])
+                     lw=1.6, errorbar=None, legend=False, ax=ax, zorder=3 + i)
+        # Under the points, thin and faint: the interval (noise.Z sigma) must not hide them.
+        cut |= interval_bars(ax, list(mine["x"]), list(mine["value"]), list(mine["low"]),
+                             list(mine["high"]), plotter.colours[policy], zorder=2)
+        for _, cell in mine[mine["throttled"]].iterrows():
+            ax.annotate(THROTTLED_MARK, (cell["x"], cell["value"]), xytext=(4, 4),
+                        textcoords="offset points", fontsize=11, color=plotter.colours[policy])
+    return cut
 
 
-def _per_batch_handles(plotter: Plotter, baseline_one: bool, any_failed: bool) -> list[Any]:
-    """The legend's entries beside the policies: the 1x line, did-not-run, throttled."""
+def _per_batch_handles(plotter: Plotter, axis: _YAxis, notes: set[str]) -> list[Any]:
+    """The legend's entries beside the policies: the fp32 line, intervals cut at the axis,
+    points without an interval, did-not-run, throttled."""
     from matplotlib.lines import Line2D
 
-    extra = [_failed_handle()] if any_failed else []
-    if baseline_one:
-        extra.insert(0, Line2D([], [], color=plotter.colours["fp32"], lw=1, ls="--",
-                               label="fp32 (1x)"))
+    extra = []
+    if axis.reference is not None:
+        extra.append(Line2D([], [], color=plotter.colours["fp32"], lw=1, ls="--",
+                            label=f"fp32 ({axis.reference:g}{_UNITS[axis.kind]})"))
+    if "cut" in notes:
+        extra.append(cut_handle())
+    if "unknown" in notes:
+        extra.append(Line2D([], [], ls="none", label="no bar: noise\nnot measured"))
+    if "failed" in notes:
+        extra.append(Line2D([], [], color="#777777", marker="x", mew=2, ls="none",
+                            label="did not run\n(status shown)"))
     if plotter.run.cells["throttled"].any():
         extra.append(Line2D([], [], ls="none", marker=f"${THROTTLED_MARK}$", color="#333333",
                             label="throttled"))
@@ -292,86 +358,6 @@ def _draw_front(ax: Axes, ok: pd.DataFrame) -> None:
                     ha="right" if right else "left")
 
 
-def _loss_plot(plotter: Plotter) -> list[Path]:
-    import seaborn as sns
-    from matplotlib.patches import Patch
-
-    curves = plotter.run.curves
-    if curves is None or curves["loss"].notna().sum() == 0:
-        return []
-    models = list(curves["model"].drop_duplicates())
-    policies = _ordered(curves["precision"])
-    fig, axes = plotter.figure(len(models), "Training loss per policy")
-    band_seeds = 0
-    any_optimum = False
-    for ax, model_name in zip(axes, models, strict=True):
-        rows = curves[curves["model"] == model_name]
-        optimum = _optimum(plotter.run, model_name)
-        if optimum is not None:
-            ax.axhline(optimum, color="#777777", lw=1.2, ls=":", zorder=1)
-            any_optimum = True
-        fp32 = rows[rows["precision"] == "fp32"].dropna(subset=["loss"])
-        if len(fp32):
-            band = fp32.groupby("step")["loss"].agg(["min", "max"])
-            band_seeds = max(band_seeds, fp32["seed"].nunique())
-            ax.fill_between(band.index, band["min"], band["max"], color=plotter.colours["fp32"],
-                            alpha=0.18, lw=0)
-        mean = rows.groupby(["precision", "step"], as_index=False)["loss"].mean()
-        every = max(1, mean["step"].nunique() // 10)  # a marker on every point is a smear
-        for policy in [p for p in policies if p in set(mean["precision"])]:
-            line = mean[mean["precision"] == policy]
-            if line["loss"].isna().all():
-                continue
-            colour = plotter.colours[policy]
-            # fp32 thick underneath: a policy that tracks it exactly still leaves it visible.
-            sns.lineplot(data=line, x="step", y="loss", color=colour,
-                         marker=plotter.markers[policy], mfc="none", mec=colour, mew=1.4,
-                         markersize=6, markevery=every, lw=3.0 if policy == "fp32" else 1.3,
-                         errorbar=None, legend=False, ax=ax)
-        _nonfinite_marks(ax, plotter, rows, mean)
-        finite = rows["loss"].dropna()
-        if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 20:
-            _log_y(ax, unit="")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("training loss (nats, mean over seeds)")
-        ax.set_title(model_name)
-    extra = [Patch(color=plotter.colours["fp32"], alpha=0.18,
-                   label=f"fp32 seed range\n({band_seeds} seeds)")] if band_seeds else []
-    if any_optimum:
-        from matplotlib.lines import Line2D
-
-        extra.append(Line2D([], [], color="#777777", lw=1.2, ls=":",
-                            label="achievable optimum\n(entropy rate)"))
-    plotter.legend(fig, policies, extra)
-    return plotter.save(fig, "loss_curves")
-
-
-def _optimum(run: Run, model: str) -> float | None:
-    """The lowest loss any model can reach on the parity task, where it is known exactly."""
-    if run.parity is None:
-        return None
-    values = run.parity.loc[run.parity["model"] == model, "optimal_loss"].dropna()
-    return float(values.iloc[0]) if len(values) else None
-
-
-def _nonfinite_marks(ax: Axes, plotter: Plotter, rows: pd.DataFrame,
-                     mean: pd.DataFrame) -> None:
-    """Where a policy's loss went non-finite its line just stops; say so on the plot."""
-    for policy, group in rows[rows["loss"].isna()].groupby("precision", sort=False):
-        first = group["step"].min()
-        before = mean[(mean["precision"] == policy) & (mean["step"] < first)].dropna()
-        if before.empty:
-            at = (first, 0.5)
-            coords: Any = ("data", "axes fraction")
-        else:
-            at, coords = (before["step"].iloc[-1], before["loss"].iloc[-1]), "data"
-        colour = plotter.colours[policy]
-        ax.annotate(f"{policy}: non-finite loss\nfrom step {int(first)}", at, xycoords=coords,
-                    xytext=(0, 22), textcoords="offset points", ha="center", fontsize=7,
-                    color=colour, arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.8},
-                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
-
-
 def _max_batch_plot(plotter: Plotter) -> list[Path]:
     import seaborn as sns
 
@@ -406,6 +392,49 @@ def _max_batch_plot(plotter: Plotter) -> list[Path]:
     return plotter.save(fig, "max_batch")
 
 
+def throughput_figure(plotter: Plotter) -> Figure | None:
+    """Throughput per model over batch sizes, from zero (units differ across models)."""
+    return _per_batch_figure(plotter, "Training throughput",
+                             lambda m, c: _estimate(c, m.rate_column),
+                             _YAxis(lambda m: f"throughput ({m.rate_unit})"))
+
+
+def speedup_figure(plotter: Plotter) -> Figure | None:
+    """Speedup over fp32 at the same batch: a ratio, so a log axis on every panel, one range
+    for all of them, 1x marked."""
+    return _per_batch_figure(plotter, "Speedup over fp32", lambda m, c: _speedup(m, c, "fp32"),
+                             _YAxis(lambda m: "speedup over fp32 at the same batch (log)",
+                                    "ratio", shared=True),
+                             skip=("fp32",), empty="no policy ran ok\nbeside an ok fp32 cell")
+
+
+def memory_figure(plotter: Plotter) -> Figure | None:
+    """Peak memory as the change against fp32 at the same batch, in percent with its interval,
+    one range for every panel (a few percent would not show on an axis from zero GiB); in GiB
+    from zero where no policy has an fp32 cell beside it."""
+    column, label = _memory_column(plotter.run)
+    title = f"{label[0].upper()}{label[1:]}"
+    change = _per_batch_figure(plotter, f"{title}: change against fp32",
+                               lambda m, c: _versus(m, c, "fp32", column),
+                               _YAxis(lambda m: f"change in {label} vs fp32 (same batch)", "change",
+                                      shared=True),
+                               skip=("fp32",), empty="no memory measured\nbeside an ok fp32 cell")
+    return change or _per_batch_figure(plotter, title, lambda m, c: _estimate(c, column),
+                                       _YAxis(lambda m: f"{label} (GiB)"),
+                                       empty="no memory measured")
+
+
+def energy_figure(plotter: Plotter) -> Figure | None:
+    """Energy per sample (per token for language models), from zero."""
+    def energy(model: _Model, cell: pd.Series) -> Any:
+        est = _estimate(cell, "joules_per_sample")
+        return None if est is None else replace(est, value=model.energy(cell))
+
+    return _per_batch_figure(plotter, "Energy per sample", energy,
+                             _YAxis(lambda m: f"energy ({m.energy_unit})"),
+                             empty="no energy measured")
+
+
 def plot(run: Run, out: Path) -> list[Path]:
     """Every plot the run's data supports, PNG and SVG, into ``out``; returns the files."""
     import seaborn as sns
@@ -413,27 +442,16 @@ def plot(run: Run, out: Path) -> list[Path]:
     # Figures are drawn on their own Agg canvases (no pyplot state, no window, no global
     # backend switch for a caller that has one).
     plotter = Plotter(run, Path(out), *policy_style(run.policies))
-    mem_column, mem_label = _memory_column(run)
+    makers = (("throughput", throughput_figure), ("speedup", speedup_figure),
+              ("memory", memory_figure), ("energy", energy_figure))
     written: list[Path] = []
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
-        written += _per_batch_plot(
-            plotter, "throughput", "Training throughput",
-            lambda m, c: _estimate(c, m.rate_column),
-            lambda m: f"throughput ({m.rate_unit})")
-        written += _per_batch_plot(
-            plotter, "speedup", "Speedup over fp32", lambda m, c: _speedup(m, c, "fp32"),
-            lambda m: "speedup over fp32 at the same batch", baseline_one=True, skip=("fp32",),
-            empty="no policy ran ok\nbeside an ok fp32 cell")
-        written += _per_batch_plot(
-            plotter, "memory", f"{mem_label[0].upper()}{mem_label[1:]}",
-            lambda m, c: c[mem_column] if is_num(c[mem_column]) else None,
-            lambda m: f"{mem_label} (GiB)", empty="no memory measured")
-        written += _per_batch_plot(
-            plotter, "energy", "Energy per sample",
-            lambda m, c: m.energy(c) if is_num(c["joules_per_sample"]) else None,
-            lambda m: f"energy ({m.energy_unit})", empty="no energy measured")
+        for name, make in makers:
+            fig = make(plotter)
+            written += plotter.save(fig, name) if fig is not None else []
         written += _pareto_plot(plotter)
-        written += _loss_plot(plotter)
+        fig = loss_figure(plotter)
+        written += plotter.save(fig, "loss_curves") if fig is not None else []
         written += _max_batch_plot(plotter)
         written += plot_parity(plotter)
     return written

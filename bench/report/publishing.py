@@ -12,7 +12,8 @@ from tabulate import tabulate
 from bench import BadInput, store
 from bench.analysis import noise
 from bench.report.loading import INDEX, PLOTS, REPORT, THROTTLED_MARK, Run, load
-from bench.report.markdown import headline, write_report
+from bench.report.markdown import write_report
+from bench.report.summary import headline
 
 # ------------------------------------------------------------------------------ publish
 
@@ -46,6 +47,9 @@ def _destination(run: Run, results: Path) -> Path:
 def publish(run_dir: Path | str, results: Path | str = "results") -> Path:
     """Copy a run's CSVs, meta.json, report.md and plots to results/<device>/<date>/; index it."""
     run = load(run_dir)
+    if not run.path.is_dir():
+        raise BadInput(f"{run_dir}: a results CSV outside a run directory; publish takes a run "
+                       "directory (its meta.json, report and plots go with it)")
     if run.cells.empty and run.max_batch.empty:
         raise BadInput(f"{run_dir}: the run has no benchmark cells; nothing to publish")
     results = Path(results)
@@ -86,8 +90,9 @@ python -m bench publish results/runs/<run_id>
 ```
 
 This index is regenerated from those directories on every publish; do not edit it by hand.
-Headline numbers are the best over a model's batch sizes against FP32 at the same batch size
-({mark} marks a throttled cell).
+Headline numbers are the best over a model's batch sizes and policies against FP32 at the same
+batch size, beyond the noise (intervals: 3 standard errors, on the log scale; {mark} marks a
+throttled cell); each report's Summary compares every policy at one batch size.
 """
 
 
@@ -112,7 +117,8 @@ def render_index(results: Path | str) -> str:
                              h.model, h.speedup, h.memory_saving, h.energy_saving, h.parity])
         lines += [f"## {device}", "",
                   tabulate(body, headers=["date", "run", "torch", "model", "best speedup",
-                                          "memory saving", "energy saving", "parity"],
+                                          "best memory change", "best energy change",
+                                          "parity"],
                            tablefmt="github", disable_numparse=True), ""]
     return "\n".join(lines)
 

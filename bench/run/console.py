@@ -5,7 +5,6 @@ and, after the sweep, the summary table (``summarize``). torch-free.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -67,8 +66,8 @@ def _model_table(model: str, by_cell: dict[cells.CellKey, list[dict[str, Any]]],
             base = estimates.get(key._replace(precision="fp32"))
             if base is not None and policy != "fp32":
                 ratio = value.ratio(base)
-                width = f" ±{ratio.half_width:.2f}" if math.isfinite(ratio.half_width) else ""
-                text += f" ({ratio.value:.2f}x{width}{'*' if ratio.beyond_noise else ''})"
+                span = f" [{ratio.low:.2f}-{ratio.high:.2f}]" if ratio.known else ""
+                text += f" ({ratio.value:.2f}x{span}{'*' if ratio.beyond_noise else ''})"
             line.append(text)
         body.append(line)
     headers = ["policy", *(_column_label(c, show_size) for c in columns)]

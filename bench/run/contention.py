@@ -109,9 +109,11 @@ def warnings(load: dict[str, Any]) -> list[str]:
     """One sentence per sign that other work competed for the cores."""
     out = []
     if load.get("others_cpu_pct_before", 0) > BUSY_SHARE * 100:
+        # Worded for `ampbench env` as well as a run: both warn by bench/telemetry/machine.py.
         out.append(f"busy machine: other processes used {load['others_cpu_pct_before']:g}% of "
-                   f"this run's {load.get('cores', '?')} cores before the sweep; they compete "
-                   f"with it and the numbers measure them too")
+                   f"the {load.get('cores', '?')} cores ampbench may use (a one-second "
+                   f"sample); they compete with a benchmark and its numbers "
+                   f"measure them too")
     if load.get("others_cpu_pct", 0) > BUSY_SHARE * 100:
         out.append(f"busy machine: other processes used {load['others_cpu_pct']:g}% of this "
                    f"run's cores during the sweep; rerun on an idle machine before trusting "

@@ -5,7 +5,8 @@
 appends its record (``Sweep.save``); an OOM at batch b skips the group's larger batches, and
 with a --time-budget no process starts that the time left cannot finish (bench/run/budget.py).
 ``find_max_batch`` searches the largest batch of each group instead. The machine's load around
-the sweep goes into meta.json (bench/run/contention.py). The command around it:
+the sweep goes into meta.json (bench/run/contention.py); before it, the machine's noise warnings
+are printed by the rule `ampbench env` uses (bench/telemetry/machine.py). The command around it:
 bench/run/command.py. torch-free.
 """
 
@@ -27,6 +28,7 @@ from bench.run import console, contention
 from bench.run.budget import Budget, estimate_s, now
 from bench.run.launch import Settings, failure_record, run_child
 from bench.store import record_line
+from bench.telemetry import machine
 
 DONE = ("ok", "unsupported", "skipped")  # statuses a resumed run does not repeat
 _PROBE_WARMUP, _PROBE_STEPS = 1, 2
@@ -126,9 +128,11 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
     limits = _oom_limits(state.records.values(), by_id)
     num_done = len(tasks) - len(todo)
     bar = console.progress(len(tasks), num_done)
-    machine = contention.before_sweep()
+    # The GPUs, the governors and others' use of the cores: warned about as `ampbench env` does.
+    here = machine.sample()
+    load = here.load
     start = contention.snapshot()
-    for warning in contention.warnings(machine):
+    for warning in machine.noise_warnings(here):
         print(f"warning: {warning}", file=sys.stderr)
     try:
         with _workdir(state, cells) as tmp:
@@ -154,17 +158,17 @@ def sweep(state: Sweep, cells: list[Cell], repeats: int,
             during = contention.during(start, contention.snapshot())
             for warning in contention.warnings(during):
                 print(f"warning: {warning}", file=sys.stderr)
-            _record_load(state.run_dir, {**machine, **during})
+            _record_load(state.run_dir, {**load, **during})
     return []
 
 
-def _record_load(run_dir: Path, machine: dict[str, Any]) -> None:
+def _record_load(run_dir: Path, load: dict[str, Any]) -> None:
     """The machine's load into meta.json, with its warnings (the report shows them); a
     resumed run's replace the earlier ones."""
     meta = store.read_meta(run_dir)
     kept = [w for w in meta.get("warnings") or [] if not w.startswith("busy ")]
-    store.write_meta(run_dir, {**meta, "machine_load": machine,
-                               "warnings": kept + contention.warnings(machine)})
+    store.write_meta(run_dir, {**meta, "machine_load": load,
+                               "warnings": kept + contention.warnings(load)})
 
 
 def find_max_batch(state: Sweep, cells: list[Cell]) -> None:
