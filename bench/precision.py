@@ -119,8 +119,13 @@ class Policy:
         import torch
         from torch import nn
 
-        with torch.device("meta"):
-            net = spec.build()
+        try:
+            with torch.device("meta"):
+                net = spec.build()
+        except Exception:
+            if getattr(spec, "source", None) is None:
+                raise
+            net = spec.build()  # a user's model whose build the meta device cannot run
         linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
         if any(_fp8_convertible(m, name) for name, m in linears):
             return None

@@ -32,18 +32,26 @@ from bench.costs import prices as prices
 from bench.costs import usd_per_1m_samples as usd_per_1m_samples
 from bench.readers import load_jsonl, parse_number, read_csv, warn
 from bench.readers import truthy as truthy
+from bench.rows import upgrade, with_raw_stats, without_duplicates, without_nonfinite
 
-SCHEMA_VERSION = 6  # 2: calibration and the per-cell noise columns; 3: host timing,
+SCHEMA_VERSION = 7  # 2: calibration and the per-cell noise columns; 3: host timing,
 # memory_format, wall_s, throttle_shares/power_capped/power_scope, throttled = thermal/hw only;
 # 4: emulated, fp8_converted, fp8_unconverted; 5: peak_fp8_tflops, mfu_fp8_pct, mfu_flag, and an
-# FP8 row's mfu_pct is against the bf16 peak (it was against the FP8 peak: see _upgrade);
+# FP8 row's mfu_pct is against the bf16 peak (it was against the FP8 peak: see bench/rows.py);
 # 6: step_times_ms, the timed window's raw step times, from which every reader derives
-# step_ms_median/iqr/min (records of 1-5 have none and keep their stored statistics)
+# step_ms_median/iqr/min (records of 1-5 have none and keep their stored statistics);
+# 7: torch_num_threads, torch_num_interop_threads, omp/mkl/openblas_num_threads and
+# cuda_visible_devices (bench/telemetry/env.py, THREAD_FIELDS), and model_source and
+# model_sha256 (a model of the user's own: models/external.py; empty for the reference models)
 
 IDENTITY = (
     "schema", "run_id", "cell_id", "model", "precision", "batch_size", "seq_len", "image_size",
     "grad_accum", "compile", "world_size", "repeat", "calibration",
 )
+# Where a model of the user's own came from (its file, module name or hf: reference) and the
+# sha256 of its source (an hf: config's): a changed model is never compared with an old
+# baseline silently (bench/analysis/gate.py). None for the reference models.
+MODEL = ("model_source", "model_sha256")
 STATUS = ("status", "error")
 TIMING = (
     "warmup_steps", "timed_steps", "step_ms_median", "step_ms_iqr", "step_ms_min",
@@ -79,15 +87,19 @@ NUMERICS = (
 CONVERSION = ("emulated", "fp8_converted", "fp8_unconverted")
 ENVIRONMENT = (
     "device", "device_name", "device_count", "driver_version", "torch_version", "cuda_version",
-    "torch_cuda_build", "cudnn_version", "python_version", "machine_id", "git_sha", "git_dirty",
-    "timestamp",
+    "torch_cuda_build", "cudnn_version", "python_version",
+    # What a CPU number depends on: torch's thread pools, the thread variables (None: unset)
+    # and the GPUs CUDA shows.
+    "torch_num_threads", "torch_num_interop_threads", "omp_num_threads", "mkl_num_threads",
+    "openblas_num_threads", "cuda_visible_devices",
+    "machine_id", "git_sha", "git_dirty", "timestamp",
 )
 # The raw step times (ms) of the timed window, in order: the slowest rank's under torchrun.
 # Last: a long list, kept in records.jsonl and as one ";"-joined column of results.csv.
 STEP_TIMES = "step_times_ms"
 FIELDS: tuple[str, ...] = (
-    IDENTITY + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + CONVERSION + ENVIRONMENT
-    + (STEP_TIMES,)
+    IDENTITY + MODEL + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + CONVERSION
+    + ENVIRONMENT + (STEP_TIMES,)
 )
 
 # Derived into results.csv from all of a cell's processes (the same on each of its rows): the
@@ -180,6 +192,10 @@ _RECORD_NUMBERS = tuple(f for f in TIMING if f not in ("host_bound", "memory_for
     MEMORY + tuple(f for f in COMPUTE if f != "mfu_flag") + NUMERICS) + (
     "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "energy_check_pct",
     "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c")
+# What an ok record measured: NaN or inf in one is damage (a loss may be NaN: that is a result).
+MEASUREMENTS = tuple(f for f in _RECORD_NUMBERS if f not in NUMERICS)
+# Every ok record has these (null only for a failed cell).
+ALWAYS_MEASURED = ("step_ms_median", "step_ms_iqr", "samples_per_s")
 
 
 def _is_number(value: Any) -> bool:
@@ -208,31 +224,39 @@ def record_problem(record: Any) -> str | None:
             return f"{field} {value!r} is not a number"
     times = record.get(STEP_TIMES)
     if times is not None and not (isinstance(times, list) and times and all(
-            _is_number(t) and t >= 0 for t in times)):
+            _is_number(t) and 0 <= t < math.inf for t in times)):
         return f"{STEP_TIMES} {str(times)[:40]} is not a list of step times"
+    if record["status"] == "ok":
+        for field in MEASUREMENTS:
+            value = record.get(field)
+            if _is_number(value) and not math.isfinite(value):
+                return f"ok record with {field} {value}: not a finite measurement"
     return None
 
 
-def load_records(run_dir: Path) -> list[dict[str, Any]]:
+def load_records(run_dir: Path, skipped: list[str] | None = None) -> list[dict[str, Any]]:
     """Every complete record; for a repeated (cell_id, repeat) the last one wins. A damaged
-    line is a warning and skipped (a resumed run runs its cell again). Time statistics come
-    from the raw step times where a record has them."""
+    line is a warning and skipped (a resumed run runs its cell again), and a line cut off by
+    a writer killed mid-line is skipped; given ``skipped``, why for each goes there instead
+    (load_results: the report and the gate say it). Time statistics come from the raw step
+    times where a record has them. BadInput for records of a newer schema (``check_schema``)."""
     path = Path(run_dir) / RECORDS
     latest: dict[tuple[Any, Any], dict[str, Any]] = {}
-    for record in load_jsonl(path, record_problem):
+    for record in load_jsonl(path, record_problem, skipped):
         latest[(record["cell_id"], record["repeat"])] = with_step_stats(record)
-    _warn_newer(path, [r.get("schema") for r in latest.values()])
+    check_schema(path, [r.get("schema") for r in latest.values()])
     return list(latest.values())
 
 
-def _warn_newer(path: Path, schemas: Iterable[Any]) -> None:
-    """One warning when ``path`` holds rows of a newer schema than this code knows: they are
-    read by this schema's rules, and fields it does not know are carried along unread."""
+def check_schema(path: Path, schemas: Iterable[Any]) -> None:
+    """BadInput when ``path`` holds rows of a newer schema than this code knows: what their
+    fields mean may have changed (as schema 5 changed mfu_pct), so no answer read from them by
+    this schema's rules can be trusted, and a resumed run must not append older rows to them."""
     newer = [n for n in map(parse_number, schemas) if n is not None and n > SCHEMA_VERSION]
     if newer:
-        print(f"warning: {path}: {len(newer)} row(s) of schema {max(newer):g}, newer than this "
-              f"ampbench's {SCHEMA_VERSION}: read by schema {SCHEMA_VERSION}'s rules",
-              file=sys.stderr)
+        raise BadInput(f"{path}: schema {max(newer):g} ({len(newer)} row(s)), newer than the "
+                       f"schema {SCHEMA_VERSION} this ampbench reads; read it with the "
+                       "ampbench that wrote it, or a newer one")
 
 
 def write_csv(run_dir: Path, records: Iterable[dict[str, Any]] | None = None,
@@ -350,23 +374,36 @@ NON_NEGATIVE = (
 SIGNED = ("loss_first", "loss_last", "energy_check_pct", "temp_max_c", "queued_ms_median")
 
 
+def resolve(source: Path | str) -> tuple[Path | None, Path]:
+    """(run directory or None, results CSV) of what a command was pointed at: a run directory,
+    its results.csv or its records.jsonl, or a results CSV of its own (a baseline); the one
+    rule by which report, gate and baseline take a path. BadInput for anything else."""
+    path = Path(source)
+    run_dir = path if path.is_dir() else path.parent if path.name in (RESULTS, RECORDS) \
+        and path.is_file() else None
+    if run_dir is not None and not any((run_dir / n).is_file() for n in (RESULTS, RECORDS)):
+        raise BadInput(f"{source}: not a run directory (no {RESULTS} or {RECORDS})")
+    if run_dir is None and not path.is_file():
+        raise BadInput(f"{source}: no such run directory or results CSV")
+    return run_dir, path if run_dir is None else run_dir / RESULTS
+
+
 def load_results(source: Path | str, strict: bool = True,
                  cell_noise: CellNoise | None = None) -> Any:
-    """results.csv (or a baseline) as a DataFrame, from a run directory or a CSV path: the one
+    """results.csv (or a baseline) as a DataFrame, from any path ``resolve`` takes: the one
     reader that decides such a file is malformed (BadInput naming file, line and column; see
     ``read_csv``). ``strict=False``: a damaged line is a warning and skipped instead. A run
     directory's results.csv is derived first when missing or stale (``results_csv``; its noise
     columns by ``cell_noise``, see ``write_csv``). Status values come back stripped and
     lower-case; time statistics come from the raw step times where a row has them, and the
     noise columns from ``cell_noise`` when given (derived on read: a file saved without them,
-    or by an older statistic, reads the same as one derived now)."""
-    path = Path(source)
-    if path.is_dir():
-        path = results_csv(path, cell_noise)
-    elif path.name == RESULTS and (path.parent / RECORDS).is_file():
-        path = results_csv(path.parent, cell_noise)  # a run directory's results.csv, by path
-    if not path.is_file():
-        raise BadInput(f"{source}: no such run directory or results CSV")
+    or by an older statistic, reads the same as one derived now). What was read around (a
+    process twice, a damaged or cut-off line of either file) is in ``frame.attrs["problems"]``."""
+    run_dir, path = resolve(source)
+    skipped: list[str] = []
+    if run_dir is not None:
+        path = results_csv(run_dir, cell_noise)
+        load_records(run_dir, skipped)  # only for what it leaves out: results.csv has the rest
     frame = read_csv(path, REQUIRED, WHOLE, NON_NEGATIVE, SIGNED, strict=strict)
     status = frame["status"].astype(str).str.strip().str.lower()
     unknown = ~status.isin(STATUSES)
@@ -376,64 +413,16 @@ def load_results(source: Path | str, strict: bool = True,
                        f"'{frame['status'].iloc[row]}' (valid: {', '.join(STATUSES)})")
     frame["status"] = status
     if "schema" in frame.columns:
-        _warn_newer(path, frame["schema"])
-    frame = _upgrade(_with_raw_stats(frame, path))
-    return frame if cell_noise is None else cell_noise(frame)
-
-
-def _with_raw_stats(frame: Any, path: Path) -> Any:
-    """``frame`` with STEP_STATS derived from each row's raw step times, where it has them;
-    BadInput naming the line of a damaged list."""
-    if STEP_TIMES not in frame.columns:
-        return frame
-    lines = frame.attrs["lines"]
-    stats: list[dict[str, float] | None] = []
-    for row, value in enumerate(frame[STEP_TIMES]):
-        times = _split_times(value)
-        if times is None:
-            raise BadInput(f"{path}: line {lines[row]}: column {STEP_TIMES} holds "
-                           f"'{str(value)[:40]}', not step times in ms separated by ';'")
-        stats.append(step_stats(times) if times else None)
-    has = [s is not None for s in stats]
-    for column in STEP_STATS:
-        values = [s[column] for s in stats if s is not None]
-        frame[column] = frame[column].astype(float) if column in frame.columns else math.nan
-        frame.loc[has, column] = values
-    return frame
-
-
-def _split_times(value: Any) -> list[float] | None:
-    """A results.csv value of STEP_TIMES as numbers ([] when empty), None when damaged."""
-    numbers = [parse_number(p) for p in (value.split(";") if isinstance(value, str) else [value])]
-    if len(numbers) == 1 and numbers[0] is not None and math.isnan(numbers[0]):
-        return []
-    times = [n for n in numbers if n is not None and n >= 0]
-    return times if len(times) == len(numbers) else None
-
-
-def _upgrade(frame: Any) -> Any:
-    """Rows of an older schema read as this one's. Before schema 5 an FP8 row's ``mfu_pct`` and
-    ``peak_tflops`` were against the FP8 peak: they move to ``mfu_fp8_pct`` and
-    ``peak_fp8_tflops``, and ``mfu_pct`` (against the bf16 peak) stays empty, flagged."""
-    if "schema" not in frame.columns or "fp8_converted" not in frame.columns:
-        return frame  # no FP8 row before schema 4
-    import pandas as pd
-
-    old = (pd.to_numeric(frame["schema"], errors="coerce") < 5) & frame["fp8_converted"].notna()
-    if not old.any():
-        return frame
-    frame = frame.copy()
-    for column in ("peak_tflops", "mfu_pct", "peak_fp8_tflops", "mfu_fp8_pct"):
-        frame[column] = pd.to_numeric(frame[column], errors="coerce") \
-            if column in frame.columns else math.nan
-    measured = old & frame["mfu_pct"].notna()
-    frame.loc[old, ["mfu_fp8_pct", "peak_fp8_tflops"]] = \
-        frame.loc[old, ["mfu_pct", "peak_tflops"]].to_numpy()
-    frame.loc[old, ["mfu_pct", "peak_tflops"]] = math.nan
-    if "mfu_flag" not in frame.columns:
-        frame["mfu_flag"] = None
-    frame["mfu_flag"] = frame["mfu_flag"].astype(object)
-    frame.loc[measured, "mfu_flag"] = "recorded before schema 5: MFU against the FP8 peak only"
+        check_schema(path, frame["schema"])
+    identity = ("run_id", "cell_id", *KEY, "device_name", "repeat", "max_batch_search")
+    frame = without_duplicates(frame, path, identity)
+    frame = upgrade(with_raw_stats(frame, path, STEP_TIMES, step_stats))
+    if not strict:
+        # Empty and NaN read alike here: only an ok row without throughput is said empty.
+        frame = without_nonfinite(frame, path, MEASUREMENTS, ("samples_per_s",))
+    problems = [*skipped, *frame.attrs.get("problems", [])]
+    frame = frame if cell_noise is None else cell_noise(frame)
+    frame.attrs["problems"] = problems
     return frame
 
 
@@ -442,8 +431,9 @@ _SPREAD_WARNING = 0.10  # IQR / median above this makes a number hard to trust
 
 def record_line(record: dict[str, Any]) -> str:
     """One human-readable line for a record (stderr of a cell, progress of a run)."""
-    size = f"T={record['seq_len']}" if record.get("seq_len") else f"{record.get('image_size')}px"
-    head = f"{record['model']} {record['precision']} b={record['batch_size']} {size}"
+    size = f" T={record['seq_len']}" if record.get("seq_len") else \
+        f" {record['image_size']}px" if record.get("image_size") else ""
+    head = f"{record['model']} {record['precision']} b={record['batch_size']}{size}"
     if (record.get("world_size") or 1) > 1:
         head += f" ws={record['world_size']}"
     if record["status"] != "ok":
@@ -451,8 +441,10 @@ def record_line(record: dict[str, Any]) -> str:
         return f"{head}: {record['status']}" + (f" ({error[-1][:160]})" if error else "")
     mem = record["peak_mem_reserved_gib"] or record["peak_rss_gib"]
     mem_kind = "reserved" if record["peak_mem_reserved_gib"] is not None else "rss"
+    steps = len(record.get(STEP_TIMES) or []) or record.get("timed_steps")
+    spread = "IQR n/a: 1 step" if steps == 1 else f"IQR {record['step_ms_iqr']:.2f}"  # not 0
     line = (f"{head}: ok {record['samples_per_s']:,.1f} samples/s, step "
-            f"{record['step_ms_median']:.2f} ms (IQR {record['step_ms_iqr']:.2f}), "
+            f"{record['step_ms_median']:.2f} ms ({spread}), "
             f"peak {mem:.2f} GiB {mem_kind}, {record['achieved_tflops']:.3f} TFLOP/s")
     if record["step_ms_iqr"] > _SPREAD_WARNING * record["step_ms_median"]:
         line += " [wide spread: IQR > 10% of median]"

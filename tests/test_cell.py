@@ -67,7 +67,22 @@ def test_record_has_every_schema_field_with_the_right_type(tmp_path, capsys):
     assert record["step_ms_median"] == pytest.approx(float(np.median(times)))
     assert record["step_ms_iqr"] == pytest.approx(q3 - q1)
     assert record["step_ms_min"] == min(times)
-    assert record["schema"] == store.SCHEMA_VERSION == 6
+    assert record["schema"] == store.SCHEMA_VERSION == 7
+
+
+def test_record_carries_the_threads_a_cpu_number_depends_on(tmp_path, monkeypatch):
+    # Schema 7: torch's thread pools as the cell ran them, the thread variables as set (None:
+    # unset) and the GPUs CUDA was shown.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    code, record = _cell(tmp_path)
+    assert code == 0
+    assert record["torch_num_threads"] == torch.get_num_threads() >= 1
+    assert record["torch_num_interop_threads"] == torch.get_num_interop_threads() >= 1
+    assert (record["omp_num_threads"], record["mkl_num_threads"]) == ("2", "1")
+    assert record["openblas_num_threads"] is None and record["cuda_visible_devices"] is None
 
 
 def test_failed_cell_still_writes_its_record(tmp_path, monkeypatch):

@@ -16,6 +16,8 @@ def test_gpu_preset_is_the_documented_sweep():
         "resnet50": ((32, 64, 128, 256), 224),
         "bert-base": ((16, 32, 64, 128), 128),
         "gpt2-small": ((4, 8, 16, 32), 1024),
+        "llama-small": ((4, 8, 16, 32), 1024),
+        "llama-1b": ((1, 2, 4), 2048),
     }
     assert m.precisions == ("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise") and m.parity
     assert (m.world_size, m.nnodes) == ((1,), 1)
@@ -40,13 +42,14 @@ def test_gpu_quick_is_one_batch_per_full_size_model_bf16_and_fp8_compiled():
     m = config.preset("gpu-quick")
     cells = matrix.expand(m)
     assert {(c.model, c.batch_size, c.seq_len or c.image_size) for c in cells} == {
-        ("resnet50", 256, 224), ("bert-base", 64, 128), ("gpt2-small", 16, 1024)}
+        ("resnet50", 256, 224), ("bert-base", 64, 128), ("gpt2-small", 16, 1024),
+        ("llama-small", 16, 1024)}
     eager = {(c.model, c.precision) for c in cells if not c.compile}
-    assert len(eager) == 12 and {p for _, p in eager} == {"fp32", "tf32", "fp16", "bf16"}
+    assert len(eager) == 16 and {p for _, p in eager} == {"fp32", "tf32", "fp16", "bf16"}
     assert {(c.model, c.precision) for c in cells if c.compile} == {
-        (model, policy) for model in ("resnet50", "bert-base", "gpt2-small")
+        (model, policy) for model in ("resnet50", "bert-base", "gpt2-small", "llama-small")
         for policy in ("bf16", "fp8", "fp8-rowwise")}  # FP8 compiled only
-    assert len(cells) == 21 and m.device == "cuda" and m.parity
+    assert len(cells) == 28 and m.device == "cuda" and m.parity
     assert (m.parity_steps, m.parity_seeds) == (40, 2)
 
 

@@ -49,6 +49,8 @@ def test_card_agrees_with_the_family_config(name):
         assert (spec.max_size, spec.default_size) == (cfg.block_size, cfg.seq_len)
     elif spec.family == "bert":
         assert (spec.max_size, spec.default_size) == (cfg.max_positions, cfg.seq_len)
+    elif spec.family == "llama":
+        assert (spec.max_size, spec.default_size) == (cfg.max_seq_len, cfg.seq_len)
     else:
         assert spec.max_size is None and spec.default_size == cfg.image_size
 

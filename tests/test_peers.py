@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -33,7 +36,7 @@ def _transformers():
                                "extra: pip install -e .[peers])")
 
 
-@pytest.mark.parametrize("model", ["gpt2-tiny", "bert-tiny"])
+@pytest.mark.parametrize("model", ["gpt2-tiny", "bert-tiny", "llama-tiny"])
 def test_tiny_transformers_equal_their_peers(model):
     _transformers()
     eq = _equivalence(model)
@@ -45,7 +48,7 @@ def test_tiny_transformers_equal_their_peers(model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["gpt2-small", "bert-base"])
+@pytest.mark.parametrize("model", ["gpt2-small", "bert-base", "llama-small"])
 def test_full_size_transformers_equal_their_peers(model):
     _transformers()
     eq = _equivalence(model, batch_size=1, size=64)
@@ -216,3 +219,60 @@ def test_peers_makes_the_requested_gpu_current_before_it_builds_or_times(monkeyp
     monkeypatch.setattr(peers, "_run", run)
     assert main(["peers", "--device", "cuda:1"]) == 0
     assert seen == [(gpu1, [gpu1])]
+
+
+def test_one_timed_step_has_no_spread_and_says_so(tmp_path, capsys):
+    _transformers()
+    from bench import report, store
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    store.write_csv(run_dir, [store.empty_record(
+        cell_id="c", repeat=0, model="gpt2-tiny", precision="fp32", batch_size=1, seq_len=64,
+        status="ok", samples_per_s=10.0, step_ms_median=10.0, step_ms_iqr=0.1)])
+    assert main(["peers", "--models", "gpt2-tiny", "--precisions", "fp32", "--steps", "1",
+                 "--warmup", "0", "--device", "cpu", "--out-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "ratio_ours_per_peer_iqr is empty: 1 timed step has no spread" in out
+    (row,) = list(csv.DictReader((run_dir / peers.PEERS_CSV).open()))
+    assert row["status"] == "ok" and row["ratio_ours_per_peer_iqr"] == ""  # not 0
+    assert float(row["ratio_ours_per_peer_median"]) > 0
+    assert "(IQR n/a: 1 step has no spread)" in report.render(report.load(run_dir))
+    # Two steps have one.
+    import torch
+
+    assert peers.run_model("gpt2-tiny", ["fp32"], 1, 64, torch.device("cpu"), 0, 2)[0][
+        "ratio_ours_per_peer_iqr"] >= 0
+
+
+_BROKEN_TORCHVISION = ('__version__ = "0.28.0"\n'
+                       'raise RuntimeError("operator torchvision::nms does not exist")\n')
+
+
+def test_a_broken_torchvision_is_named_and_the_peers_without_it_still_run(tmp_path, cli_env):
+    _transformers()
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(_BROKEN_TORCHVISION)  # built for another torch
+    env = {**cli_env, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{cli_env['PYTHONPATH']}"}
+    code = ("import sys\nimport bench.peers as p\np.DEFAULT_MODELS = ('gpt2-tiny', 'resnet18')\n"
+            "from bench.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    common = ["peers", "--precisions", "fp32", "--steps", "2", "--warmup", "0", "--device",
+              "cpu"]
+    done = subprocess.run([sys.executable, "-c", code, *common], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = ("resnet18's peer needs torchvision, which is installed but fails to import "
+            "(RuntimeError: operator torchvision::nms does not exist): a torchvision built for "
+            "another torch")
+    assert said in done.stderr and "fix: install the torchvision built for this torch" in (
+        done.stderr)
+    assert "Could not import module" not in done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert any(r.startswith("| gpt2-tiny") and "| ok " in r for r in rows), done.stdout
+    assert any(r.startswith("| resnet18") and "skipped: " in r for r in rows), done.stdout
+    # Named, the ResNet is one line and exit 2, with the same cause and fix.
+    named = subprocess.run([sys.executable, "-m", "bench", *common, "--models", "resnet18"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert named.returncode == 2 and named.stderr.count("\n") == 1, named.stderr
+    assert said in named.stderr

@@ -21,10 +21,17 @@ processes or more), the run's band (the median spread of its cells with several 
 of its calibration cell) and, for time-derived metrics, the cell's step spread, whichever is
 largest; the same cell on the same machine has one per-process noise, so each side takes the
 larger of the two sides' (a current run of one process inherits its baseline's spread). A check
-fails only when the change is beyond its threshold in the bad direction AND beyond ``noise.Z``
-standard errors of the difference. When ``Z`` standard errors are wider than the threshold, a
-change of the threshold's size could not have been seen: the check is ``too noisy`` (a warning;
-a failure with ``--fail-on-noisy``). Unknown noise is unbounded: such a check is too noisy.
+fails only when the change is beyond its threshold in the bad direction AND its ``noise.Z``-sigma
+interval (a ratio's, on the log scale) excludes no change. When a change of the threshold's
+size would not be beyond that noise, it could not have been seen: the check is ``too noisy``
+(a warning; a failure with ``--fail-on-noisy``). Unknown noise is unbounded: such a check is
+too noisy.
+
+Changed models. A model of the user's own (docs/your-model.md) carries the sha256 of its
+source in every row (``model_sha256``); a cell whose hash differs between baseline and current
+run is not compared at all: it FAILs as "the model changed", since no number measured on one
+model says anything about another, and passing it would let a changed model go unmeasured.
+Promote a new baseline for the changed model.
 
 Other verdicts. Status ok -> oom/timeout/error fails (ok -> unsupported/skipped warns). A cell
 that was ok in the baseline and is absent from the current run fails, and so does a measurement
@@ -57,8 +64,7 @@ from bench import BadInput, store
 from bench.analysis import baseline as baselines
 from bench.analysis import cells, noise
 from bench.analysis.cells import CellKey
-from bench.analysis.checks import ALWAYS, FAIL, FALLBACK, NOISY, PASS, WARN, Check, parse_checks
-from bench.parity.verdict import VERDICTS, worst_verdict
+from bench.analysis.checks import FAIL, FALLBACK, NOISY, PASS, WARN, Check, parse_checks
 from bench.run import contention
 
 _FAILED_STATUS = frozenset({"oom", "timeout", "error"})
@@ -72,6 +78,8 @@ class _Cell:
     throttled: bool
     ok: pd.DataFrame  # the ok repeats
     contended: bool = False  # others used the run's cores while a process of it ran
+    # sha256 of a user's model source (store.MODEL); empty for the reference models
+    model_sha256: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -122,22 +130,6 @@ class _Row:
 # ---------------------------------------------------------------------------------- loading
 
 
-def _validate_baseline(frame: pd.DataFrame, checks: Sequence[Check], source: Path) -> None:
-    """A baseline is the reference: an infinite value, or an ok cell without the measurements
-    every ok cell has, means the file is damaged (bad input), not that nothing can be checked."""
-    ok = frame[frame["status"] == "ok"]
-    for column in dict.fromkeys([*(c.metric for c in checks), *ALWAYS]):
-        if column not in ok:
-            continue
-        values = pd.to_numeric(ok[column], errors="coerce")
-        bad = values.map(lambda v: math.isinf(v)) | (values.isna() & (column in ALWAYS))
-        if bad.any():
-            row = frame.attrs["lines"][frame.index.get_loc(bad.idxmax())] \
-                if "lines" in frame.attrs else int(bad.idxmax()) + 2  # after the header
-            raise BadInput(f"{source}: line {row}: ok cell with {column}="
-                           f"{ok[column][bad].iloc[0]}; a baseline needs finite measurements")
-
-
 def _load(source: Path | str, checks: Sequence[Check]) -> pd.DataFrame:
     """results.csv of a run dir or a CSV (store's one reader), with the columns the gate reads."""
     frame = store.load_results(source, cell_noise=noise.results_columns)
@@ -162,34 +154,23 @@ def _cells(frame: pd.DataFrame, with_device: bool) -> dict[CellKey, _Cell]:
         label = cells.label(key) + (f" [{key.device_name}]" if mixed else "")
         ok = rows[rows["status"] == "ok"]
         contended = "others_cpu_pct" in ok and any(map(contention.contended, ok["others_cpu_pct"]))
-        found[key] = _Cell(key, label, status, throttled, ok, contended)
+        hashes = frozenset(str(v) for v in rows.get("model_sha256", ())
+                           if isinstance(v, str) and v.strip())
+        found[key] = _Cell(key, label, status, throttled, ok, contended, hashes)
     return found
 
 
-def _parity(source: Path) -> dict[tuple[str, str], str] | None:
-    """(model, precision) -> worst verdict over seeds, or None when the side has no parity CSV."""
-    path = baselines.parity_path(source)
-    if path is None:
+def _model_changed(base: _Cell, cur: _Cell) -> str | None:
+    """Why the two sides of a cell measured different models (their sources' hashes differ),
+    or None when they measured the same one."""
+    if base.model_sha256 == cur.model_sha256:
         return None
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        reason = str(exc).strip().splitlines()[-1]
-        raise BadInput(f"{path}: not a readable CSV ({reason})") from None
-    missing = [c for c in ("model", "precision", "verdict") if c not in frame.columns]
-    if missing:
-        raise BadInput(f"{path}: missing column(s) {', '.join(missing)}")
-    verdicts: dict[tuple[str, str], str] = {}
-    for (model, precision), rows in frame.groupby(["model", "precision"]):
-        seen = {str(v).strip().upper() for v in rows["verdict"].dropna()}
-        unknown = seen - set(VERDICTS) - {""}
-        if unknown:
-            raise BadInput(f"{path}: unknown verdict '{sorted(unknown)[0]}' "
-                           f"(valid: {', '.join(VERDICTS)})")
-        worst = worst_verdict(seen)
-        if worst:  # the FP32 reference rows may carry no verdict
-            verdicts[(str(model), str(precision))] = worst
-    return verdicts
+
+    def short(hashes: frozenset[str]) -> str:
+        return ", ".join(sorted(h[:12] for h in hashes)) or "none"
+
+    return (f"the model changed (source sha256 {short(base.model_sha256)} in the baseline, "
+            f"{short(cur.model_sha256)} now): not comparable; promote a new baseline for it")
 
 
 # ------------------------------------------------------------------------------- comparing
@@ -216,10 +197,26 @@ def _fmt_change(check: Check, change: float) -> str:
     return f"{change:+.1f}%" if check.percent else f"{change:+.3g}"
 
 
+def _fmt_interval(check: Check, b: noise.Estimate, c: noise.Estimate) -> str:
+    """'-12.3% [-20.1% to -3.6%]': the change with its interval, or the change alone where
+    the noise is unknown."""
+    text = _fmt_change(check, check.change(b.value, c.value))
+    span = _fmt_noise(check, b, c)
+    return text if span == "unknown" else f"{text} {span}"
+
+
+def _fmt_noise(check: Check, b: noise.Estimate, c: noise.Estimate) -> str:
+    """The change's interval alone ('[-20.1% to +3.6%]'), or 'unknown'."""
+    low, high = check.interval(b, c)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "unknown"
+    return f"[{_fmt_change(check, low)} to {_fmt_change(check, high)}]"
+
+
 def _fmt_estimate(est: noise.Estimate) -> str:
-    width = f"±{noise.Z * est.error * 100:.1f}%" if math.isfinite(est.error) else \
-        "noise unknown"
-    return f"{est.value:.4g} {width} (n={est.n}, {est.source})"
+    if not math.isfinite(est.error):
+        return f"{est.value:.4g} noise unknown (n={est.n}, {est.source})"
+    return f"{est.value:.4g} [{est.low:.4g}–{est.high:.4g}] (n={est.n}, {est.source})"
 
 
 def _compare_metric(check: Check, base: tuple[_Side, _Cell], cur: tuple[_Side, _Cell],
@@ -240,9 +237,7 @@ def _compare_metric(check: Check, base: tuple[_Side, _Cell], cur: tuple[_Side, _
         return "lost FAIL", FAIL
     b, c = noise.shared(b, c)
     change = check.change(b.value, c.value)
-    width = noise.Z * check.sigma(b, c)
-    text = f"{_fmt_change(check, change)} ±{width:.1f}" if math.isfinite(width) else \
-        _fmt_change(check, change)
+    text = _fmt_interval(check, b, c)
     if metric != check.metric:
         text += f" ({metric})"
     detail = (f"{metric} {_fmt_change(check, change)} (baseline {_fmt_estimate(b)}, current "
@@ -252,8 +247,8 @@ def _compare_metric(check: Check, base: tuple[_Side, _Cell], cur: tuple[_Side, _
         return text, PASS
     if verdict == NOISY:
         findings.append(Finding(cur_cell.label, metric, NOISY,
-                                f"{detail}; the noise ({text.partition(' ')[2] or 'unknown'}) "
-                                f"is wider than the threshold: cannot judge"))
+                                f"{detail}; the noise ({_fmt_noise(check, b, c)}) could not "
+                                f"show a change of the threshold's size: cannot judge"))
         return f"{text} too noisy", NOISY
     if (base_cell.throttled or cur_cell.throttled) and not fail_on_throttled:
         findings.append(Finding(cur_cell.label, metric, WARN, f"{detail}; throttled, not failed"))
@@ -295,6 +290,12 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame, checks: Sequence[Chec
             continue
         if base is None:
             row.cells["status"] = f"new ({cur.status})"
+            continue
+        changed = _model_changed(base, cur)
+        if changed:
+            row.cells["status"] = "model changed"
+            row.result = FAIL
+            findings.append(Finding(cur.label, "model", FAIL, changed))
             continue
         row.cells["status"] = (base.status if base.status == cur.status
                                else f"{base.status} -> {cur.status}")
@@ -410,7 +411,7 @@ def judge_runs(baseline: Path, current: Path, checks: Sequence[Check], *,
     base_frame = _load(baseline, checks)
     if base_frame.empty:
         raise BadInput(f"baseline {baseline} has no rows")
-    _validate_baseline(base_frame, checks, baseline)
+    baselines.check(base_frame, [c.metric for c in checks], baseline)
     cur_frame = _load(current, checks)
     base_devices = set(base_frame["device_name"])
     cur_devices = set(cur_frame["device_name"])
@@ -418,9 +419,15 @@ def judge_runs(baseline: Path, current: Path, checks: Sequence[Check], *,
         raise BadInput(f"baseline {baseline} is from {', '.join(sorted(base_devices))} but the "
                        f"current run is from {', '.join(sorted(cur_devices))}; gate against "
                        f"that device's baseline or pass --allow-device-mismatch")
-    return compare(base_frame, cur_frame, checks, with_device=not allow_device_mismatch,
-                   fail_on_throttled=fail_on_throttled, fail_on_noisy=fail_on_noisy,
-                   parity=(_parity(baseline), _parity(current)))
+    outcome = compare(base_frame, cur_frame, checks, with_device=not allow_device_mismatch,
+                      fail_on_throttled=fail_on_throttled, fail_on_noisy=fail_on_noisy,
+                      parity=(baselines.parity_verdicts(baseline),
+                              baselines.parity_verdicts(current)))
+    # What the reader left out (a process written twice) is said, not silently dropped.
+    outcome.findings += [Finding(side, "input", WARN, problem) for side, frame in (
+        ("baseline", base_frame), ("current", cur_frame)) for problem in frame.attrs.get(
+        "problems", [])]
+    return outcome
 
 
 def main(args: argparse.Namespace) -> int:

@@ -62,15 +62,29 @@ def mfu_fields(flops_per_step: float | None, step_s: float | None, device_name: 
     return fields
 
 
-def count_training_flops(spec: Any, batch_size: int, size: int) -> int:
-    """FLOPs of one forward + backward of ``spec``'s model on one micro-batch (meta device)."""
+def count_training_flops(spec: Any, batch_size: int, size: int | None) -> int:
+    """FLOPs of one forward + backward of ``spec``'s model on one micro-batch (meta device).
+
+    A model of the user's own (``spec.source``) with its own ``flops_per_sample`` is counted by
+    it; one the meta device cannot run (an op it lacks, a ``.item()``) on the CPU instead."""
+    if spec.source is None:
+        return _count(spec, batch_size, size, "meta")
+    if spec.counts_flops:
+        return int(spec.flops_per_sample(size) * batch_size)
+    try:
+        return _count(spec, batch_size, size, "meta")
+    except Exception:
+        return _count(spec, batch_size, size, "cpu")
+
+
+def _count(spec: Any, batch_size: int, size: int | None, device: str) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
+    with torch.device(device):
         model = spec.build()
     model.train()
-    inputs, targets = spec.make_batch(batch_size, size, device="meta")
+    inputs, targets = spec.make_batch(batch_size, size, device=device)
     with FlopCounterMode(display=False) as counter:
         loss = spec.loss(model, inputs, targets)
         loss.backward()

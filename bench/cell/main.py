@@ -49,25 +49,38 @@ from bench.telemetry.env import fingerprint
 from bench.telemetry.monitor import PowerMonitor
 
 
-def _validate(args: argparse.Namespace) -> tuple[models.ModelSpec, precision.Policy, int]:
+def _validate(args: argparse.Namespace,
+              ) -> tuple[models.ModelSpec, precision.Policy, int | None]:
     """Check names and sizes before anything is built; return (spec, policy, input size)."""
     try:
         spec = models.get(args.model)
         pol = precision.get(args.precision)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
-    other = "image_size" if spec.size_arg == "seq_len" else "seq_len"
-    if getattr(args, other) is not None:
-        raise BadInput(f"--{other.replace('_', '-')} does not apply to {spec.name} "
-                       f"(a {spec.unit} model takes --{spec.size_arg.replace('_', '-')})")
+    for other in ("seq_len", "image_size"):
+        if other != spec.size_arg and getattr(args, other) is not None:
+            takes = f"--{spec.size_arg.replace('_', '-')}" if spec.size_arg \
+                else "a fixed-size input"
+            raise BadInput(f"--{other.replace('_', '-')} does not apply to {spec.name} "
+                           f"(a {spec.unit} model takes {takes})")
     if getattr(args, "memory_format", None) and spec.size_arg != "image_size":
         raise BadInput(f"--memory-format does not apply to {spec.name} (not an image model)")
-    size = getattr(args, spec.size_arg) or spec.default_size
-    problem = spec.check_size(size)
+    size = (getattr(args, spec.size_arg) or spec.default_size) if spec.size_arg \
+        else spec.default_size
+    problem = spec.check_size(size) if size is not None else None
     if problem:
         raise BadInput(problem)
     if args.batch_size < 1:
         raise BadInput(f"batch size must be at least 1, got {args.batch_size}")
+    if spec.source is not None:
+        # A user's module runs here first: one that breaks the contract is bad input (exit 2),
+        # not a cell that failed (bench/cell/check.py; the runner's probe checked it already).
+        from bench.cell.check import ModelProblem, check
+
+        try:
+            check(spec, size)
+        except ModelProblem as exc:
+            raise BadInput(str(exc)) from None
     return spec, pol, size
 
 
@@ -85,6 +98,7 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
     world_size = ranks.world_size if ranks else 1
     record = store.empty_record(
         run_id=args.run_id or None, cell_id=args.cell_id or None, model=spec.name,
+        model_source=spec.source, model_sha256=spec.source_sha256,
         precision=pol.name, batch_size=args.batch_size,
         seq_len=size if spec.size_arg == "seq_len" else None,
         image_size=size if spec.size_arg == "image_size" else None,
@@ -114,7 +128,7 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
 
 
 def _train_and_measure(
-    args: argparse.Namespace, spec: models.ModelSpec, size: int, device: Any,
+    args: argparse.Namespace, spec: models.ModelSpec, size: int | None, device: Any,
     ranks: Ranks | None, started: float,
 ) -> dict[str, Any]:
     """Build the cell, warm it up, time its window; the record's measured fields."""

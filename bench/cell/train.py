@@ -134,7 +134,8 @@ def prepare(
     inputs, targets = spec.make_batch(batch_size, size, device=device,
                                       seed=seed if data_seed is None else data_seed)
     layout = None
-    if inputs.dim() == 4:
+    # Image batches: one 4-d tensor (a user's tuple or dict of tensors keeps its layout).
+    if spec.size_arg == "image_size" and getattr(inputs, "dim", lambda: 0)() == 4:
         # NHWC lets cuDNN use tensor cores without layout transposes under autocast; whether
         # fp32 is faster in NCHW is for a GPU run to measure.
         layout = memory_format or ("channels_last" if device.type == "cuda" else "contiguous")

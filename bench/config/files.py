@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -101,14 +102,15 @@ def _model_axis(name: str, table: Any, source: str) -> ModelAxis:
         if key not in _MODEL_KEYS:
             raise BadInput(f"{source}: unknown key 'models.{name}.{key}'; "
                            f"valid: {', '.join(_MODEL_KEYS)}")
-    other = "image_size" if spec.size_arg == "seq_len" else "seq_len"
-    if other in table:
-        raise BadInput(f"{source}: 'models.{name}.{other}' does not apply to {name} "
-                       f"(a {spec.unit} model takes {spec.size_arg})")
+    for other in ("seq_len", "image_size"):
+        if other != spec.size_arg and other in table:
+            takes = spec.size_arg or "a fixed-size input"
+            raise BadInput(f"{source}: 'models.{name}.{other}' does not apply to {name} "
+                           f"(a {spec.unit} model takes {takes})")
     batch_sizes = (_check(table["batch_sizes"], "list[pos-int]", f"models.{name}.batch_sizes",
                           source) if "batch_sizes" in table else (spec.default_batch_size,))
     size = None
-    if spec.size_arg in table:
+    if spec.size_arg is not None and spec.size_arg in table:
         size = _check(table[spec.size_arg], "pos-int", f"models.{name}.{spec.size_arg}", source)
         problem = spec.check_size(size)
         if problem:
@@ -177,7 +179,9 @@ def to_toml(matrix: Matrix) -> str:
     data = matrix.to_dict()
     lines = [f"{key} = {json.dumps(value)}" for key, value in data.items() if key != "models"]
     for name, table in data["models"].items():
-        lines.append(f"\n[models.{name}]")
+        # A model of your own (path/to/model.py:small) is a quoted key; a registry name is bare.
+        key = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+        lines.append(f"\n[models.{key}]")
         lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
     return "\n".join(lines) + "\n"
 

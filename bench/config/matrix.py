@@ -32,8 +32,9 @@ class ModelAxis:
         return models.get(self.name)
 
     @property
-    def resolved_size(self) -> int:
-        return self.size or self.spec.default_size
+    def resolved_size(self) -> int | None:
+        """The input size of its cells; None for a model without a size axis."""
+        return (self.size or self.spec.default_size) if self.spec.size_arg else None
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class Matrix:
         data = asdict(self)
         data["models"] = {
             axis.name: {"batch_sizes": list(axis.batch_sizes),
-                        axis.spec.size_arg: axis.resolved_size}
+                        **({axis.spec.size_arg: axis.resolved_size} if axis.spec.size_arg
+                           else {})}
             for axis in self.models
         }
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
@@ -109,20 +111,23 @@ class Cell:
                 self.compile, self.world_size, self.nnodes)
 
     def label(self) -> str:
-        size = f"T={self.seq_len}" if self.seq_len else f"{self.image_size}px"
+        # A model with a fixed-size input (a user's, UNIT "sample") has no size to show.
+        size = f" T={self.seq_len}" if self.seq_len else \
+            f" {self.image_size}px" if self.image_size else ""
         extra = "".join([
             f" ga={self.grad_accum}" if self.grad_accum != 1 else "",
             " compile" if self.compile else "",
             f" ws={self.world_size}x{self.nnodes}" if self.num_processes > 1 else "",
         ])
-        return f"{self.model} {self.precision} b={self.batch_size} {size}{extra}"
+        return f"{self.model} {self.precision} b={self.batch_size}{size}{extra}"
 
 
 def expand(matrix: Matrix) -> list[Cell]:
     """Every cell of ``matrix``; within a (model, policy, ...) group batch sizes ascend."""
     cells: list[Cell] = []
     for axis in matrix.models:
-        size_field = axis.spec.size_arg  # seq_len | image_size
+        size_field = axis.spec.size_arg  # seq_len | image_size | None: a fixed-size input
+        sized = {size_field: axis.resolved_size} if size_field else {}
         for policy, accum, compiled, world in itertools.product(
             matrix.precisions, matrix.grad_accum, matrix.compile, matrix.world_size
         ):
@@ -135,7 +140,7 @@ def expand(matrix: Matrix) -> list[Cell]:
             for batch in sorted(set(axis.batch_sizes)):
                 cells.append(Cell(
                     model=axis.name, precision=policy, batch_size=batch,
-                    **{size_field: axis.resolved_size}, grad_accum=accum, compile=compiled,
+                    **sized, grad_accum=accum, compile=compiled,
                     world_size=world, nnodes=matrix.nnodes,
                 ))
     return cells

@@ -11,7 +11,10 @@ from bench.config.matrix import Matrix, ModelAxis
 
 def gpu() -> Matrix:
     """The GPU sweep: full-size reference models, the four main policies and the two FP8 ones,
-    eager and torch.compile (what people train with today).
+    eager and torch.compile (what people train with today), and llama-1b (Llama-3.2-1B's
+    shape), ten times their size: under fp32 its batch of 4 x 2048 tokens needs an estimated
+    60 GiB (weights, gradients and AdamW's state alone are 20), so on a smaller GPU its larger
+    batches are ``oom`` records and the sweep goes on.
 
     FP8 is meant to run compiled: torch.compile fuses torchao's amax, scale and cast kernels
     around each FP8 matmul, which eager runs one by one; the eager FP8 cells show that cost.
@@ -24,6 +27,8 @@ def gpu() -> Matrix:
             ModelAxis("resnet50", (32, 64, 128, 256), 224),
             ModelAxis("bert-base", (16, 32, 64, 128), 128),
             ModelAxis("gpt2-small", (4, 8, 16, 32), 1024),
+            ModelAxis("llama-small", (4, 8, 16, 32), 1024),
+            ModelAxis("llama-1b", (1, 2, 4), 2048),
         ),
         precisions=("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise"),
         compile=(False, True),
@@ -54,34 +59,35 @@ def cpu() -> Matrix:
 
 
 def gpu_quick() -> Matrix:
-    """A complete GPU run in about 14 minutes (two or three `--time-budget 9m` commands): the
+    """A complete GPU run in about 20 minutes (three `--time-budget 9m` commands): the
     full-size models at one realistic batch each under fp32, tf32, fp16 and bf16, bf16 also
     under torch.compile, fp8 and fp8-rowwise under torch.compile only, a short parity.
 
     Batches are per-GPU batches people train with, and each fits in fp32 on a 40 GB GPU:
     ResNet-50 256 at 224 px (NVIDIA DeepLearningExamples' per-GPU batch), BERT-base 64 at
     sequence 128 (a phase-1 pre-training micro-batch), GPT-2 small 16 at 1024 tokens
-    (nanoGPT's 124M recipe uses 12). Parity trains 2 seeds x 40 steps (the gpu preset: 3 x
+    (nanoGPT's 124M recipe uses 12), Llama small (the same size, every matrix dimension a
+    multiple of 128) the same. Parity trains 2 seeds x 40 steps (the gpu preset: 3 x
     600): enough to see the path work and a gross divergence, not a fine verdict.
 
-    Estimate for an H100 SXM, to be confirmed by the first GPU run (README, "Validate on a new
-    GPU box"). Training FLOPs per step (models/): ResNet-50 6.3 T, BERT-base 5.5 T, GPT-2 small
-    14.0 T. At public eager-PyTorch rates (fp32 ~30 TFLOP/s, 45% of the 67 peak; tf32 ~60 for
-    ResNet-50 and ~130 for the transformers; fp16 and bf16 ~75 for ResNet-50, about 3,000
-    images/s, and ~250 for the transformers) a step takes 0.47 s (GPT-2 small fp32) down to
-    0.02 s (BERT-base bf16), and the 25 steps of each process train for ~50 s in all. Per
+    Estimate for an H100 SXM, to be confirmed by the first GPU run (docs/gpu-runbook.md).
+    Training FLOPs per step (models/): ResNet-50 6.3 T, BERT-base 5.5 T, GPT-2 small 14.0 T,
+    Llama small 11.7 T. At public eager-PyTorch rates (fp32 ~30 TFLOP/s, 45% of the 67 peak;
+    tf32 ~60 for ResNet-50 and ~130 for the transformers; fp16 and bf16 ~75 for ResNet-50,
+    about 3,000 images/s, and ~250 for the transformers) a step takes 0.47 s (GPT-2 small fp32)
+    down to 0.02 s (BERT-base bf16), and the 25 steps of each process train for ~65 s in all. Per
     process ~8 s more (Python, torch and CUDA start, model build, FLOP count, cuDNN autotuning):
-    ~135 s for 17 processes (15 cells, 2 calibration). Compiling forward and backward with an
-    empty inductor cache: ~165 s for the three bf16 compiled cells. Parity: 24 runs (3 models x
-    4 policies x 2 seeds) in ~85 s, mostly model builds, evaluation and batches made on the
-    CPU. Runner start and report ~15 s. Total ~7.5 minutes; compile time is the least certain
+    ~175 s for 22 processes (20 cells, 2 calibration). Compiling forward and backward with an
+    empty inductor cache: ~220 s for the four bf16 compiled cells. Parity: 32 runs (4 models x
+    4 policies x 2 seeds) in ~110 s, mostly model builds, evaluation and batches made on the
+    CPU. Runner start and report ~15 s. Total ~10 minutes; compile time is the least certain
     part. ``timeout_s`` (180 s) is what ``--time-budget`` allows the first cell, the first
     compiled cell and the first torchrun cell; later ones are estimated from those
     (bench/run/budget.py, estimate_s).
 
-    FP8 (an estimate, not yet measured anywhere): 6 compiled cells at ~55 s of compiling and
-    ~8 s of start-up each, ~6.5 minutes, and 12 more parity runs (eager), ~45 s: ~14.5 minutes
-    in all, 23 processes. Without torchao the FP8 cells are `unsupported` records in seconds.
+    FP8 (an estimate, not yet measured anywhere): 8 compiled cells at ~55 s of compiling and
+    ~8 s of start-up each, ~8.5 minutes, and 16 more parity runs (eager), ~60 s: ~19.5 minutes
+    in all, 30 processes. Without torchao the FP8 cells are `unsupported` records in seconds.
     Parity's underflow task adds 12 runs of gpt2-tiny (fp32, fp16, fp16-noscale, bf16 and the
     two FP8 policies, 2 seeds, 60 steps): seconds on a GPU.
     """
@@ -91,6 +97,7 @@ def gpu_quick() -> Matrix:
             ModelAxis("resnet50", (256,), 224),
             ModelAxis("bert-base", (64,), 128),
             ModelAxis("gpt2-small", (16,), 1024),
+            ModelAxis("llama-small", (16,), 1024),
         ),
         # fp8 and fp8-rowwise only compiled: torch.compile is how FP8 is meant to run fast
         # (it fuses torchao's scale and cast kernels); they need torchao (a wheel carried to

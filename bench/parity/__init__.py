@@ -12,8 +12,8 @@ downloads), and is scored on a fixed held-out set:
   structure tells the classes apart. Metric: eval loss and accuracy.
 - bert: masked-token prediction on sequences of a seeded sparse Markov chain (tokens shifted by
   one, id 0 is [MASK]). Metric: eval loss and masked-token accuracy.
-- gpt: next-token prediction on the same kind of chain; its entropy rate (nats) is known
-  exactly and written as ``optimal_loss``, the floor no model can beat.
+- gpt and llama: next-token prediction on the same kind of chain; its entropy rate (nats) is
+  known exactly and written as ``optimal_loss``, the floor no model can beat.
 - gpt2-tiny-underflow (a parity-only task name): gpt2-tiny on the gpt task, its loss taken as
   one micro-batch's share of a 2^19-token optimizer step (nanoGPT's GPT-2 recipe: 524,288
   tokens per step, the loss of each micro-batch divided by the step's token count), with
@@ -130,16 +130,40 @@ from bench.parity.verdict import (
     VERDICTS,
     judge,
     summarize,
+    target_loss,
     verdict_table,
     worst_verdict,
 )
 
 __all__ = [
-    "ABS_FLOOR", "BROKEN", "COLUMNS", "CPU_SETUPS", "CURVE_COLUMNS", "DEFAULT_TIMEOUT_S",
-    "EXTRA_COLUMNS", "GPU_SETUPS", "HIST_COLUMNS", "K_SIGMA", "MAX_BAND_FRACTION",
-    "NANOGPT_STEP_TOKENS", "RUNS", "UNDERFLOW", "VERDICTS", "OutOfTime", "Setup",
-    "default_models", "judge", "main", "run_parity", "setup_for", "summarize", "task_policies",
-    "tasks_for", "verdict_table", "worst_verdict",
+    "ABS_FLOOR",
+    "BROKEN",
+    "COLUMNS",
+    "CPU_SETUPS",
+    "CURVE_COLUMNS",
+    "DEFAULT_TIMEOUT_S",
+    "EXTRA_COLUMNS",
+    "GPU_SETUPS",
+    "HIST_COLUMNS",
+    "K_SIGMA",
+    "MAX_BAND_FRACTION",
+    "NANOGPT_STEP_TOKENS",
+    "RUNS",
+    "UNDERFLOW",
+    "VERDICTS",
+    "OutOfTime",
+    "Setup",
+    "default_models",
+    "judge",
+    "main",
+    "run_parity",
+    "setup_for",
+    "summarize",
+    "target_loss",
+    "task_policies",
+    "tasks_for",
+    "verdict_table",
+    "worst_verdict",
 ]
 
 # What `parity --time-budget` allows a run of a model none of whose runs has finished yet:

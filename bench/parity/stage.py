@@ -33,6 +33,7 @@ from bench.parity.verdict import (
     judge,
 )
 from bench.run import launch, lock
+from models.external import BadReference
 
 RUNS = "parity_runs.jsonl"  # one finished (model, precision, seed) run per line
 DEFAULT_TIMEOUT_S = 600.0  # per run: generous, a full-size run on a GPU takes minutes
@@ -122,6 +123,8 @@ def _validate(models_: Sequence[str] | None, precisions: Sequence[str] | None,
     for name in models_ or ():
         try:
             spec_for(name)
+        except BadReference as exc:  # a user's module: the line names its file
+            raise BadInput(str(exc)) from None
         except ValueError as exc:
             raise BadInput(f"{exc}; parity tasks: {', '.join(TASK_MODELS)}") from None
     chosen = list(precisions) if precisions else list(precision.NAMES)
@@ -179,7 +182,10 @@ def _planned(plan: Plan, model_names: Sequence[str], chosen: Sequence[str],
             setup = plan.setups[model]
             for seed in range(seeds):
                 # The same key as when the parent built it from a Setup and a torch.device.
-                key = json.dumps([model, name, seed, setup, plan.device_type])
+                # A user's model adds its source's hash: a changed file trains again.
+                sha = spec_for(model).source_sha256
+                key = json.dumps([model, name, seed, setup, plan.device_type,
+                                  *([sha] if sha else [])])
                 runs.append(_Run(model, name, seed, setup, key))
     return runs
 
@@ -256,8 +262,10 @@ def _record(run_dir: Path, run: _Run, outcome: _Finished, walls: dict[str, list[
         return f"crashed ({row['error']})"
     if outcome.wall_s is not None:
         walls.setdefault(run.model, []).append(outcome.wall_s)
-    return (f"eval loss {row['eval_loss']:.4f} acc {row['eval_accuracy']:.3f} "
-            f"({outcome.wall_s or 0:.1f} s)")
+    # A user's model has no accuracy (its loss alone is known): none is shown.
+    accuracy = row.get("eval_accuracy")
+    acc = f" acc {accuracy:.3f}" if accuracy is not None else ""
+    return f"eval loss {row['eval_loss']:.4f}{acc} ({outcome.wall_s or 0:.1f} s)"
 
 
 def _train_pair(runs: list[_Run], device: str, workdir: Path, number: int,

@@ -22,6 +22,8 @@ _BROKEN_LR_FACTOR = 100.0
 # Parity-only tasks: a name of their own and the reference model they train.
 UNDERFLOW = "gpt2-tiny-underflow"
 TASK_MODELS = {UNDERFLOW: "gpt2-tiny"}
+# Families that predict the next token (the chain's own task); bert predicts masked ones.
+CAUSAL = ("gpt", "llama")
 NANOGPT_STEP_TOKENS = 2**19  # nanoGPT's GPT-2 (124M) recipe: 524,288 tokens per optimizer step
 
 _TASK_SEED = 1234  # fixes the task itself (chain, gratings): the same for every run seed
@@ -62,12 +64,32 @@ GPU_SETUPS: dict[str, Setup] = {
                        successors=4, sample_every=20, eval_batches=8),
     "gpt2-small": Setup(batch_size=16, size=256, steps=600, lr=3e-4, num_states=1024,
                         successors=4, sample_every=20, eval_batches=8),
+    "llama-small": Setup(batch_size=16, size=256, steps=600, lr=3e-4, num_states=1024,
+                         successors=4, sample_every=20, eval_batches=8),
+}
+# Tuned setups of models no default list trains: parity runs them when named (--models).
+NAMED_SETUPS: dict[str, Setup] = {
+    "llama-tiny": Setup(batch_size=16, size=32, steps=120, lr=3e-3),  # gpt2-tiny's
 }
 _FAMILY_DEFAULTS = {
     "resnet": Setup(batch_size=32, size=32, steps=300, lr=1e-3, num_states=10),
     "bert": Setup(batch_size=32, size=64, steps=300, lr=3e-4),
     "gpt": Setup(batch_size=16, size=64, steps=300, lr=3e-4),
+    "llama": Setup(batch_size=16, size=64, steps=300, lr=3e-4),
 }
+
+
+# A model of the user's own (models/external.py) trains on its own make_batch's data: a seeded
+# stream for training, batches of other fixed seeds held out; CPU-sized like the tiny models'.
+EXTERNAL_STEPS = 100
+EXTERNAL_LR = 1e-3  # unless the module says PARITY_LR
+
+
+def _external_setup(spec: models.ModelSpec) -> Setup:
+    """A user's model's setup: its card's default batch and size, its PARITY_LR if it has one."""
+    lr = getattr(spec.module, "PARITY_LR", EXTERNAL_LR)
+    return Setup(batch_size=spec.default_batch_size, size=spec.default_size or 0,
+                 steps=EXTERNAL_STEPS, lr=float(lr))
 
 
 def spec_for(name: str) -> models.ModelSpec:
@@ -82,7 +104,11 @@ def setup_for(name: str, steps: int | None = None) -> Setup:
     parent asks a child for setups (bench/parity/train.py's plan).
     """
     spec = spec_for(name)
-    setup = CPU_SETUPS.get(name) or GPU_SETUPS.get(name) or _FAMILY_DEFAULTS[spec.family]
+    if spec.source is not None:
+        setup = _external_setup(spec)
+        return replace(setup, steps=steps) if steps else setup
+    setup = (CPU_SETUPS.get(name) or GPU_SETUPS.get(name) or NAMED_SETUPS.get(name)
+             or _FAMILY_DEFAULTS[spec.family])
     if spec.family != "resnet":
         setup = replace(setup, num_states=min(setup.num_states, spec.config.vocab_size - 1),
                         size=min(setup.size, spec.max_size or setup.size))
@@ -173,18 +199,22 @@ class Task:
         self.spec = spec
         self.setup = setup
         self.chain = (MarkovChain(setup.num_states, setup.successors, _TASK_SEED)
-                      if spec.family in ("bert", "gpt") else None)
+                      if spec.family in ("bert", *CAUSAL) else None)
 
     @property
     def optimal_loss(self) -> float | None:
-        return self.chain.entropy_rate if self.spec.family == "gpt" and self.chain else None
+        return self.chain.entropy_rate if self.spec.family in CAUSAL and self.chain else None
 
     def batch(self, generator: Any) -> tuple[Any, Any]:
         family, setup = self.spec.family, self.setup
+        if self.spec.source is not None:  # a user's model: its own make_batch's data
+            size = setup.size if self.spec.size_arg else self.spec.default_size
+            return self.spec.module.make_batch(self.spec.config, setup.batch_size, size,
+                                               generator)
         if family == "resnet":
             return gratings(setup.batch_size, setup.size, setup.num_states, generator)
         assert self.chain is not None
-        if family == "gpt":
+        if family in CAUSAL:
             states = self.chain.sample(setup.batch_size, setup.size + 1, generator)
             return states[:, :-1].contiguous(), states[:, 1:].contiguous()
         return _mask(self.chain.sample(setup.batch_size, setup.size, generator) + 1,
@@ -225,5 +255,5 @@ def eval_set(task: Task, device: Any) -> list[tuple[Any, Any]]:
     import torch
 
     generator = torch.Generator().manual_seed(_EVAL_SEED)
-    return [tuple(t.to(device) for t in task.batch(generator))  # type: ignore[misc]
+    return [tuple(models.to_device(t, device) for t in task.batch(generator))  # type: ignore[misc]
             for _ in range(task.setup.eval_batches)]

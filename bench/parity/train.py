@@ -94,11 +94,14 @@ class _Log:
         self.window, self.window_skipped = [], 0
 
 
-def evaluate(trainer: Any, batches: Sequence[tuple[Any, Any]]) -> tuple[float, float]:
-    """Mean eval loss and accuracy (over all targets that count) on the held-out batches."""
+def evaluate(trainer: Any, batches: Sequence[tuple[Any, Any]]) -> tuple[float, float | None]:
+    """Mean eval loss and accuracy (over all targets that count) on the held-out batches; a
+    user's model (no logits known to us): the mean of its own loss, no accuracy."""
     import torch.nn.functional as F
 
     model = trainer.model
+    if trainer.spec.source is not None:
+        return _evaluate_own_loss(trainer, batches), None
     model.eval()
     total_loss = correct = count = 0.0
     with torch.no_grad(), trainer.policy.autocast(trainer.device.type):
@@ -112,6 +115,17 @@ def evaluate(trainer: Any, batches: Sequence[tuple[Any, Any]]) -> tuple[float, f
             count += float(keep.sum())
     model.train()
     return total_loss / count, correct / count
+
+
+def _evaluate_own_loss(trainer: Any, batches: Sequence[tuple[Any, Any]]) -> float:
+    """The mean of the module's loss over the held-out batches (the model in eval mode)."""
+    model = trainer.model
+    model.eval()
+    with torch.no_grad(), trainer.policy.autocast(trainer.device.type):
+        losses = [float(trainer.spec.loss(model, inputs, targets).float())
+                  for inputs, targets in batches]
+    model.train()
+    return sum(losses) / len(losses)
 
 
 def _trainer(spec: models.ModelSpec, policy: precision.Policy, seed: int, setup: Setup,
@@ -137,7 +151,8 @@ def _train(trainer: Any, task: Task, setup: Setup, log: _Log, histograms: bool) 
     probe_steps = {0, setup.steps // 2, setup.steps - 1}
     for step in range(setup.steps):
         inputs, targets = task.batch(data)
-        trainer.inputs, trainer.targets = inputs.to(trainer.device), targets.to(trainer.device)
+        trainer.inputs = models.to_device(inputs, trainer.device)
+        trainer.targets = models.to_device(targets, trainer.device)
         if step in probe_steps:
             shares, rows = probes.probe(trainer, log.model, step, histograms)
             log.underflow.append(shares)
@@ -185,6 +200,7 @@ def train_one(
         scaler_scale_final=trainer.scaler.get_scale() if log.scaling else None,
         initial_eval_loss=initial_eval_loss, final_train_loss=log.curve[-1]["loss"],
         train_time_s=sum(log.step_times), step_time_ms=1e3 * statistics.median(log.step_times),
+        batch_size=setup.batch_size,
     )
     return row, log.curve, log.hist
 
@@ -203,6 +219,7 @@ def plan(device: str, model_names: Sequence[str] | None, chosen: Sequence[str],
 
     dev = resolve_device(device)
     names = list(model_names) if model_names else tasks.default_models(dev.type)
+    _check_own_models(names)
     if not keep_emulated:  # by default no emulated policy (FP8 off CUDA): slow, and no news
         chosen = [n for n in chosen if not resolve_policy(n)[0].emulated_on(dev.type)]
     unsupported = []
@@ -214,6 +231,19 @@ def plan(device: str, model_names: Sequence[str] | None, chosen: Sequence[str],
     return {"device": str(dev), "device_type": dev.type, "models": names,
             "precisions": list(chosen), "unsupported": unsupported,
             "setups": {m: asdict(tasks.setup_for(m, steps)) for m in names}}
+
+
+def _check_own_models(names: Sequence[str]) -> None:
+    """BadInput (one line naming the file) for a user's module that breaks the contract."""
+    from bench.cell.check import ModelProblem, check
+
+    for name in names:
+        spec = spec_for(name)
+        if spec.source is not None:
+            try:
+                check(spec, spec.default_size)
+            except ModelProblem as exc:
+                raise BadInput(str(exc)) from None
 
 
 def _prepare_device(name: str) -> Any:

@@ -3,8 +3,8 @@
     python -m bench peers --models gpt2-small,resnet50 --precisions fp32,bf16 --out peers.csv
     python -m bench peers --out-dir results/runs/RUN_ID      # writes RUN_DIR/peers.csv
 
-Each model is paired with its peer (Hugging Face transformers' GPT2LMHeadModel and
-BertForMaskedLM with SDPA attention, torchvision's resnet50 / resnet18), our weights are copied
+Each model is paired with its peer (Hugging Face transformers' GPT2LMHeadModel, BertForMaskedLM
+and LlamaForCausalLM with SDPA attention, torchvision's resnet50 / resnet18), our weights are copied
 into it, and the pair is compared: parameter counts, the largest logit difference in eval mode
 and in train mode (the same RNG seed before each forward, so dropout draws the same masks;
 ResNet's BatchNorm uses the batch's statistics) and the loss difference in eval mode on the same
@@ -48,7 +48,8 @@ from bench.peers.build import (
 from bench.run.lock import lock
 from bench.telemetry.env import fingerprint
 
-DEFAULT_MODELS = ("gpt2-small", "bert-base", "resnet50", "resnet18")
+DEFAULT_MODELS = ("gpt2-small", "bert-base", "llama-small", "resnet50", "resnet18")
+MIN_SPREAD_STEPS = 2  # timed steps that have a spread (IQR); one step has none
 PEERS_CSV = store.PEERS  # its name in a run directory (--out-dir RUN_DIR)
 
 
@@ -194,7 +195,8 @@ def race(ours: Trainer, peer: Trainer, warmup: int, steps: int) -> dict[str, Any
         "ours_step_ms_median": statistics.median(times_ours),
         "peer_step_ms_median": statistics.median(times_peer),
         "ratio_ours_per_peer_median": ratio["step_ms_median"],
-        "ratio_ours_per_peer_iqr": ratio["step_ms_iqr"],
+        # One pair has no spread: empty, not an IQR of 0 (the table and the report say why).
+        "ratio_ours_per_peer_iqr": ratio["step_ms_iqr"] if steps >= MIN_SPREAD_STEPS else None,
         "ours_peak_mem_allocated_gib": mem_ours,
         "peer_peak_mem_allocated_gib": mem_peer,
     }
@@ -360,9 +362,12 @@ def _run(args: argparse.Namespace, chosen: list[str], policies: list[str],
                                   args.steps, environment=environment))
         if out:  # after every model: an interrupted run keeps the models it finished
             write_csv(rows, out)
-    table = [{k: ("n/a" if row[k] is None and k.endswith("_gib") and row["status"] == "ok"
+    table = [{k: ("n/a" if row[k] is None and k.endswith(("_gib", "_iqr")) and row["status"] == "ok"
                   else row[k]) for k in _TABLE} for row in rows]
     print(tabulate(table, headers="keys", intfmt=",", floatfmt=".4g", tablefmt="github"))
+    if args.steps < MIN_SPREAD_STEPS:
+        print(f"ratio_ours_per_peer_iqr is empty: {args.steps} timed step has no spread; "
+              f"--steps 5 or more measures one")
     for line in missing.values():
         print(line, file=sys.stderr)
     return 1 if any(row["status"].startswith(("oom", "error")) for row in rows) else 0

@@ -7,6 +7,9 @@ imported here only; torch is imported lazily.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
+import sys
 from typing import Any
 
 import models
@@ -15,7 +18,8 @@ from bench import BadInput, precision
 EXTRA_HINT = "pip install -e .[peers]"
 # The library each family's peer comes from; resnet-tiny has no torchvision counterpart
 # (torchvision's ResNets have a fixed stem width).
-_LIBRARY = {"gpt": "transformers", "bert": "transformers", "resnet": "torchvision"}
+_LIBRARY = {"gpt": "transformers", "bert": "transformers", "llama": "transformers",
+            "resnet": "torchvision"}
 _NO_PEER = {"resnet-tiny"}
 
 
@@ -28,12 +32,56 @@ def library(model: str) -> str:
     spec = models.get(model)
     if spec.name in _NO_PEER:
         raise BadInput(f"{model} has no peer (torchvision has no ResNet of its width)")
+    if spec.family not in _LIBRARY:  # a model of the user's own (an hf: one is transformers')
+        raise BadInput(f"{model} has no peer: peers pairs the reference models with "
+                       "transformers' and torchvision's; your model runs in `ampbench run`")
     return _LIBRARY[spec.family]
 
 
+_BROKEN: dict[str, str] = {}  # an installed library that fails to import -> why
+
+
+def _broken_torchvision() -> str | None:
+    """Why the installed torchvision fails to import; None where it imports or is absent.
+    A broken one (PyPI's torchvision beside a torch built elsewhere: its C++ operators such as
+    torchvision::nms do not exist there) is then hidden from transformers, which would
+    otherwise import it for image processing and fail on every model ("Could not import
+    module 'GPT2LMHeadModel'"): the language models' peers need no torchvision."""
+    if "torchvision" not in _BROKEN:
+        try:
+            found = importlib.util.find_spec("torchvision") is not None
+            if found:
+                importlib.import_module("torchvision")
+        except Exception as exc:  # a broken binary raises more than ImportError
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            _BROKEN["torchvision"] = f"{type(exc).__name__}: {first}"
+            for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+                del sys.modules[name]
+            sys.modules["torchvision"] = None  # type: ignore[assignment]  # taken as absent
+        else:
+            return None
+    return _BROKEN["torchvision"]
+
+
+def _torch_version() -> str:
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def check_library(model: str) -> None:
-    """Import ``model``'s peer library; PeerMissing with one line naming the extra if it fails."""
+    """Import ``model``'s peer library; PeerMissing with one line naming the extra if it fails,
+    or, for a torchvision that is installed but broken, naming it and the fix."""
     name = library(model)
+    broken = _broken_torchvision()  # first: before transformers looks for torchvision
+    if broken and name == "torchvision":
+        raise PeerMissing(
+            f"{model}'s peer needs torchvision, which is installed but fails to import "
+            f"({broken}): a torchvision built for another torch than this torch "
+            f"{_torch_version()}; fix: install the torchvision built for this torch (from the "
+            "index this torch came from) or uninstall torchvision; the transformers peers "
+            "need no torchvision and run without it")
     try:
         importlib.import_module(name)
     except Exception as exc:  # a broken binary (torchvision vs torch) raises more than ImportError
@@ -47,8 +95,8 @@ def check_library(model: str) -> None:
 def describe_peer(model: str) -> tuple[str, str | None]:
     """(the peer's class or builder, its library's version or None where it does not import)."""
     family = models.get(model).family
-    name = {"gpt": "transformers.GPT2LMHeadModel", "bert": "transformers.BertForMaskedLM"}.get(
-        family, f"torchvision.models.{model}")
+    name = {"gpt": "transformers.GPT2LMHeadModel", "bert": "transformers.BertForMaskedLM",
+            "llama": "transformers.LlamaForCausalLM"}.get(family, f"torchvision.models.{model}")
     try:
         version = importlib.import_module(library(model)).__version__
     except Exception:  # missing or broken: the row's status says which
@@ -86,9 +134,30 @@ def _build_peer(model: str) -> Any:
             max_position_embeddings=cfg.max_positions, type_vocab_size=cfg.type_vocab_size,
             hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
             layer_norm_eps=cfg.layer_norm_eps, pad_token_id=None, attn_implementation="sdpa"))
+    if spec.family == "llama":
+        return llama_peer(cfg)
     import torchvision
 
     return getattr(torchvision.models, model)(weights=None)
+
+
+def llama_peer(cfg: Any) -> Any:
+    """transformers' LlamaForCausalLM with SDPA attention at the sizes of ``cfg`` (any
+    models.llama.LlamaConfig, not only a registered one), freshly initialised."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = cfg.rope_scaling
+    # rope_theta and rope_scaling: the names transformers 4.x takes; 5.x still accepts them.
+    scaling = None if s is None else {
+        "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+        "high_freq_factor": s.high_freq_factor,
+        "original_max_position_embeddings": s.original_max_seq_len}
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=scaling,
+        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa"))
 
 
 def _gpt_names(ours: Any) -> dict[str, tuple[str, bool]]:
@@ -108,6 +177,24 @@ _BERT_TOP = {"wte": "bert.embeddings.word_embeddings", "wpe": "bert.embeddings.p
              "wtt": "bert.embeddings.token_type_embeddings", "ln_emb": "bert.embeddings.LayerNorm",
              "head": "cls.predictions.transform.dense",
              "ln_head": "cls.predictions.transform.LayerNorm"}
+
+
+# Our (Meta's) module names -> transformers' LlamaForCausalLM's; the layouts are the same.
+_LLAMA_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+                "ffn_norm": "post_attention_layernorm"}
+_LLAMA_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def llama_name(name: str) -> str:
+    """The peer's name of our Llama parameter ``name``."""
+    module, _, kind = name.rpartition(".")
+    if module.startswith("layers."):
+        _, i, rest = module.split(".", 2)
+        return f"model.layers.{i}.{_LLAMA_LAYER[rest]}.{kind}"
+    return f"{_LLAMA_TOP[module]}.{kind}"
 
 
 def _copy_bert(ours: Any, peer: Any) -> set[str]:
@@ -155,6 +242,14 @@ def copy_weights(model: str, ours: Any, peer: Any) -> None:
                 value = params[name]
                 targets[peer_name].copy_(value.t() if transposed else value)
                 written.add(peer_name)
+        elif family == "llama":
+            names = {llama_name(name): p for name, p in ours.named_parameters()}
+            extra = sorted(set(names) - set(targets))  # ours untied, the peer's head tied
+            if extra:
+                raise ValueError(f"{model}: our parameters the peer lacks: {', '.join(extra)}")
+            for peer_name, value in names.items():
+                targets[peer_name].copy_(value)
+            written = set(names)
         else:
             written = _copy_bert(ours, peer)
     unmapped = sorted(set(targets) - written)

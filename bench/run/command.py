@@ -17,8 +17,12 @@ SIGHUP stop the run like Ctrl-C (children killed, temporary directories removed,
 command printed, exit 128+N; bench/run/signals.py), and a child polices itself too
 (bench/run/proctree.py): it dies with this runner, however it dies, and at its own timeout. One
 runner per run directory (bench/run/lock.py). Running again into the same directory runs only
-the cells that are missing or failed. After the sweep: accuracy parity (bench.parity) and the
-report (bench.report); a failure there is reported and the sweep's records stay.
+the cells that are missing or failed; --resume (or --out without --preset or --matrix) keeps
+every choice of the original run (meta.json: the matrix with --no-parity in it,
+--find-max-batch, --no-report): a flag left out is restored, one that contradicts the run is
+one line, exit 2; --time-budget, --launcher and --rdzv-endpoint are each call's own. After the
+sweep: accuracy parity (bench.parity) and the report (bench.report); a failure there is
+reported and the sweep's records stay.
 
 Several nodes (``--nnodes N``): this one runner starts each cell through a launcher that runs
 one torchrun on every node (``--launcher "srun --nodes=2 --ntasks-per-node=1"``, the default
@@ -78,11 +82,40 @@ def _choose_matrix(args: argparse.Namespace) -> tuple[Matrix | None, Path | None
     if args.preset not in (None, "auto"):
         return config.preset(args.preset), run_dir, meta
     if meta.get("matrix") and not args.preset:
-        return config.from_dict(meta["matrix"], str(run_dir / store.META)), run_dir, meta
+        base = config.from_dict(meta["matrix"], str(run_dir / store.META))
+        _keep(args, base, meta, f"{'--resume' if args.resume else '--out'} {run_dir}")
+        return base, run_dir, meta
     if args.resume:
         raise BadInput(f"--resume {args.resume}: {store.META} holds no matrix; finish the run "
                        f"with --out {args.resume} and the --preset or --matrix it ran")
     return None, run_dir, meta
+
+
+# The flag that sets each field of a run's matrix (meta.json's "matrix").
+_FLAGS = {"models": "--models/--batch-sizes", "precisions": "--precisions", "steps": "--steps",
+          "warmup": "--warmup", "repeats": "--repeats", "calibration": "--calibration",
+          "world_size": "--world-size", "nnodes": "--nnodes", "device": "--device",
+          "timeout_s": "--timeout", "parity": "--no-parity"}
+
+
+def _keep(args: argparse.Namespace, base: Matrix, meta: dict[str, Any], where: str) -> None:
+    """A run continued from its meta.json keeps every choice of the original: the flags it
+    left out are restored (``args`` updated, so a resume command repeats them), and one that
+    contradicts the run is BadInput naming it. --time-budget, --launcher and --rdzv-endpoint
+    are each call's own; a price or --no-report given applies from this call on."""
+    kept = base.to_dict()
+    for key, value in _override(args, base).to_dict().items():
+        if value != kept[key]:
+            raise BadInput(f"{where}: {_FLAGS.get(key, key)} makes {key} {value}, the run has "
+                           f"{kept[key]} ({store.META}); a resumed run keeps every choice of "
+                           "the original: leave the flag out, or start a new run directory")
+    if args.find_max_batch and not meta.get("find_max_batch"):
+        raise BadInput(f"{where}: --find-max-batch, but the run is a sweep ({store.META}); a "
+                       "resumed run keeps every choice of the original: leave the flag out, "
+                       "or start a new run directory")
+    args.find_max_batch = bool(meta.get("find_max_batch"))
+    args.no_parity = args.no_parity or not base.parity
+    args.no_report = args.no_report or bool(meta.get("no_report"))
 
 
 def _override(args: argparse.Namespace, base: Matrix) -> Matrix:
@@ -92,6 +125,7 @@ def _override(args: argparse.Namespace, base: Matrix) -> Matrix:
         steps=args.steps, warmup=args.warmup, repeats=args.repeats,
         calibration=args.calibration, device=args.device,
         timeout_s=args.timeout, world_size=args.world_size, nnodes=args.nnodes,
+        parity=False if args.no_parity else None,  # kept in meta.json: a resume keeps it off
     )
 
 
@@ -193,15 +227,25 @@ def _to_price(plans: list[_Plan], run_dir: Path | None, budget: Budget | None) -
     return budgets.cells_to_price([c for _, cells, _ in plans for c in cells], records)
 
 
-def _setup(args: argparse.Namespace, budget: Budget | None) -> _Setup:
-    """The flags and the device probe, all checked: BadInput (one line) before anything is
-    written. The flags are checked before the probe's seconds where they can be: auto's
-    preset is the probe's to choose."""
-    base, run_dir, meta = _choose_matrix(args)
+def _references(plans: list[_Plan]) -> list[tuple[str, int | None]]:
+    """The models of the user's own in the plans, with their input sizes: the probe runs
+    each once (bench/cell/check.py) before any cell starts."""
+    return list(dict.fromkeys((axis.name, axis.resolved_size) for mx, _, _ in plans
+                              for axis in mx.models if axis.spec.source is not None))
+
+
+def _setup(args: argparse.Namespace, budget: Budget | None,
+           chosen: tuple[Matrix | None, Path | None, dict[str, Any]]) -> _Setup:
+    """The flags (``chosen`` by ``_choose_matrix``) and the device probe, all checked:
+    BadInput (one line) before anything is written. The flags are checked before the probe's
+    seconds where they can be: auto's preset is the probe's to choose."""
+    base, run_dir, meta = chosen
     options = [base] if base is not None else [config.auto(False), config.auto(True)]
     plans = _plans(args, options)
     asked = plans[0][0].device if base is not None and plans[0] else args.device or "auto"
-    found = device.probe(asked, _to_price([p for p in plans if p], run_dir, budget))
+    found = device.probe(asked, _to_price([p for p in plans if p], run_dir, budget),
+                         _references([p for p in plans if p]))
+    found.checked_models()  # a user's module that breaks the contract: exit 2, nothing written
     plan = plans[0] if base is not None else plans[int(found.cuda)]
     mx, cells, launch = plan or _planned(args, _override(args, config.auto(found.cuda)))
     if args.preset and mx.device.startswith("cuda") and not found.cuda:
@@ -288,17 +332,18 @@ def _open(args: argparse.Namespace, session: _Session, setup: _Setup) -> Sweep:
     run_dir = setup.run_dir or paths.output_dir(store.RUNS / run_id, "run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     session.lock(run_dir)  # one runner per run directory; before anything is read or written
+    records = store.load_records(run_dir)  # before meta.json: a newer schema's run is refused
     store.write_meta(run_dir, {
         "run_id": run_id, "created": setup.meta.get("created") or env["timestamp"],
         "updated": env["timestamp"], **env, "cpu_model": setup.found.cpu_model,
-        "find_max_batch": bool(args.find_max_batch), "matrix": setup.mx.to_dict(),
+        "find_max_batch": bool(args.find_max_batch), "no_report": bool(args.no_report),
+        "matrix": setup.mx.to_dict(),
         **_prices(args, setup.meta),
     })
     mx = setup.mx
     settings = Settings(run_id, setup.device, mx.warmup, mx.steps, mx.timeout_s, env,
                         *setup.launch)
-    state = Sweep(run_dir, settings, {(r.get("cell_id"), r.get("repeat")): r
-                                      for r in store.load_records(run_dir)})
+    state = Sweep(run_dir, settings, {(r.get("cell_id"), r.get("repeat")): r for r in records})
     session.state = state
     return state
 
@@ -413,8 +458,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, session: _Session) -> int:
+    chosen = _choose_matrix(args)  # first: a resumed run's kept flags count for the budget
     budget = _budget(args)
-    setup = _setup(args, budget)
+    setup = _setup(args, budget, chosen)
     if budget is not None:
         budget = replace(budget, flops=setup.found.flops_per_step)
     state = _open(args, session, setup)

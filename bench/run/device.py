@@ -2,7 +2,10 @@
 everything the runner would otherwise import torch for: the device every cell gets (a bad or
 missing one is BadInput), the environment fingerprint, whether CUDA is there (the ``auto``
 preset, the GPU presets' check) and the analytic FLOPs per step of the cells that
---time-budget estimates. torch-free: the runner starts fast and never holds a GPU context.
+--time-budget estimates; and it runs the check of every model of the user's own in the matrix
+(bench/cell/check.py), so a module that breaks the contract is one line, exit 2, before any
+cell starts. torch-free: the runner starts fast, never holds a GPU context and runs no user
+code.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ class Probe:
     flops_per_step: dict[str, float] = field(default_factory=dict)  # cell_id -> FLOPs
     # cell_id -> why its policy leaves the model as it is (an `unsupported` record in seconds)
     unchanged: dict[str, str] = field(default_factory=dict)
+    # reference -> how a user's module breaks the contract (one line naming its file)
+    model_problems: dict[str, str] = field(default_factory=dict)
+
+    def checked_models(self) -> None:
+        """BadInput (the first problem's line) when a user's module broke the contract."""
+        for problem in self.model_problems.values():
+            raise BadInput(problem)
 
     def checked_device(self) -> str:
         """The device; BadInput (the probe's line) when the one named is bad or missing."""
@@ -48,10 +58,13 @@ def _failed(what: str, stderr: str) -> BadInput:
     return BadInput(f"the device probe (python -m bench.cell.probe) {what}{detail}")
 
 
-def probe(device: str, cells: Iterable[Cell] = ()) -> Probe:
-    """Ask a child process about ``device`` (cpu, cuda, cuda:N, auto) and the FLOPs of
-    ``cells``; BadInput when it cannot answer (torch missing or broken, a hung driver)."""
-    request = json.dumps([cell.key() for cell in dict.fromkeys(cells)])
+def probe(device: str, cells: Iterable[Cell] = (),
+          references: Iterable[tuple[str, int | None]] = ()) -> Probe:
+    """Ask a child process about ``device`` (cpu, cuda, cuda:N, auto), the FLOPs of ``cells``
+    and the user's models ``references`` (name, input size); BadInput when it cannot answer
+    (torch missing or broken, a hung driver)."""
+    request = json.dumps({"cells": [cell.key() for cell in dict.fromkeys(cells)],
+                          "models": [list(ref) for ref in dict.fromkeys(references)]})
     try:
         done = subprocess.run([sys.executable, "-m", "bench.cell.probe", "--device", device],
                               input=request, capture_output=True, text=True,
@@ -65,6 +78,7 @@ def probe(device: str, cells: Iterable[Cell] = ()) -> Probe:
     try:
         found = json.loads(lines[-1])
         return Probe(bool(found["cuda"]), found["device"], found["error"], found["env"] or {},
-                     found["cpu_model"], found["flops_per_step"], found["unchanged"])
+                     found["cpu_model"], found["flops_per_step"], found["unchanged"],
+                     found.get("model_problems") or {})
     except (IndexError, ValueError, KeyError, TypeError):
         raise _failed("answered no JSON", done.stderr) from None
