@@ -41,6 +41,8 @@ _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?\Z")
 _KINDS = {int: "an integer", float: "a number", list: "a JSON list", dict: "a JSON object"}
 _MASK_FRACTION = 0.15  # BERT's share of masked positions
+_SUCCESSOR_STEPS = (1, 7, 31, 127)  # a token's possible successors: itself plus one of these
+_PATTERN_SEED = 1234  # the class patterns of synthetic images, the same in every batch
 DEFAULT_BATCH_SIZE = 8
 _DEFAULT_SEQ_LEN = 128
 _DEFAULT_IMAGE_SIZE = 224  # transformers' default where a config names no image_size
@@ -257,17 +259,37 @@ def build(cfg: Config) -> Any:
 
 
 def _image_batch(hf_config: Any, batch_size: int, size: int, generator: Any) -> tuple[Any, Any]:
+    """Labels, and images that carry them: each class's fixed pattern (the same in every batch)
+    under unit noise, so that training has something to learn and parity something to judge."""
     import torch
 
-    pixels = torch.randn(batch_size, hf_config.num_channels, size, size, generator=generator)
     num_labels = hf_config.num_labels
     if getattr(hf_config, "problem_type", None) == "multi_label_classification":
         labels = (torch.rand(batch_size, num_labels, generator=generator) < 0.5).float()
+        weights = labels
     elif num_labels == 1:  # transformers takes one label as regression
         labels = torch.randn(batch_size, generator=generator)
+        weights = labels[:, None]
     else:
         labels = torch.randint(0, num_labels, (batch_size,), generator=generator)
-    return pixels, labels
+        weights = torch.nn.functional.one_hot(labels, num_labels).float()
+    shape = (hf_config.num_channels, size, size)
+    patterns = torch.randn(max(num_labels, 1), *shape,
+                           generator=torch.Generator().manual_seed(_PATTERN_SEED))
+    pixels = torch.randn(batch_size, *shape, generator=generator)
+    return pixels + torch.einsum("bk,kchw->bchw", weights, patterns), labels
+
+
+def _token_stream(vocab_size: int, batch_size: int, size: int, generator: Any) -> Any:
+    """Token ids where each next token is the last plus one of ``_SUCCESSOR_STEPS`` (mod the
+    vocabulary), chosen uniformly: a source with an entropy of log(4) nats per token that a
+    model can learn, unlike uniform ids, so that parity's FP32 runs improve and can judge."""
+    import torch
+
+    steps = torch.tensor(_SUCCESSOR_STEPS) % vocab_size
+    start = torch.randint(0, vocab_size, (batch_size, 1), generator=generator)
+    choice = torch.randint(0, len(_SUCCESSOR_STEPS), (batch_size, size - 1), generator=generator)
+    return torch.cat([start, start + steps[choice].cumsum(dim=1)], dim=1) % vocab_size
 
 
 def make_batch(cfg: Config, batch_size: int, size: int, generator: Any) -> tuple[Any, Any]:
@@ -279,7 +301,7 @@ def make_batch(cfg: Config, batch_size: int, size: int, generator: Any) -> tuple
     task = cfg.card["task"]
     if task == "image-classification":
         return _image_batch(hf_config, batch_size, size, generator)
-    ids = torch.randint(0, hf_config.vocab_size, (batch_size, size), generator=generator)
+    ids = _token_stream(hf_config.vocab_size, batch_size, size, generator)
     if task == "causal-lm":
         return ids, ids.clone()  # the model shifts the labels itself
     # The same number of masked positions in every row, at least one: a loss over no position

@@ -340,3 +340,18 @@ except ImportError as exc:
 else:
     raise AssertionError("build() without transformers did not raise")
 """)
+
+
+def test_synthetic_batches_are_learnable(tmp_path):
+    # Tokens: each next one is the last plus one of the four fixed steps (mod the vocabulary);
+    # images: each class's fixed pattern under unit noise, so a class's mean image stands out.
+    import torch
+
+    ids, _ = hf.make_batch(_cfg(tmp_path, "llama"), 8, 32, torch.Generator().manual_seed(0))
+    vocab = LLAMA["vocab_size"]
+    steps = {s % vocab for s in hf._SUCCESSOR_STEPS}
+    assert {int(d) for d in (ids[:, 1:] - ids[:, :-1]).remainder(vocab).flatten()} == steps
+    pixels, labels = hf.make_batch(_cfg(tmp_path, "vit"), 256, 32,
+                                   torch.Generator().manual_seed(0))
+    means = torch.stack([pixels[labels == k].mean(0) for k in range(3)])
+    assert (means[0] - means[1]).abs().mean() > 0.5  # patterns ~N(0, 1): the classes differ
