@@ -38,12 +38,12 @@ def gpu() -> Matrix:
 
 def cpu() -> Matrix:
     """Tiny models, small batches, fp32, tf32, fp16 and bf16: 24 cells, then parity, in about
-    five minutes on 2 cores.
+    eight minutes on 2 cores (2026-12-07, AMD EPYC: sweep 2.4 min, parity 5.5 min).
 
     The fp16-noscale ablation is judged where its question is live, in parity's underflow
     task (bench/parity/__init__.py, task_policies): on the tiny tasks it passes trivially (their
     gradients are large), and its FP16 runs are the slowest on a CPU without FP16 matmuls
-    (7x fp32's steps on AMD EPYC), which this preset's six minutes cannot afford twice.
+    (7x fp32's steps on AMD EPYC), which this preset's minutes cannot afford twice.
     Not FP8: off CUDA torchao only emulates it, slowly, and emulated speed says nothing
     (``--precisions fp8`` runs it anyway, for its numerics)."""
     return Matrix(
