@@ -20,7 +20,7 @@ from bench.report import gradients
 from bench.report.formats import fmt_int, fmt_ratio, fmt_sig, is_num
 from bench.report.loading import PLOTS, Run, _ordered
 from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE, plot_name, scaled_curves
-from bench.report.tables import _model, _ratio, _speedup
+from bench.report.tables import _compared, _model, _ratio, _speedup
 
 NOT_REACHED = "not reached"
 
@@ -114,16 +114,11 @@ def _bench_speedup(run: Run, name: str, policy: str, batch: int | None) -> str:
     if policy == "fp32":
         return "reference"
     model = _model(run, name)
-    found = {}
-    for _, cell in model.cells.iterrows():
-        if cell["precision"] == policy and cell["status"] == "ok":
-            ratio = _speedup(model, cell, "fp32")
-            if ratio is not None:
-                found[int(cell["batch_size"])] = ratio
-    if not found:
+    cell = _compared(model, policy, batch)
+    ratio = _speedup(model, cell, "fp32") if cell is not None else None
+    if ratio is None:
         return ""
-    at = batch if batch in found else max(found)
-    return f"{fmt_ratio(found[at])} (batch {at})"
+    return f"{fmt_ratio(ratio)} (batch {int(cell['batch_size'])})"
 
 
 @dataclass(frozen=True)

@@ -208,8 +208,10 @@ def _outliers(ok: pd.DataFrame, floor: float | None) -> str:
 
 
 def _process(repeat: Any) -> str:
-    number = pd.to_numeric(pd.Series([repeat]), errors="coerce").iloc[0]
-    return str(int(number)) if pd.notna(number) else "?"
+    try:
+        return str(int(float(repeat)))
+    except (TypeError, ValueError, OverflowError):  # None, text, NaN, inf
+        return "?"
 
 
 def _max_batch(frame: pd.DataFrame) -> pd.DataFrame:

@@ -22,11 +22,11 @@ from bench.analysis import noise
 from bench.report.formats import fmt_change, fmt_ratio, is_num
 from bench.report.loading import CONTENDED_MARK, THROTTLED_MARK, Run, _ordered
 from bench.report.tables import (
+    _compared,
     _label,
     _memory_column,
     _Model,
     _model,
-    _reference,
     _same_key,
     _speedup,
     _versus,
@@ -52,15 +52,6 @@ def on_cpu(run: Run) -> bool:
 # ------------------------------------------------------------------------------ first screen
 
 
-def _compared(model: _Model, policy: str) -> pd.Series | None:
-    """The policy's cell at the largest batch size at which it and fp32 both ran ok."""
-    cells = model.cells[(model.cells["precision"] == policy) & (model.cells["status"] == "ok")]
-    pairs = [cell for _, cell in cells.iterrows() if _reference(model, cell, REFERENCE) is not None]
-    if not pairs:
-        return None
-    return max(pairs, key=lambda c: (int(c["batch_size"]) if is_num(c["batch_size"]) else 0))
-
-
 def _answer(ratio: noise.Ratio | None, fmt: Callable[[noise.Ratio], str], faster: str,
             slower: str) -> str:
     """The ratio with its interval and what it means: ``faster``/``slower`` when beyond the
@@ -80,10 +71,9 @@ def _speed_text(model: _Model, cell: pd.Series) -> str:
     """The speedup with its interval and verdict; an emulated or contended one is shown plain,
     never bold, with why it is no finding."""
     ratio = _speedup(model, cell, REFERENCE)
-    fp32 = _same_key(model, cell, REFERENCE)
     if ratio is not None and cell["emulated"]:
         return f"{ratio.value:.2f}x (emulated: not a speed finding)"
-    if ratio is not None and (cell["contended"] or (fp32 is not None and fp32["contended"])):
+    if ratio is not None and _contended(model, cell):
         return f"{ratio.value:.2f}x {CONTENDED_MARK} (contended: not a finding)"
     text = _answer(ratio, fmt_ratio, "faster", "slower")
     return text + (f" {THROTTLED_MARK}" if cell["throttled"] else "")

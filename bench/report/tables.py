@@ -113,6 +113,17 @@ def _reference(model: _Model, cell: pd.Series, policy: str) -> pd.Series | None:
     return other if other is not None and other["status"] == "ok" else None
 
 
+def _compared(model: _Model, policy: str, prefer: int | None = None) -> pd.Series | None:
+    """The policy's ok cell that is compared with fp32's: at batch ``prefer`` where both ran
+    ok there, else at the largest batch where both did; None without such a pair."""
+    cells = model.cells[(model.cells["precision"] == policy) & (model.cells["status"] == "ok")]
+    pairs = {int(cell["batch_size"]) if is_num(cell["batch_size"]) else 0: cell
+             for _, cell in cells.iterrows() if _reference(model, cell, "fp32") is not None}
+    if not pairs:
+        return None
+    return pairs[prefer if prefer in pairs else max(pairs)]
+
+
 def _ratio(value: float, base: float) -> float | None:
     if is_num(value) and is_num(base) and base != 0:
         return float(value) / float(base)
