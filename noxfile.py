@@ -207,6 +207,33 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def slurm(session: nox.Session) -> None:
+    """The scale-out tests against a real Slurm (tests/test_cluster.py): installs Debian's
+    slurm-wlm and munge as root where they are missing (``apt-get update`` first), checks that
+    a single-node cluster starts here and runs a job (tests/slurm_cluster.py), then runs the
+    tests with that cluster required. Where apt or Slurm cannot, one line says why and the
+    session skips; it never passes without having run them."""
+    if not shutil.which("slurmctld") and not Path("/usr/sbin/slurmctld").exists():
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            session.skip("slurm: not installed, and installing it needs root and apt-get")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (["apt-get", "update", "-qq"],
+                     ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            if done.returncode:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                session.skip(f"slurm: `{' '.join(argv)}` failed: {last}")
+    check = subprocess.run([sys.executable, "tests/slurm_cluster.py"], capture_output=True,
+                           text=True, check=False)
+    if check.returncode:
+        session.skip((check.stderr.strip().splitlines() or ["slurm: cannot start"])[-1])
+    session.log(check.stdout.strip())
+    _install(session, "test,cluster")
+    session.run("python", "-m", "pytest", "tests/test_cluster.py", "-p", "no:cacheprovider",
+                *session.posargs, env={"AMPBENCH_REQUIRE_SLURM": "1"})
+
+
+@nox.session
 def collect(session: nox.Session) -> None:
     """Every test module collects without the test extra, as on a bare GPU box, and under 3.10.
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import BadInput, paths
+from bench import BadInput
 from bench.cli_help import (
     REFERENCES,
     Parser,
@@ -30,90 +29,18 @@ from bench.cli_help import (
     policy_names,
     preset_names,
 )
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not value > 0:  # NaN included
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    if value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
-_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0}
-_MAX_DURATION_S = 7 * 24 * 3600.0
-
-
-def duration_s(text: str) -> float:
-    """Seconds in a duration: 25m, 540s, 1h, 1h30m, or a bare number of seconds."""
-    compact = text.strip().lower()
-    try:
-        seconds = float(compact)
-    except ValueError:
-        parts = _DURATION_PART.findall(compact)
-        if not parts or "".join(number + unit for number, unit in parts) != compact:
-            raise argparse.ArgumentTypeError(
-                f"expected a duration like 25m, 540s or 1h, got '{text}'") from None
-        seconds = sum(float(number) * _UNIT_S[unit] for number, unit in parts)
-    if not 0 < seconds <= _MAX_DURATION_S:  # NaN and infinity included
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 7 days, got '{text}'")
-    return seconds
-
-
-def _duration(text: str) -> str:
-    """A checked duration, kept as written (the resume command repeats it so)."""
-    duration_s(text)
-    return text.strip()
-
-
-def _csv(text: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got '{text}'")
-    return items
-
-
-def _path_type(check: Callable[[str, str], object]) -> Callable[[str], str]:
-    """An argparse type that checks an output path before any work (bench/paths.py)."""
-    def parse(text: str) -> str:
-        try:
-            check(text, "path")
-        except BadInput as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix("path ")) from None
-        return text
-
-    return parse
-
-
-_out_dir = _path_type(paths.output_dir)
-_out_file = _path_type(paths.output_file)
-_out_csv = _path_type(lambda text, flag: paths.output_file(text, flag, make_parents=True))
-
-
-def _csv_ints(text: str) -> list[int]:
-    return [_positive_int(item) for item in _csv(text)]
+from bench.cli_types import (
+    comma_ints,
+    comma_list,
+    duration,
+    non_negative_int,
+    out_csv,
+    out_dir,
+    out_file,
+    positive_float,
+    positive_int,
+    strategy_name,
+)
 
 
 def _add_cell(sub: argparse._SubParsersAction) -> None:
@@ -130,58 +57,94 @@ def _add_cell(sub: argparse._SubParsersAction) -> None:
                         "(docs/your-model.md)")
     p.add_argument("--precision", required=True, **one_of(policy_names(), "precision"),
                    help="the precision policy")
-    p.add_argument("--batch-size", type=_positive_int, required=True,
+    p.add_argument("--batch-size", type=positive_int, required=True,
                    help="samples per micro-batch")
-    p.add_argument("--seq-len", type=_positive_int,
+    p.add_argument("--seq-len", type=positive_int,
                    help="tokens per sequence (language models; default: the model's)")
-    p.add_argument("--image-size", type=_positive_int,
+    p.add_argument("--image-size", type=positive_int,
                    help="image side in pixels (vision models; default: the model's)")
-    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    p.add_argument("--strategy", type=strategy_name, default="ddp", metavar="STRATEGY",
+                   help="how ranks under torchrun share the model: ddp (default), fsdp2, or "
+                        "fsdp2:PARAM/REDUCE with PARAM bf16|fp32 and REDUCE fp32|bf16 "
+                        "(docs/runner.md); only under torchrun")
     p.add_argument("--memory-format", choices=("channels_last", "contiguous"),
                    help="image models' layout (default: channels_last on CUDA, contiguous on CPU)")
-    p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed warmup steps")
-    p.add_argument("--steps", type=_positive_int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed warmup steps")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed steps")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the initial weights and the synthetic batches (default 0)")
-    p.add_argument("--peak-tflops", type=_positive_float,
+    p.add_argument("--peak-tflops", type=positive_float,
                    help="override the device's dense peak TFLOP/s (default: the peak table's "
                         "for the device and policy; none known: no MFU)")
-    p.add_argument("--power-interval-ms", type=_positive_float, default=50.0,
+    p.add_argument("--power-interval-ms", type=positive_float, default=50.0,
                    help="NVML sampling period in ms")
-    p.add_argument("--out", type=_out_file, help="write the JSON record here (default: stdout)")
+    p.add_argument("--out", type=out_file, help="write the JSON record here (default: stdout)")
     p.add_argument("--run-id", default="", help=argparse.SUPPRESS)
     p.add_argument("--cell-id", default="", help=argparse.SUPPRESS)
-    p.add_argument("--repeat", type=_non_negative_int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=non_negative_int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(handler="bench.cell.main:main")
 
 
 def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     """`run`'s flags that override the matrix's axes and settings."""
-    p.add_argument("--models", type=_csv,
+    p.add_argument("--models", type=comma_list,
                    help=f"comma-separated model names, of {joined(model_names())}, or "
                         f"modules of your own ({REFERENCES}; docs/your-model.md) (default: "
                         "the preset's or the matrix file's)")
-    p.add_argument("--precisions", type=_csv,
+    p.add_argument("--precisions", type=comma_list,
                    help=f"comma-separated policies, of {joined(policy_names())} (default: "
                         "the preset's or the matrix file's)")
-    p.add_argument("--batch-sizes", type=_csv_ints,
+    p.add_argument("--batch-sizes", type=comma_ints,
                    help="comma-separated batch sizes, for every model (default: each model's "
                         "in the preset or the matrix file)")
-    p.add_argument("--steps", type=_positive_int,
+    p.add_argument("--steps", type=positive_int,
                    help=f"timed steps per cell ({by_preset('steps')})")
-    p.add_argument("--warmup", type=_non_negative_int,
+    p.add_argument("--warmup", type=non_negative_int,
                    help=f"warmup steps per cell ({by_preset('warmup')})")
-    p.add_argument("--repeats", type=_positive_int,
+    p.add_argument("--repeats", type=positive_int,
                    help=f"processes per cell ({by_preset('repeats')})")
-    p.add_argument("--calibration", type=_non_negative_int, metavar="N",
+    p.add_argument("--calibration", type=non_negative_int, metavar="N",
                    help="extra processes of a calibration cell that measure between-process "
                         f"noise when repeats < 3; 0: none ({by_preset('calibration')})")
-    p.add_argument("--world-size", type=_csv_ints,
+    p.add_argument("--world-size", type=comma_ints,
                    help="processes per node (comma-separated; default: 1, or the matrix file's)")
-    p.add_argument("--nnodes", type=_positive_int,
+    p.add_argument("--nnodes", type=positive_int,
                    help="nodes each multi-process cell spans (default: 1, or the matrix file's)")
+    p.add_argument("--strategy", type=comma_list, metavar="STRATEGY[,...]",
+                   help="how a multi-process cell shares its model, comma-separated: ddp, "
+                        "fsdp2, fsdp2:PARAM/REDUCE (PARAM bf16|fp32, REDUCE fp32|bf16; "
+                        "docs/runner.md) (default: ddp, or the matrix file's)")
+
+
+def _add_placement_flags(p: argparse.ArgumentParser) -> None:
+    """Where `run`'s cells run: a device, a node's GPUs, several nodes, a scheduler's jobs."""
+    p.add_argument("--launcher", help="multi-node: command that starts one torchrun per node "
+                   "(default in a SLURM allocation: srun --nodes=N --ntasks-per-node=1)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="multi-node: where the torchruns meet (default this host:29500)")
+    p.add_argument("--device",
+                   help="cpu | cuda | cuda:N | auto (default: what the preset or matrix says)")
+    p.add_argument("--devices", metavar="all|0,1,...", help="cells side by side, one per GPU: "
+                   "all or indices (docs/node.md) (default: none, one at a time; or the matrix's)")
+    p.add_argument("--device-slots", help=argparse.SUPPRESS)  # test-only: CPU slots cpu0,cpu1
+    jobs = p.add_argument_group("cells as jobs of a scheduler, through submitit (docs/cluster.md)")
+    jobs.add_argument("--executor", choices=("inline", "local", "slurm"),
+                      help="inline: this machine, one runner; slurm: a Slurm job array; local: "
+                           "the same through submitit's local executor (default: inline, or "
+                           "the run's on --resume)")
+    jobs.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
+    jobs.add_argument("--job-time", metavar="MIN", type=positive_int,
+                      help="minutes per job (default: the cell's timeout + 2)")
+    jobs.add_argument("--gpus-per-task", metavar="N", type=non_negative_int,
+                      help="GPUs per job task (default: the cell's ranks per node on CUDA, "
+                           "0 on a CPU)")
+    jobs.add_argument("--cpus-per-task", metavar="N", type=positive_int,
+                      help="CPUs per job task (default: Slurm's)")
+    jobs.add_argument("--array-parallelism", metavar="N", type=int,
+                      help="jobs of one array running at once (default: 8)")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -200,18 +163,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--matrix", help="a matrix TOML file (default: none; the preset is used)")
     src.add_argument("--resume", metavar="RUN_DIR",
                      help="finish an interrupted run directory (default: none; a new run)")
-    p.add_argument("--out", metavar="RUN_DIR", type=_out_dir,
+    p.add_argument("--out", metavar="RUN_DIR", type=out_dir,
                    help="run directory (default results/runs/<run_id>)")
     _add_matrix_flags(p)
-    p.add_argument("--launcher", help="multi-node: command that starts one torchrun per node "
-                   "(default in a SLURM allocation: srun --nodes=N --ntasks-per-node=1)")
-    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
-                   help="multi-node: where the torchruns meet (default this host:29500)")
-    p.add_argument("--device",
-                   help="cpu | cuda | cuda:N | auto (default: what the preset or matrix says)")
-    p.add_argument("--timeout", type=_positive_float,
+    _add_placement_flags(p)
+    p.add_argument("--timeout", type=positive_float,
                    help=f"seconds per cell before it is killed ({by_preset('timeout_s', ' s')})")
-    p.add_argument("--time-budget", metavar="DURATION", type=_duration,
+    p.add_argument("--time-budget", metavar="DURATION", type=duration,
                    help="finish within DURATION (25m, 540s, 1h): start no cell or parity run "
                         "that the time left cannot finish (judged from the cells finished so "
                         "far: the same model and policy's slowest, else their start-up and "
@@ -222,6 +180,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--find-max-batch", action="store_true",
                    help="search the largest batch that fits")
     p.add_argument("--no-parity", action="store_true", help="skip the accuracy-parity stage")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="parity on your own data files, never downloaded: CIFAR-10's binary "
+                        "version (DIR/cifar-10-batches-bin) for resnet-tiny-cifar10, nanoGPT's "
+                        "uint16 train.bin and val.bin for gpt2-tiny-tokens and "
+                        "llama-tiny-tokens (docs/parity.md; default: none)")
     p.add_argument("--no-report", action="store_true", help="skip writing report.md and plots")
     _add_prices(p, "results.csv and the report get",
                 "kept in meta.json, so a resumed run and `report` use it too; default: none, "
@@ -237,38 +200,46 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
         "loss against it: PASS, FAIL or INCONCLUSIVE. Writes parity.csv and prints the "
         "verdict table; exit 1 when a policy fails.",
         epilog=example("ampbench parity --device cpu --out results/runs/parity"))
-    p.add_argument("--models", type=_csv,
+    p.add_argument("--models", type=comma_list,
                    help=f"comma-separated model names, of {joined(model_names())}, "
                         f"modules of your own ({REFERENCES}), or "
-                        "parity tasks (gpt2-tiny-underflow; "
-                        "default: the tiny models and that task on CPU, the full-size ones and "
-                        "that task on CUDA)")
-    p.add_argument("--precisions", type=_csv,
+                        "parity tasks (gpt2-tiny-underflow; real text: gpt2-tiny-shakespeare, "
+                        "llama-tiny-shakespeare, gpt2-small-shakespeare; with --data-dir: "
+                        "resnet-tiny-cifar10, gpt2-tiny-tokens, llama-tiny-tokens; "
+                        "default: the tiny models and the underflow task on CPU, the full-size "
+                        "ones, gpt2-small-shakespeare and the underflow task on CUDA, and the "
+                        "tasks --data-dir holds)")
+    p.add_argument("--precisions", type=comma_list,
                    help=f"comma-separated policies, of {joined(policy_names())} (default: "
                         "all that run natively here; FP8 off CUDA is emulated and only on "
                         "request)")
-    p.add_argument("--steps", type=_positive_int,
+    p.add_argument("--steps", type=positive_int,
                    help="training steps per run (default: each model's own: 60-120 for the "
                         "tiny models and the underflow task, 600 for the full-size ones)")
-    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per policy (default 3)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per policy (default 3)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
-    p.add_argument("--out", metavar="RUN_DIR", type=_out_dir,
+    p.add_argument("--out", metavar="RUN_DIR", type=out_dir,
                    help="run directory for parity.csv (default: "
                         "results/runs/parity-<UTC time>)")
-    p.add_argument("--time-budget", metavar="DURATION", type=_duration,
+    p.add_argument("--time-budget", metavar="DURATION", type=duration,
                    help="finish within DURATION (25m, 540s, 1h): start no run that the time "
                         "left cannot finish (judged from the finished runs of its model, a "
                         "minute for a model not run yet), judge the models "
                         "whose runs all finished, print the resume command and exit 3 "
                         "(default: none; every run trains)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="parity on your own data files, never downloaded: CIFAR-10's binary "
+                        "version (DIR/cifar-10-batches-bin) for resnet-tiny-cifar10, nanoGPT's "
+                        "uint16 train.bin and val.bin for gpt2-tiny-tokens and "
+                        "llama-tiny-tokens (docs/parity.md; default: none)")
     p.set_defaults(handler="bench.parity:main")
 
 
 def _add_prices(p: argparse.ArgumentParser, gives: str, where: str) -> None:
-    p.add_argument("--price-per-hour", metavar="USD", type=_positive_float,
+    p.add_argument("--price-per-hour", metavar="USD", type=positive_float,
                    help=f"price of one device for one hour: {gives} the cost of 1M samples "
                         f"({where})")
-    p.add_argument("--price-per-kwh", metavar="USD", type=_positive_float,
+    p.add_argument("--price-per-kwh", metavar="USD", type=positive_float,
                    help=f"price of a kWh: {gives} the energy cost of 1M samples where energy "
                         f"was measured ({where})")
 
@@ -280,7 +251,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "with its tables and plots/; needs no torch.",
         epilog=example("ampbench report results/runs/mine"))
     p.add_argument("run_dir", nargs="?", help="run directory (default: the latest run)")
-    p.add_argument("--out", type=_out_dir, help="output directory (default: the run directory)")
+    p.add_argument("--out", type=out_dir, help="output directory (default: the run directory)")
     _add_prices(p, "the report gets", "default: the price the run recorded in meta.json")
     p.set_defaults(handler="bench.report:main")
 
@@ -290,7 +261,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "results/<device>/<date>/ for committing, and regenerate the index results/README.md.",
         epilog=example("ampbench publish results/runs/mine"))
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--results", default="results", type=_out_dir,
+    p.add_argument("--results", default="results", type=out_dir,
                    help="results directory")
     p.set_defaults(handler="bench.report:publish_main")
 
@@ -325,7 +296,7 @@ def _add_gate(sub: argparse._SubParsersAction) -> None:
         "`gate` compares later runs against by default.",
         epilog=example("ampbench baseline results/runs/mine"))
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--out", type=_out_csv,
+    p.add_argument("--out", type=out_csv,
                    help="baseline CSV path (default results/baselines/<device>.csv)")
     p.set_defaults(handler="bench.analysis.baseline:promote_main")
 
@@ -362,29 +333,29 @@ def _add_peers(sub: argparse._SubParsersAction) -> None:
         "interleaved ours/peer: median step times, the ratio ours/peer with its IQR, and "
         "CUDA peak memory. Needs the extra: pip install -e .[peers].",
         epilog=example("ampbench peers --device cuda --out-dir results/runs/mine"))
-    p.add_argument("--models", type=_csv,
+    p.add_argument("--models", type=comma_list,
                    help=f"comma-separated models, of {joined(model_names())} "
                         "(default gpt2-small,bert-base,llama-small,resnet50,resnet18; "
                         "a default one whose peer library is missing is a skipped row, a named "
                         "one exits 2)")
-    p.add_argument("--precisions", type=_csv, default=["fp32", "bf16"],
+    p.add_argument("--precisions", type=comma_list, default=["fp32", "bf16"],
                    help=f"comma-separated policies, of {joined(policy_names())} "
                         "(default fp32,bf16)")
-    p.add_argument("--batch-size", type=_positive_int,
+    p.add_argument("--batch-size", type=positive_int,
                    help="samples per step (default: each model's default batch)")
-    p.add_argument("--seq-len", type=_positive_int,
+    p.add_argument("--seq-len", type=positive_int,
                    help="tokens per sequence for the language models (default: the model's)")
-    p.add_argument("--image-size", type=_positive_int,
+    p.add_argument("--image-size", type=positive_int,
                    help="image side in pixels for the ResNets (default: the model's)")
-    p.add_argument("--steps", type=_positive_int, default=20,
+    p.add_argument("--steps", type=positive_int, default=20,
                    help="timed steps of each model (default 20)")
-    p.add_argument("--warmup", type=_non_negative_int, default=5,
+    p.add_argument("--warmup", type=non_negative_int, default=5,
                    help="untimed warmup steps of each model (default 5)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--out", type=_out_csv,
+    out.add_argument("--out", type=out_csv,
                      help="also write the table to this CSV file (default: none; printed only)")
-    out.add_argument("--out-dir", metavar="RUN_DIR", type=_out_dir,
+    out.add_argument("--out-dir", metavar="RUN_DIR", type=out_dir,
                      help="also write the table to RUN_DIR/peers.csv, where the report finds it "
                           "(default: none)")
     p.set_defaults(handler="bench.peers:main")
@@ -401,10 +372,10 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         "another call, 1 a step failed, 2 bad input.",
         epilog=example("PYTHONPATH=. python3 -m bench validate --out gpu-run --time-budget 9m",
                        "ampbench validate --out gpu-run --time-budget 9m --plan --gpu 'H100 SXM'"))
-    p.add_argument("--out", metavar="DIR", required=True, type=_out_dir,
+    p.add_argument("--out", metavar="DIR", required=True, type=out_dir,
                    help="where everything goes: validate.json, VALIDATE.md, env.json, logs/, "
                         "run/ (the run directory)")
-    p.add_argument("--time-budget", metavar="DURATION", type=_duration, required=True,
+    p.add_argument("--time-budget", metavar="DURATION", type=duration, required=True,
                    help="the time this call may take (9m, 540s): steps that do not fit wait "
                         "for the next call")
     p.add_argument("--plan", action="store_true",
@@ -413,14 +384,14 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", metavar="NAME",
                    help="with --plan: plan for this GPU ('NVIDIA H100 80GB HBM3', 'H100 SXM'); "
                         "default: the GPU found here, else this CPU")
-    p.add_argument("--models", type=_csv,
+    p.add_argument("--models", type=comma_list,
                    help="only these of the plan's models (default: all of them; GPU: "
                         "resnet50, bert-base, gpt2-small; CPU: resnet-tiny, bert-tiny, "
                         "gpt2-tiny)")
     steps = "env, tests, sweep, tf32, compile, fp8, batches, parity, peers, report"
-    p.add_argument("--only", type=_csv, metavar="STEPS",
+    p.add_argument("--only", type=comma_list, metavar="STEPS",
                    help=f"only these steps, comma-separated, of {steps} (default: every step)")
-    p.add_argument("--skip", type=_csv, metavar="STEPS",
+    p.add_argument("--skip", type=comma_list, metavar="STEPS",
                    help="leave these steps out, comma-separated (default: none)")
     p.set_defaults(handler="bench.validate:main")
 

@@ -1,36 +1,40 @@
-"""Precision policies: what each of fp32, tf32, fp16, bf16, fp16-noscale, fp8 and fp8-rowwise
-switches on.
+"""Precision policies: what each of fp32, tf32, fp16, bf16, fp16-noscale, fp8, fp8-rowwise and
+the pure-bf16 ones switches on.
 
 A Policy is data; the training step (bench/cell/train.py) has one code path and asks the policy for
 its autocast context and its GradScaler. Parts a policy does not use simply do nothing
 (``nullcontext()``, a disabled scaler), as in nanoGPT. torch is imported lazily, so names can be
-validated without it. Master weights and optimizer state stay FP32 under every policy.
+validated without it. Master weights and optimizer state stay FP32 under every policy but
+the pure-bf16 ones.
 
-The FP8 policies swap the model's ``nn.Linear`` layers for torchao's ``Float8Linear``
-(``prepare_model``; torchao is the optional extra ``.[fp8]``, imported only here and only for
-them) and run everything else under bf16 autocast. Off CUDA they run in torchao's emulation
-mode: right numerics for tests and parity, meaningless speed, and the record says so. A model
-none of whose ``nn.Linear`` layers converts (ResNet's one classifier, 2048x1000) would run
-nothing in FP8: ``unsupported_reason`` with the model says so, before anything is built.
+bf16-pure, bf16-pure-sr and bf16-pure-kahan convert the model's parameters to bf16
+(``prepare_model``) and train them with ``BF16AdamW`` (``optimizer``; bench/cell/bf16_adamw.py):
+gradients and AdamW state are bf16 too, and the update is written into the weights to the
+nearest bf16, with stochastic rounding, or Kahan-compensated. bf16 autocast stays on for
+them: on bf16 weights its matmul casts are no-ops, and it casts float inputs (images) to the
+weights' dtype and keeps the ops it runs in FP32 (losses, softmax) there.
+
+The FP8 family (fp8, fp8-rowwise, fp8-rowwise-gw-hp, fp8-filtered, mxfp8, nvfp4) swaps the
+model's ``nn.Linear`` layers for torchao's low-precision linears (``prepare_model``;
+bench/cell/low_precision.py says which layers each recipe and filter converts; torchao is the
+optional extra ``.[fp8]``, imported only for them) and runs everything else under bf16
+autocast. Off CUDA they run in torchao's emulation mode (nvfp4 has none: unsupported there):
+right numerics for tests and parity, meaningless speed, and the record says so. A model none of
+whose ``nn.Linear`` layers converts (ResNet's one classifier, 2048x1000) would run nothing in
+FP8: ``unsupported_reason`` with the model says so, before anything is built.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 FP8_INSTALL = "pip install -e .[fp8]"
-# torch._scaled_mm needs both dimensions of an FP8 weight to be multiples of 16; torchao would
-# fail on the first step of a layer that is not, so such layers stay in bf16.
-_FP8_MULTIPLE = 16
 _FP8_CAPABILITY = (8, 9)  # Ada (sm_89), Hopper (sm_90), Blackwell: FP8 tensor cores
 # ROCm GPUs whose FP8 matmuls torch._scaled_mm and torchao support: MI300 series (FNUZ
 # formats), MI350 series and RDNA4 (OCP formats).
 _FP8_HIP_ARCHS = ("gfx942", "gfx950", "gfx12")
-_FP8_NAMES_SHOWN = 8  # layers named in a record or a reason before "and N more"
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,18 @@ class Policy:
     loss_scaling: bool  # dynamic GradScaler
     tf32: bool  # TF32 for FP32 matmuls and cuDNN convolutions (CUDA only)
     role: str
-    fp8_recipe: str | None = None  # torchao float8 training recipe: "tensorwise" | "rowwise"
+    # The FP8 family's recipe (bench/cell/low_precision.py): torchao float8 "tensorwise" |
+    # "rowwise" | "rowwise_with_gw_hp", or the MX formats "mxfp8" | "nvfp4"; and which layers
+    # it converts: "dims" (every Linear whose dimensions the format takes) | "torchtitan"
+    # (also first/last block, head and small GEMMs left in bf16).
+    fp8_recipe: str | None = None
+    fp8_filter: str = "dims"
+    # Where the weights live. None: FP32 parameters (the master copy) and FP32 AdamW state.
+    # "bfloat16": parameters, gradients and AdamW state all in bf16, no FP32 copy, the update
+    # written into the weights by ``update_rounding``: "nearest" | "stochastic" | "kahan"
+    # (bench/cell/bf16_adamw.py).
+    param_dtype: str | None = None
+    update_rounding: str = "nearest"
 
     def apply_backend_flags(self) -> None:
         """Set TF32 on or off for matmul AND cuDNN; call before building the model."""
@@ -70,15 +85,28 @@ class Policy:
         FP8 policies: the convertible ``nn.Linear`` layers of ``model`` (already on its
         device) become torchao ``Float8Linear``, in place; emulated unless on CUDA.
         """
+        if self.param_dtype is not None:
+            import torch
+
+            return model.to(getattr(torch, self.param_dtype))
         if self.fp8_recipe is None:
             return model
-        with quiet_torchao():
-            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from bench.cell import low_precision
 
         emulate = self.emulated_on(next(model.parameters()).device.type)
-        config = replace(Float8LinearConfig.from_recipe_name(self.fp8_recipe), emulate=emulate)
-        return convert_to_float8_training(model, module_filter_fn=_fp8_convertible,
-                                          config=config)
+        return low_precision.convert(model, self.fp8_recipe, self.fp8_filter, emulate)
+
+    def optimizer(self, params: Any, **hyper: Any) -> Any:
+        """AdamW over ``params`` with ``hyper`` (lr, eps, weight_decay, fused ...): torch's for
+        FP32 weights, the pure-bf16 AdamW with the policy's rounding for bf16 ones."""
+        if self.param_dtype is None:
+            import torch
+
+            return torch.optim.AdamW(params, **hyper)
+        from bench.cell.bf16_adamw import BF16AdamW
+
+        hyper.pop("fused", None)  # one readable loop, no fused kernel
+        return BF16AdamW(params, rounding=self.update_rounding, **hyper)
 
     def emulated_on(self, device_type: str) -> bool:
         """Whether this policy's low-precision math is emulated in software on such a device
@@ -87,20 +115,14 @@ class Policy:
 
     def record_fields(self, model: Any) -> dict[str, Any]:
         """What the record says about the prepared ``model``: whether its low-precision math
-        was emulated, and for FP8 how many ``nn.Linear`` layers were converted and which not."""
+        was emulated, and for the FP8 family how many ``nn.Linear`` layers were converted, which
+        not and why, the format and the filter rule (bench/cell/low_precision.py)."""
         if self.fp8_recipe is None:
             return {"emulated": False}
-        from torch import nn
-        from torchao.float8.float8_linear import Float8Linear
+        from bench.cell import low_precision
 
-        converted, unconverted = 0, []
-        for name, module in model.named_modules():
-            if isinstance(module, Float8Linear):
-                converted += 1
-            elif isinstance(module, nn.Linear):
-                unconverted.append(f"{name} ({module.in_features}x{module.out_features})")
         return {"emulated": self.emulated_on(next(model.parameters()).device.type),
-                "fp8_converted": converted, "fp8_unconverted": _listed(unconverted) or "none"}
+                **low_precision.record_fields(model, self.fp8_recipe, self.fp8_filter)}
 
     def unsupported_reason(self, device: Any, model: Any = None) -> str | None:
         """Why this device (or, given its ``models.ModelSpec``, this model) cannot run the
@@ -117,7 +139,8 @@ class Policy:
         if self.fp8_recipe is None:
             return None
         import torch
-        from torch import nn
+
+        from bench.cell import low_precision
 
         try:
             with torch.device("meta"):
@@ -126,20 +149,13 @@ class Policy:
             if getattr(spec, "source", None) is None:
                 raise
             net = spec.build()  # a user's model whose build the meta device cannot run
-        linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-        if any(_fp8_convertible(m, name) for name, m in linears):
-            return None
-        if not linears:
-            return f"{spec.name} has no Linear layer; nothing would run in FP8"
-        names = _listed([f"{name} {m.in_features}x{m.out_features}" for name, m in linears])
-        return (f"no Linear layer of {spec.name} is convertible to FP8 ({names}: both "
-                f"dimensions must be multiples of {_FP8_MULTIPLE}); nothing would run in FP8")
+        return low_precision.nothing_converted(self.fp8_recipe, self.fp8_filter, net, spec.name)
 
     def _device_reason(self, device: Any) -> str | None:
         import torch
 
         if self.fp8_recipe is not None:
-            reason = _fp8_unsupported_reason(device)
+            reason = _fp8_unsupported_reason(device, self.fp8_recipe)
             if reason:
                 return reason
         if device.type == "cuda":
@@ -171,9 +187,33 @@ POLICIES: dict[str, Policy] = {
                "torchao FP8 linears, tensorwise scales, bf16 autocast for the rest", "tensorwise"),
         Policy("fp8-rowwise", "bfloat16", False, False,
                "torchao FP8 linears, rowwise scales, bf16 autocast for the rest", "rowwise"),
+        Policy("fp8-rowwise-gw-hp", "bfloat16", False, False,
+               "fp8-rowwise with the weight gradient's GEMM in bf16 (torchao's most accurate)",
+               "rowwise_with_gw_hp"),
+        Policy("fp8-filtered", "bfloat16", False, False,
+               "fp8 (tensorwise) on the middle blocks' large GEMMs only (torchtitan's filter)",
+               "tensorwise", fp8_filter="torchtitan"),
+        Policy("mxfp8", "bfloat16", False, False,
+               "torchao MXFP8 linears (32-element blocks, e8m0 scales): Blackwell", "mxfp8"),
+        Policy("nvfp4", "bfloat16", False, False,
+               "torchao NVFP4 linears (16-element blocks, FP8 scales): Blackwell", "nvfp4"),
+        Policy("bf16-pure", "bfloat16", False, False,
+               "bf16 weights, gradients and AdamW state, no FP32 master copy",
+               param_dtype="bfloat16"),
+        Policy("bf16-pure-sr", "bfloat16", False, False,
+               "bf16-pure, the update written with stochastic rounding",
+               param_dtype="bfloat16", update_rounding="stochastic"),
+        Policy("bf16-pure-kahan", "bfloat16", False, False,
+               "bf16-pure, the update Kahan-compensated (a bf16 buffer per weight)",
+               param_dtype="bfloat16", update_rounding="kahan"),
     )
 }
 NAMES: tuple[str, ...] = tuple(POLICIES)
+# The policies that hold their weights in bf16 (no FP32 master): judged on parity's low-lr task.
+PURE_BF16: tuple[str, ...] = tuple(n for n, p in POLICIES.items() if p.param_dtype == "bfloat16")
+# Ablations: policies that exist to show a failure (FP16 without loss scaling overflows and
+# underflows), so non-finite losses are their finding, not a fault (bench/analysis/numerics.py).
+ABLATIONS: tuple[str, ...] = ("fp16-noscale",)
 
 
 def get(name: str) -> Policy:
@@ -184,46 +224,25 @@ def get(name: str) -> Policy:
         raise ValueError(f"unknown precision '{name}'; valid: {', '.join(NAMES)}") from None
 
 
-def _fp8_convertible(module: Any, name: str) -> bool:
-    """torchao's module_filter_fn: a Linear whose weight _scaled_mm can take."""
-    return module.in_features % _FP8_MULTIPLE == 0 and module.out_features % _FP8_MULTIPLE == 0
-
-
-def _listed(names: list[str]) -> str:
-    """The first few of ``names``, comma-separated, then "and N more"."""
-    text = ", ".join(names[:_FP8_NAMES_SHOWN])
-    if len(names) > _FP8_NAMES_SHOWN:
-        text += f" and {len(names) - _FP8_NAMES_SHOWN} more"
-    return text
-
-
-@contextmanager
-def quiet_torchao() -> Iterator[None]:
-    """Importing torchao logs a warning per prebuilt kernel library it cannot load (CUDA
-    libraries absent on a CPU machine, MX kernels): kernels FP8 training does not use."""
-    quieted = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in quieted]
-    for logger in quieted:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(quieted, levels, strict=True):
-            logger.setLevel(level)
-
-
-def _fp8_unsupported_reason(device: Any) -> str | None:
-    """Why ``device`` cannot train in FP8 through torchao, or None (CPU: emulated)."""
+def _fp8_unsupported_reason(device: Any, recipe: str = "tensorwise") -> str | None:
+    """Why ``device`` cannot train in ``recipe``'s format through torchao, or None (CPU:
+    emulated, but for nvfp4)."""
     import torch
+
+    from bench.cell.low_precision import quiet_torchao
 
     try:
         with quiet_torchao():
             import torchao.float8  # noqa: F401
     except Exception as exc:  # absent, or built for another torch: either way no FP8 here
         problem = "".join(str(exc).splitlines()[:1]) or type(exc).__name__
-        return f"FP8 needs torchao ({problem}); install it with: {FP8_INSTALL}"
-    if device.type != "cuda":
-        return None
+        label = recipe.upper() if recipe in ("mxfp8", "nvfp4") else "FP8"
+        return f"{label} needs torchao ({problem}); install it with: {FP8_INSTALL}"
+    from bench.cell import low_precision
+
+    reason = low_precision.hardware_reason(recipe, device)
+    if reason or device.type != "cuda":
+        return reason
     name = torch.cuda.get_device_name(device)
     if torch.version.hip:
         arch = torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]

@@ -104,7 +104,32 @@ def _split_times(value: Any) -> list[float] | None:
 def upgrade(frame: Any) -> Any:
     """Rows of an older schema read as this one's. Before schema 5 an FP8 row's ``mfu_pct`` and
     ``peak_tflops`` were against the FP8 peak: they move to ``mfu_fp8_pct`` and
-    ``peak_fp8_tflops``, and ``mfu_pct`` (against the bf16 peak) stays empty, flagged."""
+    ``peak_fp8_tflops``, and ``mfu_pct`` (against the bf16 peak) stays empty, flagged. Before
+    schema 8 a row's numerics counts covered its warmup and timed steps: ``num_steps_counted``
+    is their sum."""
+    return _fp8_mfu(_steps_counted(frame))
+
+
+def _steps_counted(frame: Any) -> Any:
+    if not {"schema", "warmup_steps", "timed_steps"} <= set(frame.columns):
+        return frame
+    import pandas as pd
+
+    def number(column: str) -> Any:
+        return pd.to_numeric(frame[column], errors="coerce") if column in frame.columns \
+            else pd.Series(math.nan, index=frame.index)
+
+    counted = number("num_steps_counted")
+    old = (number("schema") < 8) & counted.isna() & number("nonfinite_steps").notna()
+    if not old.any():
+        return frame
+    frame = frame.copy()
+    frame["num_steps_counted"] = counted.where(
+        ~old, number("warmup_steps") + number("timed_steps"))
+    return frame
+
+
+def _fp8_mfu(frame: Any) -> Any:
     if "schema" not in frame.columns or "fp8_converted" not in frame.columns:
         return frame  # no FP8 row before schema 4
     import pandas as pd

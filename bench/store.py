@@ -1,4 +1,5 @@
-"""Run directories and the record schema: records.jsonl is the truth, results.csv is derived.
+"""Run directories: records.jsonl is the truth, results.csv is derived; the record schema is
+bench/schema.py (its names re-exported here).
 
 A run directory holds ``meta.json`` (environment and matrix), ``records.jsonl`` (one JSON
 record per finished cell and repeat, appended with flush + fsync) and ``results.csv``. A record
@@ -18,7 +19,7 @@ import os
 import re
 import statistics
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,92 +34,31 @@ from bench.costs import usd_per_1m_samples as usd_per_1m_samples
 from bench.readers import load_jsonl, parse_number, read_csv, warn
 from bench.readers import truthy as truthy
 from bench.rows import upgrade, with_raw_stats, without_duplicates, without_nonfinite
-
-SCHEMA_VERSION = 7  # 2: calibration and the per-cell noise columns; 3: host timing,
-# memory_format, wall_s, throttle_shares/power_capped/power_scope, throttled = thermal/hw only;
-# 4: emulated, fp8_converted, fp8_unconverted; 5: peak_fp8_tflops, mfu_fp8_pct, mfu_flag, and an
-# FP8 row's mfu_pct is against the bf16 peak (it was against the FP8 peak: see bench/rows.py);
-# 6: step_times_ms, the timed window's raw step times, from which every reader derives
-# step_ms_median/iqr/min (records of 1-5 have none and keep their stored statistics);
-# 7: torch_num_threads, torch_num_interop_threads, omp/mkl/openblas_num_threads and
-# cuda_visible_devices (bench/telemetry/env.py, THREAD_FIELDS), and model_source and
-# model_sha256 (a model of the user's own: models/external.py; empty for the reference models)
-
-IDENTITY = (
-    "schema", "run_id", "cell_id", "model", "precision", "batch_size", "seq_len", "image_size",
-    "grad_accum", "compile", "world_size", "repeat", "calibration",
+from bench.schema import (  # noqa: F401 (re-exported: callers find the schema here)
+    CELL_NOISE,
+    COMPUTE,
+    CONVERSION,
+    ENVIRONMENT,
+    FAILED,
+    FIELDS,
+    HELD_DTYPES,
+    IDENTITY,
+    KEY,
+    MEMORY,
+    MFU_ABOVE_100,
+    MODEL,
+    NUMERICS,
+    PEAK_MEMORY,
+    PLACEMENT,
+    POWER,
+    SCALE_TRAJECTORY,
+    SCHEMA_VERSION,
+    STATUS,
+    STATUSES,
+    STEP_TIMES,
+    TIMING,
+    CellNoise,
 )
-# Where a model of the user's own came from (its file, module name or hf: reference) and the
-# sha256 of its source (an hf: config's): a changed model is never compared with an old
-# baseline silently (bench/analysis/gate.py). None for the reference models.
-MODEL = ("model_source", "model_sha256")
-STATUS = ("status", "error")
-TIMING = (
-    "warmup_steps", "timed_steps", "step_ms_median", "step_ms_iqr", "step_ms_min",
-    "samples_per_s", "tokens_per_s", "startup_s",
-    "wall_s",  # the cell's process from start to exit, as the runner saw it (--time-budget)
-    # The host's time issuing a step, the GPU work still queued when it had (bench/cell/timing.py),
-    # whether the GPU waited for the host; the image layout used (None: not an image model).
-    "host_ms_median", "queued_ms_median", "host_bound", "memory_format",
-)
-MEMORY = ("peak_mem_allocated_gib", "peak_mem_reserved_gib", "peak_rss_gib")
-# MFU (bench/cell/flops.py):
-# ``mfu_pct`` against the policy's comparable dense peak (bf16's for every
-# autocast policy, FP8 included), ``mfu_fp8_pct`` against the FP8 peak (FP8 policies only), and
-# ``mfu_flag``: "" or why an MFU is empty (no peak for the device; above 100%, with the value).
-COMPUTE = ("flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct", "peak_fp8_tflops",
-           "mfu_fp8_pct", "mfu_flag")
-MFU_ABOVE_100 = "above 100%"  # how mfu_flag starts for an MFU no run can reach
-POWER = (
-    "power_avg_w", "power_max_w", "power_source", "idle_power_w", "energy_j", "energy_source",
-    "energy_check_pct", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
-    "throttle_reasons", "throttled", "others_cpu_pct",
-    # Each clock-event reason's share of the samples ("sw_power_cap:0.82;..."), whether the
-    # power limit held the clocks (``throttled`` is heat and hardware slowdown only), and
-    # whose power it is: "gpu", or "shared_gpu" for a MIG instance (bench/telemetry/monitor.py).
-    "throttle_shares", "power_capped", "power_scope",
-)
-NUMERICS = (
-    "loss_first", "loss_last", "nonfinite_steps", "scaler_scale_final", "scaler_skipped_steps",
-)
-# What the policy did to the model (bench/precision.py): whether its low-precision math ran
-# emulated in software (FP8 off CUDA: its speed says nothing about FP8), and for FP8 how many
-# nn.Linear layers torchao converted and which it left in bf16 ("name (in x out), ...").
-CONVERSION = ("emulated", "fp8_converted", "fp8_unconverted")
-ENVIRONMENT = (
-    "device", "device_name", "device_count", "driver_version", "torch_version", "cuda_version",
-    "torch_cuda_build", "cudnn_version", "python_version",
-    # What a CPU number depends on: torch's thread pools, the thread variables (None: unset)
-    # and the GPUs CUDA shows.
-    "torch_num_threads", "torch_num_interop_threads", "omp_num_threads", "mkl_num_threads",
-    "openblas_num_threads", "cuda_visible_devices",
-    "machine_id", "git_sha", "git_dirty", "timestamp",
-)
-# The raw step times (ms) of the timed window, in order: the slowest rank's under torchrun.
-# Last: a long list, kept in records.jsonl and as one ";"-joined column of results.csv.
-STEP_TIMES = "step_times_ms"
-FIELDS: tuple[str, ...] = (
-    IDENTITY + MODEL + STATUS + TIMING + MEMORY + COMPUTE + POWER + NUMERICS + CONVERSION
-    + ENVIRONMENT + (STEP_TIMES,)
-)
-
-# Derived into results.csv from all of a cell's processes (the same on each of its rows): the
-# cell's throughput (median over its ok processes), that value's relative standard error, the
-# spread between its processes and the per-process noise used, with where that came from
-# (bench/analysis/noise.py).
-CELL_NOISE = ("num_processes", "cell_samples_per_s", "cell_samples_per_s_err_pct",
-              "process_spread_pct", "noise_pct", "noise_source")
-# What computes them: results.csv's rows in, the same rows with CELL_NOISE out. The analysis
-# side has it (bench.analysis.noise.results_columns); its writers and readers pass it in.
-CellNoise = Callable[[Any], Any]
-
-# What identifies a cell across runs: a cell's repeats share these, and the report and the
-# gate match cells on them.
-KEY = ("model", "precision", "batch_size", "seq_len", "image_size", "grad_accum", "compile",
-       "world_size")
-
-STATUSES = ("ok", "oom", "timeout", "error", "unsupported", "skipped")
-FAILED = ("error", "timeout", "oom", "unsupported", "skipped")  # worst first
 
 RUNS = Path("results") / "runs"  # scratch run directories (git-ignored)
 # Every file a run directory holds, named here only; the modules that write them import these.
@@ -187,7 +127,8 @@ def with_step_stats(record: dict[str, Any]) -> dict[str, Any]:
 # Record fields that hold numbers (or null) and whole numbers of at least 0 or 1: a record
 # read back with anything else in them is damaged.
 _RECORD_INTS = {"repeat": 0, "batch_size": 0, "seq_len": 1, "image_size": 1, "grad_accum": 1,
-                "world_size": 1, "warmup_steps": 0, "timed_steps": 0, "fp8_converted": 0}
+                "world_size": 1, "warmup_steps": 0, "timed_steps": 0, "fp8_converted": 0,
+                "fp8_num_unconverted": 0}
 _RECORD_NUMBERS = tuple(f for f in TIMING if f not in ("host_bound", "memory_format")) + (
     MEMORY + tuple(f for f in COMPUTE if f != "mfu_flag") + NUMERICS) + (
     "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "energy_check_pct",
@@ -226,6 +167,11 @@ def record_problem(record: Any) -> str | None:
     if times is not None and not (isinstance(times, list) and times and all(
             _is_number(t) and 0 <= t < math.inf for t in times)):
         return f"{STEP_TIMES} {str(times)[:40]} is not a list of step times"
+    scales = record.get(SCALE_TRAJECTORY)
+    if scales is not None and not (isinstance(scales, list) and all(
+            isinstance(p, list) and len(p) == 2 and _is_number(p[0]) and 0 <= p[0] < math.inf
+            and isinstance(p[1], int) and p[1] >= 1 for p in scales)):
+        return f"{SCALE_TRAJECTORY} {str(scales)[:40]} is not a list of [scale, steps] pairs"
     if record["status"] == "ok":
         for field in MEASUREMENTS:
             value = record.get(field)
@@ -278,7 +224,9 @@ def write_csv(run_dir: Path, records: Iterable[dict[str, Any]] | None = None,
     extra = [c for c in frame.columns if c not in FIELDS + derived]
     frame = frame[list(FIELDS + derived) + extra]
     # Lists as one column each: reasons as names, step times exactly (repr reads back as is).
-    for column, text in (("throttle_reasons", str), (STEP_TIMES, lambda t: repr(float(t)))):
+    for column, text in (("throttle_reasons", str), ("neighbours", str),
+                         (SCALE_TRAJECTORY, lambda p: f"{p[0]:g}:{p[1]}"),
+                         (STEP_TIMES, lambda t: repr(float(t)))):
         frame[column] = frame[column].map(
             lambda v, text=text: ";".join(map(text, v)) if isinstance(v, list) else v)
     path = run_dir / RESULTS
@@ -361,14 +309,17 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
 REQUIRED = ("model", "precision", "batch_size", "status")
 WHOLE = {"batch_size": 0, "seq_len": 1, "image_size": 1, "grad_accum": 1, "world_size": 1,
          "repeat": 0, "warmup_steps": 0, "timed_steps": 0, "device_count": 0,
-         "nonfinite_steps": 0, "scaler_skipped_steps": 0, "max_batch": 0, "num_processes": 0,
-         "fp8_converted": 0}
+         "nonfinite_steps": 0, "scaler_skipped_steps": 0, "nonfinite_grad_steps": 0,
+         "nonfinite_params": 0, "num_steps_counted": 0, "scaler_scale_changes": 0,
+         "max_batch": 0, "num_processes": 0,
+         "fp8_converted": 0, "fp8_num_unconverted": 0}
 NON_NEGATIVE = (
     "step_ms_median", "step_ms_iqr", "step_ms_min", "samples_per_s", "tokens_per_s",
     "startup_s", *MEMORY, "flops_per_step", "achieved_tflops", "peak_tflops", "mfu_pct",
     "peak_fp8_tflops", "mfu_fp8_pct",
     "power_avg_w", "power_max_w", "idle_power_w", "energy_j", "joules_per_sample",
-    "sm_clock_mhz_avg", "scaler_scale_final", "cell_samples_per_s",
+    "sm_clock_mhz_avg", "scaler_scale_final", "scaler_scale_min", "scaler_scale_max",
+    "cell_samples_per_s",
     "cell_samples_per_s_err_pct", "process_spread_pct", "noise_pct", "host_ms_median", *COST,
 )
 SIGNED = ("loss_first", "loss_last", "energy_check_pct", "temp_max_c", "queued_ms_median")
@@ -436,6 +387,8 @@ def record_line(record: dict[str, Any]) -> str:
     head = f"{record['model']} {record['precision']} b={record['batch_size']}{size}"
     if (record.get("world_size") or 1) > 1:
         head += f" ws={record['world_size']}"
+    if record.get("strategy") not in (None, "", "ddp"):
+        head += f" {record['strategy']}"
     if record["status"] != "ok":
         error = (record.get("error") or "").splitlines()
         return f"{head}: {record['status']}" + (f" ({error[-1][:160]})" if error else "")

@@ -191,6 +191,21 @@ def _example_run(model: Path, out: Path) -> None:
         assert record["seq_len"] is None and record["image_size"] is None
 
 
+def test_the_max_batch_search_runs_on_a_user_model(tmp_path, monkeypatch):
+    # A memory ceiling injected in the cell child (bench/cell/main.py): batch 5 fits, 6 does
+    # not, so the search doubles 2 -> 4 -> 8 (oom) and bisects to 5, all in the module's cells.
+    monkeypatch.setenv("AMPBENCH_FAULT_MAX_BATCH", "5")
+    model = _write(tmp_path / "mine.py", GOOD)
+    out = tmp_path / "run"
+    argv = _run_argv(f"{model}:small", out, "--find-max-batch")
+    argv[argv.index("fp32,bf16")] = "fp32"
+    assert main(argv) == 0
+    [record] = store.load_records(out)
+    assert record["max_batch_search"] is True and record["max_batch"] == 5
+    assert record["status"] == "ok" and record["batch_size"] == 5
+    assert record["model"] == f"{model}:small" and record["model_sha256"]
+
+
 def test_the_example_runs_end_to_end(tmp_path):
     _example_run(EXAMPLE, tmp_path / "run")
     assert main(["gate", "--baseline", str(tmp_path / "run"), "--current",

@@ -67,7 +67,7 @@ def test_record_has_every_schema_field_with_the_right_type(tmp_path, capsys):
     assert record["step_ms_median"] == pytest.approx(float(np.median(times)))
     assert record["step_ms_iqr"] == pytest.approx(q3 - q1)
     assert record["step_ms_min"] == min(times)
-    assert record["schema"] == store.SCHEMA_VERSION == 7
+    assert record["schema"] == store.SCHEMA_VERSION == 8
 
 
 def test_record_carries_the_threads_a_cpu_number_depends_on(tmp_path, monkeypatch):

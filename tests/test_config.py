@@ -19,19 +19,19 @@ def test_gpu_preset_is_the_documented_sweep():
         "llama-small": ((4, 8, 16, 32), 1024),
         "llama-1b": ((1, 2, 4), 2048),
     }
-    assert m.precisions == ("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise") and m.parity
+    assert m.precisions == ("fp32", "tf32", "fp16", "bf16", *config.presets.FP8_FAMILY) and m.parity
     assert (m.world_size, m.nnodes) == ((1,), 1)
     assert m.compile == (False, True)  # eager and torch.compile, both reported
 
 
 def test_cpu_preset_is_tiny_and_leaves_the_ablation_to_the_underflow_task():
     m = config.cpu()
-    assert m.precisions == ("fp32", "tf32", "fp16", "bf16")  # no emulated FP8
-    assert all(a.name.endswith("-tiny") for a in m.models)
+    assert m.precisions == ("fp32", "fp16", "bf16")  # no emulated FP8, no tf32 (fp32 on a CPU)
+    assert [a.name for a in m.models] == ["resnet-tiny", "bert-tiny", "gpt2-tiny", "llama-tiny"]
     assert len(matrix.expand(m)) <= 24 and m.device == "cpu" and m.parity
     # Its parity stage adds the underflow task, which judges fp16-noscale all the same.
     assert parity.tasks_for(m.precisions) == [parity.UNDERFLOW]
-    assert parity.task_policies(parity.UNDERFLOW, ["fp32", *m.precisions]) == [
+    assert parity.task_policies(parity.UNDERFLOW, ["fp32", "tf32", *m.precisions]) == [
         "fp32", "fp16", "bf16", "fp16-noscale"]
     assert parity.task_policies("gpt2-tiny", m.precisions) == list(m.precisions)
     quick = config.quick()
@@ -48,8 +48,8 @@ def test_gpu_quick_is_one_batch_per_full_size_model_bf16_and_fp8_compiled():
     assert len(eager) == 16 and {p for _, p in eager} == {"fp32", "tf32", "fp16", "bf16"}
     assert {(c.model, c.precision) for c in cells if c.compile} == {
         (model, policy) for model in ("resnet50", "bert-base", "gpt2-small", "llama-small")
-        for policy in ("bf16", "fp8", "fp8-rowwise")}  # FP8 compiled only
-    assert len(cells) == 28 and m.device == "cuda" and m.parity
+        for policy in ("bf16", *config.presets.FP8_FAMILY)}  # FP8 compiled only
+    assert len(cells) == 44 and m.device == "cuda" and m.parity
     assert (m.parity_steps, m.parity_seeds) == (40, 2)
 
 
@@ -66,9 +66,18 @@ def test_compile_precisions_and_parity_length_come_from_toml_and_are_checked():
         config.from_dict({"models": {"gpt2-tiny": {}}, "parity_seeds": 1})
 
 
+def test_a_matrix_file_names_parity_tasks_by_their_names():
+    mx = config.from_dict({"models": {"gpt2-tiny": {}}, "parity_tasks": ["gpt2-tiny-shakespeare"]})
+    assert mx.parity_tasks == ("gpt2-tiny-shakespeare",)
+    assert config.from_dict(mx.to_dict()).parity_tasks == mx.parity_tasks  # meta.json round trip
+    with pytest.raises(BadInput, match="parity_tasks: unknown parity task 'shakespeare'"):
+        config.from_dict({"models": {"gpt2-tiny": {}}, "parity_tasks": ["shakespeare"]})
+
+
 def test_unknown_preset_names_the_valid_ones():
     with pytest.raises(BadInput,
-                       match="unknown preset 'huge'; valid: gpu, gpu-quick, cpu, quick, auto"):
+                       match="unknown preset 'huge'; valid: gpu, gpu-quick, cpu, "
+                             "cpu-shakespeare, quick, auto"):
         config.preset("huge")
 
 

@@ -39,18 +39,22 @@ def test_conversion_swaps_the_convertible_linears_and_names_the_others(name):
     assert isinstance(net[0], Float8Linear)
     assert type(net[2]) is torch.nn.Linear  # 10 outputs: not a multiple of 16, stays bf16
     assert net[0].config.emulate  # on CPU: torchao's emulation, not FP8 hardware
-    assert policy.record_fields(net) == {
-        "emulated": True, "fp8_converted": 1, "fp8_unconverted": "2 (64x10)"}
+    fields = policy.record_fields(net)
+    assert (fields["emulated"], fields["fp8_converted"], fields["fp8_unconverted"],
+            fields["fp8_num_unconverted"]) == (True, 1, "2 (64x10)", 1)
 
 
 @needs_torchao
 def test_the_tiny_models_convert_every_linear_but_resnets_classifier():
     fields = {m: prepare(m, "fp8", batch_size=2).conversion
               for m in ("gpt2-tiny", "bert-tiny", "resnet-tiny")}
-    assert fields["gpt2-tiny"] == {"emulated": True, "fp8_converted": 8, "fp8_unconverted": "none"}
+    assert fields["gpt2-tiny"] == {
+        "emulated": True, "fp8_converted": 8, "fp8_unconverted": "none", "fp8_num_unconverted": 0,
+        "low_precision_format": "float8 tensorwise",
+        "low_precision_filter": "in and out features multiples of 16"}
     assert fields["bert-tiny"]["fp8_converted"] == 9
-    assert fields["resnet-tiny"] == {
-        "emulated": True, "fp8_converted": 0, "fp8_unconverted": "fc (64x10)"}
+    assert (fields["resnet-tiny"]["fp8_converted"], fields["resnet-tiny"]["fp8_unconverted"]) == (
+        0, "fc (64x10)")
 
 
 @needs_torchao

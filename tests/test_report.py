@@ -370,6 +370,20 @@ def test_a_contended_cell_is_marked_and_never_a_finding(tmp_path):
     assert re.search(r"\*\*3\.00x\*\* \[\d\.\d\d–\d\.\d\d\] ‡", text)
 
 
+def test_cells_that_ran_beside_others_are_told_from_cells_that_ran_alone(tmp_path):
+    # `run --devices`: bf16 b=8 ran beside fp32 b=8; fp32 b=16 ran alone (neighbours []).
+    rows = [_record(precision="fp32", device_slot="0", neighbours=["x:0"]),
+            _record(precision="bf16", device_slot="1", neighbours=["y:0"]),
+            _record(precision="fp32", batch_size=16, device_slot="0", neighbours=[])]
+    run = report.load(_run_dir(tmp_path, rows))
+    assert sorted(run.cells["co_scheduled"]) == [False, True, True]
+    text = report.render(run)
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    assert "2 of 3 cells ran beside others on this node's other devices" in summary
+    [note] = [line for line in text.splitlines() if "Co-scheduled:" in line]
+    assert "(1 of 3 ran alone;" in note and note.endswith("fp32, batch 8; bf16, batch 8.")
+
+
 def test_a_host_bound_cell_gets_a_note(tmp_path):
     rows = [_record(precision="fp32", step_ms_median=10.0, host_ms_median=4.0,
                     queued_ms_median=6.0, host_bound=False),

@@ -502,7 +502,7 @@ def test_a_group_that_has_run_keeps_its_slowest_wall_time_scaled_up_by_batch():
 
 
 def test_time_budget_durations():
-    from bench.cli import duration_s
+    from bench.cli_types import duration_s
 
     assert [duration_s(t) for t in ("25m", "540s", "1h", "1h30m", "90", "2.5m")] == [
         1500, 540, 3600, 5400, 90, 150]

@@ -6,7 +6,7 @@ import json
 from bench import store
 
 TORCH_FREE = ["bench.store", "bench.cli", "bench.precision", "bench.paths", "bench.failures",
-              "models"]
+              "bench.parity.convergence", "models"]
 # Every module of these packages: the runner (the parent side), config, analysis, validate,
 # the report, and telemetry (torch only lazily, in the child's device reads).
 TORCH_FREE_PACKAGES = ["bench.run", "bench.config", "bench.analysis", "bench.validate",

@@ -1,11 +1,12 @@
 """Rows -> cells, the one place: which rows of records.jsonl or results.csv are one cell.
 
 A cell is what ``store.KEY`` names (model, precision, batch_size, seq_len, image_size,
-grad_accum, compile, world_size), optionally on one ``device_name``. Its repeats and the extra
-processes of a calibration cell are the same cell; a max-batch search row is not a cell of the
-sweep. Key values are compared in one spelling, whatever wrote them: ``64``, ``64.0`` and
-``"64"`` are 64; ``True``, ``"true"`` and ``1`` are true; an empty ``grad_accum``,
-``world_size`` or ``compile`` (a hand-written CSV) reads as 1, 1 and false; an empty
+grad_accum, compile, world_size, strategy), optionally on one ``device_name``. Its repeats and
+the extra processes of a calibration cell are the same cell; a max-batch search row is not a
+cell of the sweep. Key values are compared in one spelling, whatever wrote them: ``64``,
+``64.0`` and ``"64"`` are 64; ``True``, ``"true"`` and ``1`` are true; an empty ``grad_accum``,
+``world_size`` or ``compile`` (a hand-written CSV) reads as 1, 1 and false, an empty
+``strategy`` (one process, or a row from before schema 8) as ddp; an empty
 ``seq_len`` or ``image_size`` is None. The runner's summary, results.csv's noise columns, the
 report and the gate all group through here, on dicts (records) or on a DataFrame (results.csv).
 torch-free.
@@ -16,14 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from bench import store
+from bench import store, strategy
 
 if TYPE_CHECKING:
     import pandas as pd
 
 UNKNOWN_DEVICE = "unknown device"
 # What an empty key field means (a hand-written CSV leaves them out).
-DEFAULTS: dict[str, Any] = {"grad_accum": 1, "world_size": 1, "compile": False}
+DEFAULTS: dict[str, Any] = {"grad_accum": 1, "world_size": 1, "compile": False,
+                            "strategy": strategy.DEFAULT}
 _WHOLE = ("batch_size", "seq_len", "image_size", "grad_accum", "world_size")
 
 
@@ -38,6 +40,7 @@ class CellKey(NamedTuple):
     grad_accum: int
     compile: bool
     world_size: int
+    strategy: str  # bench/strategy.py's canonical name; ddp for one process or an older row
     device_name: str | None = None  # None: not part of the key
 
 
@@ -70,6 +73,8 @@ def canonical(column: str, value: Any) -> Any:
         return store.truthy(value)
     if column in _WHOLE:
         return _whole(value)
+    if column == "strategy":
+        return strategy.of_record({"strategy": value})
     return str(value).strip()
 
 
@@ -138,4 +143,6 @@ def label(key: CellKey) -> str:
         parts.append("compile")
     if key.world_size != 1:
         parts.append(f"ws={key.world_size}")
+    if key.strategy != strategy.DEFAULT:
+        parts.append(key.strategy)
     return " ".join(parts)

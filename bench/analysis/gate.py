@@ -39,10 +39,18 @@ the baseline has and the current run lost (empty, NaN, inf). A baseline holding 
 cell without its step times or throughput, is bad input. Metric checks on a throttled cell
 (either side) are reported as ``throttled``, not failed, unless ``--fail-on-throttled``; those
 of a contended cell (other processes used more than 10% of the run's cores while one of its
-processes ran: ``others_cpu_pct``) as ``contended``. Parity: a run directory's ``parity.csv``,
-or for a baseline CSV ``X.csv`` its sibling ``X.parity.csv``; a (model, precision) whose
-verdict goes PASS -> FAIL fails (any FAIL among its seeds makes the verdict FAIL); other changes
-and a missing side warn.
+processes ran: ``others_cpu_pct``, or held its GPU: ``num_others_on_gpu``) as ``contended``.
+Parity: a run directory's ``parity.csv``, or for a baseline CSV ``X.csv`` its sibling
+``X.parity.csv``; a (model, precision) whose verdict goes PASS -> FAIL fails (any FAIL among
+its seeds makes the verdict FAIL); other changes and a missing side warn.
+
+Numerics health (bench/analysis/numerics.py, ``judge_numerics``), of the current run alone: a
+cell fails when its loss scaler skipped more than ``SKIPPED_SHARE_LIMIT`` (10%) of its
+optimizer steps (and more than ``CALIBRATION_SKIPS``, 4: GradScaler's scale starts at 2^16 and
+halves on each skip, so a few early skips are its calibration; the reference models' fp16 cells
+skip 0 to 2 of 35), or when a policy that is no ablation (fp16-noscale is one) had a
+non-finite loss or ended with non-finite weights. The table's ``numerics`` column says what
+each cell skipped; a row without the numerics columns (an older CSV) is not judged.
 
 Output: a table on stdout, markdown appended to ``$GITHUB_STEP_SUMMARY`` when it is set.
 Exit 0 pass, 1 regression, 2 bad input. torch-free.
@@ -62,7 +70,7 @@ from tabulate import tabulate
 
 from bench import BadInput, store
 from bench.analysis import baseline as baselines
-from bench.analysis import cells, noise
+from bench.analysis import cells, noise, numerics
 from bench.analysis.cells import CellKey
 from bench.analysis.checks import FAIL, FALLBACK, NOISY, PASS, WARN, Check, parse_checks
 from bench.run import contention
@@ -133,10 +141,14 @@ class _Row:
 def _load(source: Path | str, checks: Sequence[Check]) -> pd.DataFrame:
     """results.csv of a run dir or a CSV (store's one reader), with the columns the gate reads."""
     frame = store.load_results(source, cell_noise=noise.results_columns)
-    needed = [*store.KEY, "status", "device_name", *(check.metric for check in checks)]
+    # A CSV from before schema 8 has no strategy column: its cells are ddp (cells.canonical).
+    needed = [*(k for k in store.KEY if k != "strategy"), "status", "device_name",
+              *(check.metric for check in checks)]
     missing = [c for c in dict.fromkeys(needed) if c not in frame.columns]
     if missing:
         raise BadInput(f"{source}: missing column(s) {', '.join(missing)}")
+    if "strategy" not in frame.columns:
+        frame["strategy"] = None
     # store.load_results has refused unknown statuses and text where numbers belong.
     frame["device_name"] = frame["device_name"].map(cells.device_name)
     return frame
@@ -153,7 +165,7 @@ def _cells(frame: pd.DataFrame, with_device: bool) -> dict[CellKey, _Cell]:
         throttled = "throttled" in rows and any(store.truthy(v) for v in rows["throttled"])
         label = cells.label(key) + (f" [{key.device_name}]" if mixed else "")
         ok = rows[rows["status"] == "ok"]
-        contended = "others_cpu_pct" in ok and any(map(contention.contended, ok["others_cpu_pct"]))
+        contended = contention.contended_rows(ok)
         hashes = frozenset(str(v) for v in rows.get("model_sha256", ())
                            if isinstance(v, str) and v.strip())
         found[key] = _Cell(key, label, status, throttled, ok, contended, hashes)
@@ -328,6 +340,28 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame, checks: Sequence[Chec
                    (base_side.band(metric), cur_side.band(metric)), fail_on_noisy)
 
 
+def judge_numerics(rows: Sequence[_Row], findings: list[Finding]) -> None:
+    """The current run's own numerics (no baseline needed): each row's numerics column, and
+    a FAIL finding and result for an unhealthy cell."""
+    for row in rows:
+        if row.cell is not None:
+            row.result = _worst(row.result, _numerics_verdict(row, findings))
+
+
+def _numerics_verdict(row: _Row, findings: list[Finding]) -> str:
+    cell = row.cell
+    if cell is None or cell.ok.empty:
+        return PASS
+    health = numerics.of_processes(cell.key.precision, cell.ok)
+    problems = health.problems()
+    text = "n/a" if health.nonfinite_losses is None else (
+        f"skipped {health.skipped_text()}" if health.skipped is not None else "ok")
+    row.cells["numerics"] = text + (" FAIL" if problems else "")
+    for problem in problems:
+        findings.append(Finding(cell.label, "numerics", FAIL, problem))
+    return FAIL if problems else PASS
+
+
 def _compare_parity(base: dict | None, cur: dict | None,
                     findings: list[Finding]) -> list[tuple[str, str, str, str, str]]:
     if base is None and cur is None:
@@ -359,7 +393,7 @@ def _compare_parity(base: dict | None, cur: dict | None,
 
 def render(outcome: Outcome, tablefmt: str = "simple") -> str:
     """The per-cell table, the parity table and the findings, as text in ``tablefmt``."""
-    columns = ["status", *(str(c) for c in outcome.checks)]
+    columns = ["status", "numerics", *(str(c) for c in outcome.checks)]
     table = []
     for row in outcome.rows:
         cell = row.cell or row.base
@@ -423,6 +457,7 @@ def judge_runs(baseline: Path, current: Path, checks: Sequence[Check], *,
                       fail_on_throttled=fail_on_throttled, fail_on_noisy=fail_on_noisy,
                       parity=(baselines.parity_verdicts(baseline),
                               baselines.parity_verdicts(current)))
+    judge_numerics(outcome.rows, outcome.findings)
     # What the reader left out (a process written twice) is said, not silently dropped.
     outcome.findings += [Finding(side, "input", WARN, problem) for side, frame in (
         ("baseline", base_frame), ("current", cur_frame)) for problem in frame.attrs.get(

@@ -124,9 +124,14 @@ def gather(value: Any) -> list[Any]:
 
 def combine_ranks(per_rank: list[dict[str, Any]], num_samples: int) -> dict[str, Any]:
     """One measurement from every rank's: the slowest rank's step times (it sets the pace of
-    the job), the largest peak memory, power and energy summed over the GPUs."""
+    the job), the largest peak memory (and the smallest rank's), power and energy summed over
+    the GPUs."""
     slowest = max(per_rank, key=lambda m: m["step_ms_median"])
     memory = {field: max((m[field] for m in per_rank if m[field] is not None), default=None)
-              for field in store.MEMORY}
+              for field in store.PEAK_MEMORY}
+    # The smallest rank's peak beside the largest: how evenly the ranks carry the cell.
+    own = [m["peak_mem_allocated_gib"] if m["peak_mem_allocated_gib"] is not None
+           else m["peak_rss_gib"] for m in per_rank]
+    memory["peak_mem_rank_min_gib"] = min((v for v in own if v is not None), default=None)
     return {**{f: slowest.get(f) for f in _TIMING},
             **memory, **combine_power(per_rank, num_samples)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, config, paths, precision, store
+from bench import BadInput, config, paths, precision, store, strategy
+from bench.cell import footprint
 from bench.cell.dist import (
     Ranks,
     combine_ranks,
@@ -96,6 +98,7 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
     # process that never sets it also opens a context on GPU 0.
     use_device(device)
     world_size = ranks.world_size if ranks else 1
+    shared = strategy.parse(getattr(args, "strategy", strategy.DEFAULT))
     record = store.empty_record(
         run_id=args.run_id or None, cell_id=args.cell_id or None, model=spec.name,
         model_source=spec.source, model_sha256=spec.source_sha256,
@@ -104,11 +107,13 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
         image_size=size if spec.size_arg == "image_size" else None,
         grad_accum=args.grad_accum, compile=args.compile, world_size=world_size,
         repeat=args.repeat, warmup_steps=args.warmup, timed_steps=args.steps,
-        **fingerprint(str(device)),
+        **fingerprint(str(device)), **shared.record_fields(world_size),
     )
     # Before any build or compile: a device without the policy's math, or under FP8 a model
     # with no convertible layer, is an unsupported record in seconds.
     reason = pol.unsupported_reason(device, spec)
+    if not reason and ranks is not None:
+        reason = strategy.check(shared, pol.name, pol.param_dtype)
     if reason:
         record.update(status="unsupported", error=reason)
         return record
@@ -137,10 +142,12 @@ def _train_and_measure(
     trainer = prepare(spec.name, args.precision, args.batch_size, size, device=device,
                       seed=args.seed, grad_accum=args.grad_accum, compile=args.compile,
                       ddp=ranks is not None, data_seed=args.seed + (ranks.rank if ranks else 0),
-                      memory_format=getattr(args, "memory_format", None))
+                      memory_format=getattr(args, "memory_format", None),
+                      strategy=getattr(args, "strategy", strategy.DEFAULT))
     samples_per_step = args.batch_size * args.grad_accum  # on this rank
     flops_per_step = count_training_flops(spec, args.batch_size, size) * args.grad_accum
 
+    _overflowing(trainer)
     warmup = warmup_steps(args.warmup, ranks)
     losses = [trainer.step() for _ in range(warmup)]
     trainer.sync()
@@ -161,6 +168,7 @@ def _train_and_measure(
         **_numerics(trainer, losses),
         "memory_format": trainer.memory_format,
         **trainer.conversion,
+        **footprint.fields(trainer.model, trainer.optimizer),  # this rank's: DDP replicates
         "warmup_steps": warmup,  # what ran: more than asked for under DDP
     }
 
@@ -194,18 +202,78 @@ def _timed_window(
 
 
 def _numerics(trainer: Trainer, losses: list[Any]) -> dict[str, Any]:
-    """The NUMERICS fields, from every step's loss (warmup included) and the scaler."""
+    """The NUMERICS fields, from every step's loss (warmup included), the scaler's per-step
+    found-inf and scale, and one look at the weights, all read here, after the timed window."""
     import torch
 
     all_losses = torch.stack(losses).float().cpu()
-    scaling = trainer.scaler.is_enabled()
-    return {
+    fields: dict[str, Any] = {
         "loss_first": float(all_losses[0]),
         "loss_last": float(all_losses[-1]),
         "nonfinite_steps": int((~torch.isfinite(all_losses)).sum()),
-        "scaler_scale_final": float(trainer.scaler.get_scale()) if scaling else None,
-        "scaler_skipped_steps": (len(losses) - trainer.optimizer_steps()) if scaling else None,
+        "num_steps_counted": len(losses),
+        "nonfinite_params": _nonfinite_params(trainer.model),
     }
+    if not trainer.scaler.is_enabled():
+        return fields
+    found_inf, scales = trainer.numerics()
+    final = float(trainer.scaler.get_scale())
+    seen = [*scales, final]
+    skipped = sum(found_inf)  # GradScaler skips a step's update exactly when it found inf/NaN
+    return {**fields, "scaler_skipped_steps": skipped, "nonfinite_grad_steps": skipped,
+            "scaler_scale_final": final, "scaler_scale_min": min(seen),
+            "scaler_scale_max": max(seen),
+            "scaler_scale_changes": sum(a != b for a, b in itertools.pairwise(seen)),
+            store.SCALE_TRAJECTORY: _run_lengths(scales)}
+
+
+def _nonfinite_params(model: Any) -> int:
+    """Parameters with any inf/NaN; under FSDP2 over every rank's shard (a collective: every
+    rank calls this, in the same place)."""
+    import torch
+
+    sharded = False
+    flags = []
+    for p in model.parameters():
+        local = p.detach()
+        if hasattr(local, "to_local"):  # a DTensor: this rank's shard, maybe empty
+            local, sharded = local.to_local(), True
+        flags.append(~torch.isfinite(local).all())
+    count = torch.stack(flags).to(torch.int64)
+    if sharded:
+        import torch.distributed as dist
+
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.sum())
+
+
+def _run_lengths(values: list[float]) -> list[list[Any]]:
+    """[[value, how many in a row], ...]: a loss scale changes rarely, so this stays short."""
+    runs: list[list[Any]] = []
+    for value in values:
+        if runs and runs[-1][0] == value:
+            runs[-1][1] += 1
+        else:
+            runs.append([value, 1])
+    return runs
+
+
+def _overflowing(trainer: Trainer) -> None:
+    """With AMPBENCH_OVERFLOW=N (test-only): the first N backward passes leave the first
+    parameter's gradient infinite, as an FP16 overflow does, so that a scaler's skipped steps
+    and a policy without one going non-finite can be tested on CPU; unset in normal use."""
+    count = int(os.environ.get("AMPBENCH_OVERFLOW") or 0)
+    if count <= 0:
+        return
+    import torch
+
+    seen = [0]
+
+    def overflow(grad: Any) -> Any:
+        seen[0] += 1
+        return torch.full_like(grad, float("inf")) if seen[0] <= count else grad
+
+    next(p for p in trainer.model.parameters() if p.requires_grad).register_hook(overflow)
 
 
 def _slowed(trainer: Trainer, losses: list[Any]) -> Any:
@@ -303,6 +371,9 @@ def main(args: argparse.Namespace) -> int:
         paths.output_file(args.out)  # before the cell trains, not after
     _check_limits(args)
     ranks = Ranks.from_env()
+    if getattr(args, "strategy", strategy.DEFAULT) != strategy.DEFAULT and ranks is None:
+        raise BadInput(f"--strategy {args.strategy} shares the model between torchrun's "
+                       "ranks; run the cell under torchrun (ampbench run --world-size 2 does)")
     _inject_fault(args, ranks)
     record = run_cell(args, ranks)
     ok = record["status"] == "ok"

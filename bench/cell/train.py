@@ -16,6 +16,7 @@ from typing import Any
 import models
 from bench import BadInput, failures, precision
 from bench.cell.dist import Ranks
+from bench.strategy import parse as parse_strategy
 
 
 @dataclass
@@ -33,13 +34,21 @@ class Trainer:
     grad_accum: int = 1
     memory_format: str | None = None  # image models: "channels_last" | "contiguous"
     conversion: dict[str, Any] = field(default_factory=dict)  # the policy's record fields
+    # Per step under a scaler: whether GradScaler found inf/NaN gradients (and so skipped the
+    # update), and the scale the step's backward ran at. Device scalars, read after the timed
+    # window (``numerics``): no host sync per step. Empty without a scaler.
+    found_inf: list[Any] = field(default_factory=list)
+    scales: list[Any] = field(default_factory=list)
 
     def step(self) -> Any:
         """One optimizer step over ``grad_accum`` micro-batches; returns the loss, unsynced."""
         total = None
         for i in range(self.grad_accum):
-            # Under DDP only the last micro-batch's backward all-reduces the gradients.
+            # Under DDP only the last micro-batch's backward all-reduces the gradients, under
+            # FSDP2 only its backward reduce-scatters them.
             last = i == self.grad_accum - 1
+            if self.grad_accum > 1 and hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(last)
             sync = nullcontext() if last or not hasattr(self.model, "no_sync") \
                 else self.model.no_sync()
             with sync:
@@ -48,9 +57,29 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         self.scaler.step(self.optimizer)  # skips the update when the scaler found inf/NaN
+        if self.scaler.is_enabled():
+            self._log_scaler()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _log_scaler(self) -> None:
+        """Keep this step's found-inf and scale, as device scalars (between the scaler's step
+        and update: update clears the one and changes the other in place)."""
+        scale = self.scaler._scale  # what get_scale() reads, without its host sync
+        found = self.scaler._found_inf_per_device(self.optimizer).values()
+        self.found_inf.append(sum(f.to(scale.device, non_blocking=True) for f in found) > 0)
+        self.scales.append(scale.detach().clone())
+
+    def numerics(self) -> tuple[list[bool], list[float]]:
+        """Per step so far (a host sync: after the timed window only): whether the scaler found
+        inf/NaN gradients, and the scale the step ran at; ([], []) without a scaler."""
+        import torch
+
+        if not self.scales:
+            return [], []
+        return (torch.stack(self.found_inf).cpu().tolist(),
+                torch.stack(self.scales).float().cpu().tolist())
 
     def sync(self) -> None:
         """Wait for the device's work (nothing to wait for on CPU)."""
@@ -110,10 +139,12 @@ def prepare(
     ddp: bool = False,
     data_seed: int | None = None,
     memory_format: str | None = None,
+    strategy: str = "ddp",
 ) -> Trainer:
-    """Build model, AdamW (fused on CUDA), scaler and a resident batch for one cell.
+    """Build model, AdamW (the policy's; torch's fused on CUDA), scaler and a resident batch.
 
-    ``ddp`` wraps the model in DistributedDataParallel (the process group must be up);
+    ``ddp`` shares the model between the ranks as ``strategy`` says (bench/strategy.py; the
+    process group must be up): a DistributedDataParallel replica, or FSDP2 shards;
     ``data_seed`` (default ``seed``) seeds the batch, so ranks can train on different data
     from the same initial weights. ``memory_format`` (image models: channels_last |
     contiguous; default channels_last on CUDA, contiguous on CPU) is the layout of the model
@@ -133,17 +164,15 @@ def prepare(
     conversion = pol.record_fields(net)  # before DDP and torch.compile wrap the model
     inputs, targets = spec.make_batch(batch_size, size, device=device,
                                       seed=seed if data_seed is None else data_seed)
-    layout = None
-    # Image batches: one 4-d tensor (a user's tuple or dict of tensors keeps its layout).
-    if spec.size_arg == "image_size" and getattr(inputs, "dim", lambda: 0)() == 4:
-        # NHWC lets cuDNN use tensor cores without layout transposes under autocast; whether
-        # fp32 is faster in NCHW is for a GPU run to measure.
-        layout = memory_format or ("channels_last" if device.type == "cuda" else "contiguous")
-        if layout == "channels_last":
-            net = net.to(memory_format=torch.channels_last)
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-    if ddp:
+    net, inputs, layout = _layout(spec, net, inputs, device, memory_format)
+    sharding = ddp and parse_strategy(strategy).kind == "fsdp2"
+    scaler = pol.scaler(device.type)
+    if sharding:  # before the optimizer: fully_shard replaces the parameters with shards
+        from bench.cell import fsdp
+        net = fsdp.shard(net, parse_strategy(strategy))
+        scaler = fsdp.scaler(device.type, pol.loss_scaling)
+    optimizer = pol.optimizer(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if ddp and not sharding:
         from torch.nn.parallel import DistributedDataParallel
 
         # Gradients live in the all-reduce buckets (no copy in or out). No buffer broadcast
@@ -154,8 +183,25 @@ def prepare(
                                       gradient_as_bucket_view=True, broadcast_buffers=False)
     if compile:
         net = torch.compile(net)
-    return Trainer(spec, pol, device, net, optimizer, pol.scaler(device.type), inputs, targets,
+    return Trainer(spec, pol, device, net, optimizer, scaler, inputs, targets,
                    grad_accum, layout, conversion)
+
+
+def _layout(spec: models.ModelSpec, net: Any, inputs: Any, device: Any,
+            memory_format: str | None) -> tuple[Any, Any, str | None]:
+    """(model, batch, layout): an image model's in its memory format, anything else as it is
+    (a user's tuple or dict of tensors keeps its layout)."""
+    import torch
+
+    if spec.size_arg != "image_size" or getattr(inputs, "dim", lambda: 0)() != 4:
+        return net, inputs, None
+    # NHWC lets cuDNN use tensor cores without layout transposes under autocast; whether
+    # fp32 is faster in NCHW is for a GPU run to measure.
+    layout = memory_format or ("channels_last" if device.type == "cuda" else "contiguous")
+    if layout == "channels_last":
+        net = net.to(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return net, inputs, layout
 
 
 def is_oom(exc: BaseException) -> bool:

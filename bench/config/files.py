@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import models
-from bench import BadInput, precision
+from bench import BadInput, precision, strategy
 from bench.config.matrix import Matrix, ModelAxis
+from bench.run import slots
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,11 +84,12 @@ def _check(value: Any, kind: str, key: str, source: str) -> Any:
 _TOP: dict[str, str] = {
     "name": "str", "precisions": "list[str]", "grad_accum": "list[pos-int]",
     "compile": "list[bool]", "world_size": "list[pos-int]", "nnodes": "pos-int",
-    "repeats": "pos-int", "calibration": "int", "warmup": "int", "steps": "pos-int",
-    "device": "str",
+    "strategies": "list[str]", "repeats": "pos-int", "calibration": "int", "warmup": "int",
+    "steps": "pos-int",
+    "device": "str", "devices": "str",
     "timeout_s": "float", "parity": "bool", "compile_precisions": "list[str]",
     "compile_only": "list0[str]",
-    "parity_steps": "int", "parity_seeds": "pos-int",
+    "parity_steps": "int", "parity_seeds": "pos-int", "parity_tasks": "list0[str]",
 }
 
 
@@ -140,16 +142,40 @@ def from_dict(data: dict[str, Any], source: str = "matrix") -> Matrix:
             if name not in precision.NAMES:
                 raise BadInput(f"{source}: {key}: unknown precision '{name}'; "
                                f"valid: {', '.join(precision.NAMES)}")
+    if "strategies" in values:
+        values["strategies"] = _strategies(values["strategies"], f"{source}: strategies")
+    if values.get("devices"):
+        values["devices"] = slots.check_devices(values["devices"], f"{source}: devices")
+    from bench.parity.tasks import TASK_MODELS  # torch-free: the parity tasks' names
+
+    for name in values.get("parity_tasks", ()):
+        if name not in TASK_MODELS:
+            raise BadInput(f"{source}: parity_tasks: unknown parity task '{name}'; "
+                           f"valid: {', '.join(TASK_MODELS)}")
     if values.get("parity_seeds", 2) < 2:
         raise BadInput(f"{source}: 'parity_seeds' must be at least 2 (FP32's band needs a "
                        f"spread), got {values['parity_seeds']}")
     return _check_size(Matrix(**values), source)
 
 
+def _strategies(names: Sequence[str], where: str) -> tuple[str, ...]:
+    """``names`` in their canonical spellings, each once (BadInput naming a bad one)."""
+    try:
+        return tuple(dict.fromkeys(strategy.canonical(name) for name in names))
+    except ValueError as exc:
+        raise BadInput(f"{where}: {exc}") from None
+
+
 def _check_size(matrix: Matrix, source: str) -> Matrix:
-    """``matrix`` unless its sweep would start more than MAX_PROCESSES cell processes."""
+    """``matrix`` unless its sweep would start more than MAX_PROCESSES cell processes, or it
+    asks for a strategy no cell of it has several processes to apply to."""
+    shared = [name for name in matrix.strategies if name != strategy.DEFAULT]
+    if shared and max(matrix.world_size) * matrix.nnodes == 1:
+        raise BadInput(f"{source}: strategy {shared[0]} shares a model between processes, but "
+                       "every cell is one process; add world sizes above 1 (--world-size 2)")
     num_cells = (sum(len(axis.batch_sizes) for axis in matrix.models) * len(matrix.precisions)
-                 * len(matrix.grad_accum) * len(matrix.compile) * len(matrix.world_size))
+                 * len(matrix.grad_accum) * len(matrix.compile) * len(matrix.world_size)
+                 * len(matrix.strategies))
     num_processes = num_cells * matrix.repeats + matrix.calibration
     if num_processes > MAX_PROCESSES:
         raise BadInput(f"{source}: {num_cells} cells x {matrix.repeats} repeat(s) is "
@@ -199,7 +225,7 @@ def override(
 
     ``models_`` keeps a listed model's axis from the matrix or adds it with its default size;
     ``batch_sizes`` replaces every model's batch sizes; ``scalars`` are Matrix fields
-    (steps, warmup, repeats, calibration, device, timeout_s, world_size, nnodes).
+    (steps, warmup, repeats, calibration, device, timeout_s, world_size, nnodes, strategies).
     """
     for flag, given in (("--models", models_), ("--precisions", precisions),
                         ("--batch-sizes", batch_sizes)):
@@ -235,6 +261,8 @@ def override(
         for number in value if isinstance(value, tuple) else (value,):
             if isinstance(number, int | float) and not isinstance(number, bool):
                 check_limit(key, number, "command line")
+    if "strategies" in changes:
+        changes["strategies"] = _strategies(changes["strategies"], "--strategy")
     for size in batch_sizes or ():
         check_limit("batch_sizes", size, "command line")
     return _check_size(replace(matrix, **changes), "command line")

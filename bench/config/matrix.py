@@ -17,6 +17,7 @@ from typing import Any
 import models
 from bench import precision
 from bench.analysis import noise
+from bench.strategy import DEFAULT as DEFAULT_STRATEGY
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class Matrix:
     compile_only: tuple[str, ...] = ()
     world_size: tuple[int, ...] = (1,)
     nnodes: int = 1
+    # How a cell of several processes shares its model (bench/strategy.py): ddp, fsdp2,
+    # fsdp2:PARAM/REDUCE; single-process cells run the model alone, whatever this says.
+    strategies: tuple[str, ...] = (DEFAULT_STRATEGY,)
     repeats: int = 1
     # Extra processes of a calibration cell that measure the machine's between-process noise
     # when repeats are too few to (bench/analysis/noise.py); 0: none.
@@ -59,10 +63,15 @@ class Matrix:
     warmup: int = 5
     steps: int = 20
     device: str = "auto"
+    # One node's GPUs that run cells side by side (all, or indices 0,1,3: `run --devices`,
+    # bench/run/slots.py); "": one cell at a time on ``device``.
+    devices: str = ""
     timeout_s: float = 900.0
     parity: bool = True
     parity_steps: int = 0  # training steps per parity run; 0: each model's own (bench/parity/)
     parity_seeds: int = 3  # seeds per policy; FP32's band needs at least 2
+    # Parity-only tasks the parity stage adds to the matrix's models (gpt2-tiny-shakespeare)
+    parity_tasks: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (meta.json); ``from_dict`` reads it back."""
@@ -89,9 +98,13 @@ class Cell:
     compile: bool = False
     world_size: int = 1
     nnodes: int = 1
+    strategy: str = DEFAULT_STRATEGY  # canonical (bench/strategy.py)
 
     def key(self) -> dict[str, Any]:
-        return asdict(self)
+        key = asdict(self)
+        if self.strategy == DEFAULT_STRATEGY:
+            del key["strategy"]  # cells from before the strategy axis keep their ids
+        return key
 
     @property
     def num_processes(self) -> int:
@@ -108,7 +121,7 @@ class Cell:
     def group(self) -> tuple[Any, ...]:
         """Everything but the batch size: an OOM at batch b skips larger batches of the group."""
         return (self.model, self.precision, self.seq_len, self.image_size, self.grad_accum,
-                self.compile, self.world_size, self.nnodes)
+                self.compile, self.world_size, self.nnodes, self.strategy)
 
     def label(self) -> str:
         # A model with a fixed-size input (a user's, UNIT "sample") has no size to show.
@@ -118,6 +131,7 @@ class Cell:
             f" ga={self.grad_accum}" if self.grad_accum != 1 else "",
             " compile" if self.compile else "",
             f" ws={self.world_size}x{self.nnodes}" if self.num_processes > 1 else "",
+            f" {self.strategy}" if self.strategy != DEFAULT_STRATEGY else "",
         ])
         return f"{self.model} {self.precision} b={self.batch_size}{size}{extra}"
 
@@ -128,9 +142,14 @@ def expand(matrix: Matrix) -> list[Cell]:
     for axis in matrix.models:
         size_field = axis.spec.size_arg  # seq_len | image_size | None: a fixed-size input
         sized = {size_field: axis.resolved_size} if size_field else {}
-        for policy, accum, compiled, world in itertools.product(
-            matrix.precisions, matrix.grad_accum, matrix.compile, matrix.world_size
+        for policy, accum, compiled, world, shared in itertools.product(
+            matrix.precisions, matrix.grad_accum, matrix.compile, matrix.world_size,
+            matrix.strategies,
         ):
+            # One process shares nothing: its cell is the default strategy's, once.
+            if world * matrix.nnodes == 1 and shared != matrix.strategies[0]:
+                continue
+            shared = shared if world * matrix.nnodes > 1 else DEFAULT_STRATEGY
             if compiled and policy not in matrix.compile_precisions:
                 continue
             # Compiled only, when the matrix compiles at all (else such a policy runs eager).
@@ -141,7 +160,7 @@ def expand(matrix: Matrix) -> list[Cell]:
                 cells.append(Cell(
                     model=axis.name, precision=policy, batch_size=batch,
                     **sized, grad_accum=accum, compile=compiled,
-                    world_size=world, nnodes=matrix.nnodes,
+                    world_size=world, nnodes=matrix.nnodes, strategy=shared,
                 ))
     return cells
 

@@ -8,9 +8,14 @@ from collections.abc import Callable
 from bench import BadInput
 from bench.config.matrix import Matrix, ModelAxis
 
+# The FP8 recipe family the GPU presets compare (bench/cell/low_precision.py): float8
+# tensorwise, rowwise, rowwise with a bf16 weight gradient, tensorwise behind torchtitan's layer
+# filter, and the Blackwell formats (compute capability 10.0+; `unsupported` records elsewhere).
+FP8_FAMILY = ("fp8", "fp8-rowwise", "fp8-rowwise-gw-hp", "fp8-filtered", "mxfp8", "nvfp4")
+
 
 def gpu() -> Matrix:
-    """The GPU sweep: full-size reference models, the four main policies and the two FP8 ones,
+    """The GPU sweep: full-size reference models, the four main policies and the FP8 family,
     eager and torch.compile (what people train with today), and llama-1b (Llama-3.2-1B's
     shape), ten times their size: under fp32 its batch of 4 x 2048 tokens needs an estimated
     60 GiB (weights, gradients and AdamW's state alone are 20), so on a smaller GPU its larger
@@ -18,8 +23,9 @@ def gpu() -> Matrix:
 
     FP8 is meant to run compiled: torch.compile fuses torchao's amax, scale and cast kernels
     around each FP8 matmul, which eager runs one by one; the eager FP8 cells show that cost.
-    The FP8 cells need torchao (``pip install -e .[fp8]``) and compute capability 8.9+;
-    without either they are ``unsupported`` records and the sweep goes on.
+    The FP8 cells need torchao (``pip install -e .[fp8]``) and compute capability 8.9+, mxfp8
+    and nvfp4 10.0+ (Blackwell); without them they are ``unsupported`` records in seconds and
+    the sweep goes on.
     """
     return Matrix(
         name="gpu",
@@ -30,38 +36,61 @@ def gpu() -> Matrix:
             ModelAxis("llama-small", (4, 8, 16, 32), 1024),
             ModelAxis("llama-1b", (1, 2, 4), 2048),
         ),
-        precisions=("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise"),
+        precisions=("fp32", "tf32", "fp16", "bf16", *FP8_FAMILY),
         compile=(False, True),
         device="cuda", warmup=10, steps=50, timeout_s=900.0, parity=True,
+        parity_tasks=("gpt2-small-shakespeare",),  # real text: Tiny Shakespeare, 600 steps
     )
 
 
 def cpu() -> Matrix:
-    """Tiny models, small batches, fp32, tf32, fp16 and bf16: 24 cells, then parity, in about
-    eight minutes on 2 cores (2026-12-07, AMD EPYC: sweep 2.4 min, parity 5.5 min).
+    """The four tiny models (ResNet, BERT, GPT-2, Llama), batch 4 and 8, fp32, fp16 and bf16:
+    24 cells, then parity, in about eight minutes on 2 cores (time: docs/runner.md).
 
-    The fp16-noscale ablation is judged where its question is live, in parity's underflow
-    task (bench/parity/__init__.py, task_policies): on the tiny tasks it passes trivially (their
-    gradients are large), and its FP16 runs are the slowest on a CPU without FP16 matmuls
-    (7x fp32's steps on AMD EPYC), which this preset's minutes cannot afford twice.
-    Not FP8: off CUDA torchao only emulates it, slowly, and emulated speed says nothing
-    (``--precisions fp8`` runs it anyway, for its numerics)."""
+    No tf32: on a CPU it is fp32 (TF32 is a GPU tensor-core format), a second fp32 measurement
+    whose time went to llama-tiny, the family trained in bf16 today (the calibration cell
+    measures the machine's noise). The fp16-noscale ablation is judged where its question is
+    live, in parity's underflow task (bench/parity/__init__.py, task_policies): on the tiny
+    tasks it passes trivially (their gradients are large), and its FP16 runs are the slowest on
+    a CPU without FP16 matmuls (7x fp32's steps on AMD EPYC), which this preset's minutes cannot
+    afford twice. Not FP8: off CUDA torchao only emulates it, slowly, and emulated speed says
+    nothing (``--precisions fp8`` runs it anyway, for its numerics)."""
     return Matrix(
         name="cpu",
         models=(
             ModelAxis("resnet-tiny", (4, 8), 32),
             ModelAxis("bert-tiny", (4, 8), 32),
             ModelAxis("gpt2-tiny", (4, 8), 64),
+            ModelAxis("llama-tiny", (4, 8), 64),
         ),
-        precisions=("fp32", "tf32", "fp16", "bf16"),
+        precisions=("fp32", "fp16", "bf16"),
         device="cpu", warmup=5, steps=30, timeout_s=300.0, parity=True,
+    )
+
+
+def cpu_shakespeare() -> Matrix:
+    """Parity on real text on a CPU: gpt2-tiny's cells at batch 8 under fp32 and bf16, then
+    parity on its generated task and on Tiny Shakespeare (``gpt2-tiny-shakespeare``: 200
+    steps of 32 x 64 characters, FP32 from ln 65 = 4.17 to about 2.45 nats per character),
+    with the text each policy's model wrote in the report's appendix. Its own preset, not
+    the cpu preset's: measured 14 min 14 s on 2 AMD EPYC cores shared with other jobs (load
+    average 5 to 6; 2026-12-07): sweep about 1 min, the six Shakespeare runs 565 s (58-127 s
+    each), the six gpt2-tiny parity runs 189 s; an idle machine takes a fraction of that.
+    FP32 ended at 2.458 nats per character (seed std 0.043, tolerance 0.128), bf16 at 2.453:
+    PASS. fp16 is left out: on a CPU without FP16 matmuls its runs are the slowest by far."""
+    return Matrix(
+        name="cpu-shakespeare",
+        models=(ModelAxis("gpt2-tiny", (8,), 64),),
+        precisions=("fp32", "bf16"),
+        device="cpu", warmup=5, steps=30, timeout_s=300.0, parity=True,
+        parity_tasks=("gpt2-tiny-shakespeare",),
     )
 
 
 def gpu_quick() -> Matrix:
     """A complete GPU run in about 20 minutes (three `--time-budget 9m` commands): the
     full-size models at one realistic batch each under fp32, tf32, fp16 and bf16, bf16 also
-    under torch.compile, fp8 and fp8-rowwise under torch.compile only, a short parity.
+    under torch.compile, the FP8 family under torch.compile only, a short parity.
 
     Batches are per-GPU batches people train with, and each fits in fp32 on a 40 GB GPU:
     ResNet-50 256 at 224 px (NVIDIA DeepLearningExamples' per-GPU batch), BERT-base 64 at
@@ -85,11 +114,12 @@ def gpu_quick() -> Matrix:
     compiled cell and the first torchrun cell; later ones are estimated from those
     (bench/run/budget.py, estimate_s).
 
-    FP8 (an estimate, not yet measured anywhere): 8 compiled cells at ~55 s of compiling and
-    ~8 s of start-up each, ~8.5 minutes, and 16 more parity runs (eager), ~60 s: ~19.5 minutes
-    in all, 30 processes. Without torchao the FP8 cells are `unsupported` records in seconds.
-    Parity's underflow task adds 12 runs of gpt2-tiny (fp32, fp16, fp16-noscale, bf16 and the
-    two FP8 policies, 2 seeds, 60 steps): seconds on a GPU.
+    FP8 (an estimate, not yet measured anywhere): on an H100 the four float8 recipes train 12
+    compiled cells (ResNet-50's are `unsupported`: no convertible Linear) at ~55 s of compiling
+    and ~8 s of start-up each, ~13 minutes, and 32 more parity runs (eager), ~2 minutes; mxfp8
+    and nvfp4 are `unsupported` records in seconds (compute capability 10.0+): ~25 minutes in
+    all. Without torchao every FP8 cell is an `unsupported` record in seconds. Parity's
+    underflow task adds 2 seeds x 60 steps of gpt2-tiny per policy: seconds on a GPU.
     """
     return Matrix(
         name="gpu-quick",
@@ -102,9 +132,9 @@ def gpu_quick() -> Matrix:
         # fp8 and fp8-rowwise only compiled: torch.compile is how FP8 is meant to run fast
         # (it fuses torchao's scale and cast kernels); they need torchao (a wheel carried to
         # the box) and compute capability 8.9+, else they are `unsupported` records.
-        precisions=("fp32", "tf32", "fp16", "bf16", "fp8", "fp8-rowwise"),
-        compile=(False, True), compile_precisions=("bf16", "fp8", "fp8-rowwise"),
-        compile_only=("fp8", "fp8-rowwise"),
+        precisions=("fp32", "tf32", "fp16", "bf16", *FP8_FAMILY),
+        compile=(False, True), compile_precisions=("bf16", *FP8_FAMILY),
+        compile_only=FP8_FAMILY,
         device="cuda", warmup=5, steps=20, timeout_s=180.0, calibration=2,
         parity=True, parity_steps=40, parity_seeds=2,
     )
@@ -127,6 +157,7 @@ def auto(has_cuda: bool) -> Matrix:
 
 
 PRESETS: dict[str, Callable[..., Matrix]] = {"gpu": gpu, "gpu-quick": gpu_quick, "cpu": cpu,
+                                            "cpu-shakespeare": cpu_shakespeare,
                                             "quick": quick, "auto": auto}
 
 

@@ -22,6 +22,21 @@ downloads), and is scored on a fixed held-out set:
   its range, most of them below its normal floor and many below its smallest subnormal, where
   they flush to zero. It is the task where FP16 without loss scaling fails, for the reason it
   fails in large-batch language-model training.
+- gpt2-tiny-lowlr (a parity-only task name): gpt2-tiny on the gpt task at a small learning
+  rate (3e-5, 200 steps, batch 8), judging the policies that hold their weights in bf16
+  (bf16-pure, bf16-pure-sr, bf16-pure-kahan) beside fp32 and bf16 autocast. AdamW's updates,
+  about the learning rate, fall below half a bf16 spacing of most weights (2^-9 |w| and less):
+  rounded to nearest they are lost and bf16-pure stalls (FAIL), while stochastic rounding and
+  Kahan summation keep them (PASS). Its curves carry ``lost_frac`` (bench/parity/updates.py).
+  Run only when named (``--models gpt2-tiny-lowlr``) or when a run measures a bf16-pure
+  policy, not by the cpu preset.
+
+Real data (bench/parity/data.py), each a task of its own name: Tiny Shakespeare at the
+character level, shipped and sha256-checked (``gpt2-tiny-shakespeare``,
+``llama-tiny-shakespeare``, ``gpt2-small-shakespeare``: eval loss in nats per character on the
+last 10%, and the text each policy's seed 0 writes at the end), and with ``--data-dir`` the
+user's CIFAR-10 binary files (``resnet-tiny-cifar10``) and nanoGPT token files
+(``gpt2-tiny-tokens``, ``llama-tiny-tokens``), checked by size before anything trains.
 
 The task (chain, class layout) and the held-out set are fixed; the run seed picks the initial
 weights (``torch.manual_seed(seed)`` before ``build()``) and the training data order, so every
@@ -82,19 +97,25 @@ bf16 run whose optimizer steps use 100x the learning rate — the kind of bug (m
 updates) parity must catch; it is expected to FAIL.
 
 Files in RUN_DIR: ``parity.csv`` (one row per model, precision and seed),
-``parity_curves.csv`` (model, precision, seed, step, loss, scale, skipped, time_s: the mean
-training loss of the last ``sample_every`` steps, the scaler's scale, the scaler-skipped steps
-among them and the training time so far) and ``grad_hist.csv`` (model, kind, step, log2_bin,
-count, zeros; kind ``activation`` or ``weight``; bin b counts the non-zero elements with
+``parity_curves.csv`` (model, precision, seed, step, loss, scale, skipped, time_s, lost_frac:
+the mean training loss of the last ``sample_every`` steps, the scaler's scale, the
+scaler-skipped steps among them, the training time so far, and the share of the last step's
+non-zero updates that left their weight unchanged) and ``grad_hist.csv`` (model, kind, step,
+log2_bin, count, zeros; kind ``activation`` or ``weight``; bin b counts the non-zero elements with
 2^b <= |g| < 2^(b+1), ``zeros`` the exact zeros of that model, kind and step).
 The CLI prints a verdict table and exits 1 when any policy FAILs (0 otherwise, 2 on bad input).
 
+``parity_samples.csv`` (model, precision, seed, prompt, text: the generated text of the real
+text tasks) and ``parity_data.json`` (the real-data files read, with sizes) when real data ran.
+
 The package, by job: ``tasks.py`` (the tasks, their data and setups, which policies each
-judges), ``probes.py`` (gradient histograms, FP16 underflow), ``train.py`` (the child: trains
-one (model, policy)'s seeds, or plans), ``verdict.py`` (parity.csv's columns and verdicts,
-torch-free) and ``stage.py`` (the parent: plans, reuses, launches, writes). This module
-re-exports their entry points and holds the `ampbench parity` command; like the stage, it
-imports no torch.
+judges), ``data.py`` (real data: Tiny Shakespeare, --data-dir's files), ``probes.py``
+(gradient histograms, FP16 underflow), ``train.py`` (the child: trains one (model, policy)'s
+seeds, or plans), ``verdict.py`` (parity.csv's columns and verdicts,
+torch-free), ``convergence.py`` (MLPerf-style steps and seconds to the target over seeds, and
+the test of "slower than fp32"; torch-free) and ``stage.py`` (the parent: plans, reuses,
+launches, writes). This module re-exports their entry points and holds the `ampbench parity`
+command; like the stage, it imports no torch.
 """
 
 from __future__ import annotations
@@ -111,6 +132,7 @@ from bench.parity.tasks import (
     BROKEN,
     CPU_SETUPS,
     GPU_SETUPS,
+    LOWLR,
     NANOGPT_STEP_TOKENS,
     UNDERFLOW,
     Setup,
@@ -146,6 +168,7 @@ __all__ = [
     "GPU_SETUPS",
     "HIST_COLUMNS",
     "K_SIGMA",
+    "LOWLR",
     "MAX_BAND_FRACTION",
     "NANOGPT_STEP_TOKENS",
     "RUNS",
@@ -174,7 +197,7 @@ BUDGET_EXIT = 3  # stopped by --time-budget, the resume command printed (as `amp
 
 def _time_left(budget: str) -> Callable[[], float]:
     """Seconds left of ``budget`` (25m, 540s ...), counted from now."""
-    from bench.cli import duration_s
+    from bench.cli_types import duration_s
 
     deadline = time.monotonic() + duration_s(budget)
     return lambda: deadline - time.monotonic()
@@ -187,7 +210,8 @@ def _resume_command(args: argparse.Namespace, out: Path) -> str:
     argv = ["python", "-m", "bench", "parity", "--out", str(out), "--seeds", str(args.seeds),
             "--device", args.device, "--time-budget", args.time_budget]
     for flag, value in (("--models", args.models), ("--precisions", args.precisions),
-                        ("--steps", args.steps)):
+                        ("--steps", args.steps),
+                        ("--data-dir", getattr(args, "data_dir", None))):
         if value:
             argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return shlex.join(argv)
@@ -204,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         path = run_parity(out, models=args.models, precisions=args.precisions, steps=args.steps,
                           seeds=args.seeds, device=args.device, time_left=time_left,
-                          unknown_s=FIRST_RUN_S)
+                          unknown_s=FIRST_RUN_S, data_dir=getattr(args, "data_dir", None))
     except OutOfTime as stop:
         if stop.path is not None:
             print(verdict_table(stop.path))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from bench import BadInput, config, failures, paths, precision, store
+from bench.parity import data
 from bench.parity.tasks import BROKEN, TASK_MODELS, spec_for, task_policies
 from bench.parity.verdict import (
     COLUMNS,
@@ -36,6 +37,9 @@ from bench.run import launch, lock
 from models.external import BadReference
 
 RUNS = "parity_runs.jsonl"  # one finished (model, precision, seed) run per line
+SAMPLES = "parity_samples.csv"  # text each policy's model wrote (real text tasks, seed 0)
+SAMPLE_COLUMNS = ("model", "precision", "seed", "prompt", "text")
+DATA_FILES = "parity_data.json"  # the real-data files the runs read
 DEFAULT_TIMEOUT_S = 600.0  # per run: generous, a full-size run on a GPU takes minutes
 _CHILD = ("-m", "bench.parity.train")
 
@@ -94,6 +98,7 @@ def run_parity(
     precisions: Sequence[str] | None = None, steps: int | None = None, seeds: int = 3,
     device: str = "auto", time_left: Callable[[], float] | None = None,
     unknown_s: float = math.inf, timeout_s: float = DEFAULT_TIMEOUT_S,
+    data_dir: Path | str | None = None,
 ) -> Path:
     """Train every (model, precision, seed) in child processes, judge against FP32 and write
     parity.csv to run_dir; returns its path (parity_curves.csv and grad_hist.csv beside it).
@@ -103,19 +108,25 @@ def run_parity(
     n seeds gets n times it). With ``time_left`` (seconds, asked before each run) no run
     starts that would not finish: the slowest finished run of the same model is its estimate,
     ``unknown_s`` when none has run; the first that does not fit stops the stage and
-    OutOfTime says what is left.
+    OutOfTime says what is left. ``data_dir`` holds the user's data files (CIFAR-10, token
+    ids: bench/parity/data.py), checked by size before anything runs; its tasks are added to
+    the default models.
     """
     model_names, chosen = _validate(models, precisions, steps, seeds)
+    folder = data.check_data_dir(data_dir) if data_dir is not None else None
+    data.check_tasks(list(model_names or ()), folder)
     config.check_limit("steps", steps or 0, "command line")
     config.check_limit("seeds", seeds, "command line")
     if not timeout_s > 0:
         raise BadInput(f"timeout must be positive, got {timeout_s:g} s")
     run_dir = paths.output_dir(run_dir, "parity run directory")
-    plan = ask_plan(device, model_names, chosen, bool(precisions), steps, timeout_s)
+    plan = ask_plan(device, model_names, chosen, bool(precisions), steps, timeout_s, folder)
+    data.check_lengths(plan.setups, folder)
     run_dir.mkdir(parents=True, exist_ok=True)
     with lock.lock(run_dir, "ampbench parity"):  # re-entrant: a runner may hold it already
+        data.record(run_dir / DATA_FILES, plan.models, folder)
         return _run_all(run_dir, plan.models, plan.precisions, seeds, plan, time_left,
-                        unknown_s, timeout_s)
+                        unknown_s, timeout_s, folder)
 
 
 def _validate(models_: Sequence[str] | None, precisions: Sequence[str] | None,
@@ -127,7 +138,10 @@ def _validate(models_: Sequence[str] | None, precisions: Sequence[str] | None,
             raise BadInput(str(exc)) from None
         except ValueError as exc:
             raise BadInput(f"{exc}; parity tasks: {', '.join(TASK_MODELS)}") from None
-    chosen = list(precisions) if precisions else list(precision.NAMES)
+    # By default not the pure-bf16 policies: judged on their own task (the low-lr one) when
+    # named, not on every model of a default run (the CPU's minutes).
+    chosen = list(precisions) if precisions else [n for n in precision.NAMES
+                                                  if n not in precision.PURE_BF16]
     valid = (*precision.NAMES, BROKEN)
     for name in chosen:
         if name not in valid:
@@ -142,7 +156,8 @@ def _validate(models_: Sequence[str] | None, precisions: Sequence[str] | None,
 
 
 def ask_plan(device: str, model_names: Sequence[str] | None, chosen: Sequence[str],
-             keep_emulated: bool, steps: int | None, timeout_s: float) -> Plan:
+             keep_emulated: bool, steps: int | None, timeout_s: float,
+             data_dir: data.DataDir | None = None) -> Plan:
     """Ask a child what the runs are on ``device`` (only torch knows); BadInput for a bad or
     absent device, RuntimeError when the child gave no answer."""
     argv = [sys.executable, *_CHILD, "plan", "--device", device, "--precisions",
@@ -153,6 +168,8 @@ def ask_plan(device: str, model_names: Sequence[str] | None, chosen: Sequence[st
         argv += ["--steps", str(steps)]
     if keep_emulated:
         argv.append("--keep-emulated")
+    if data_dir is not None:
+        argv += ["--data-dir", str(data_dir.path)]
     with tempfile.TemporaryDirectory(prefix="ampbench-parity-") as tmp:
         out = Path(tmp, "plan.json")
         ended = launch.run_child_process([*argv, "--out", str(out)], timeout_s,
@@ -168,7 +185,7 @@ def ask_plan(device: str, model_names: Sequence[str] | None, chosen: Sequence[st
 
 
 def _planned(plan: Plan, model_names: Sequence[str], chosen: Sequence[str],
-             seeds: int) -> list[_Run]:
+             seeds: int, data_dir: data.DataDir | None = None) -> list[_Run]:
     """Every run in the order they train; the pairs the device cannot run are skipped here,
     with a note on stderr."""
     skipped = {(model, name): why for model, name, why in plan.unsupported}
@@ -183,9 +200,11 @@ def _planned(plan: Plan, model_names: Sequence[str], chosen: Sequence[str],
             for seed in range(seeds):
                 # The same key as when the parent built it from a Setup and a torch.device.
                 # A user's model adds its source's hash: a changed file trains again.
+                # A data-dir task adds its files' paths and sizes: other files train again.
                 sha = spec_for(model).source_sha256
+                files = data_dir.fingerprint(model) if data_dir is not None else []
                 key = json.dumps([model, name, seed, setup, plan.device_type,
-                                  *([sha] if sha else [])])
+                                  *([sha] if sha else []), *([files] if files else [])])
                 runs.append(_Run(model, name, seed, setup, key))
     return runs
 
@@ -204,7 +223,8 @@ def _pairs(runs: list[_Run]) -> Iterator[list[_Run]]:
 
 def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], seeds: int,
              plan: Plan, time_left: Callable[[], float] | None = None,
-             unknown_s: float = math.inf, timeout_s: float = DEFAULT_TIMEOUT_S) -> Path:
+             unknown_s: float = math.inf, timeout_s: float = DEFAULT_TIMEOUT_S,
+             data_dir: data.DataDir | None = None) -> Path:
     """Train the runs not finished before, pair by pair in children, within the time left;
     write the tables (OutOfTime when runs are left)."""
     finished = _load_runs(run_dir)
@@ -213,7 +233,7 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
     for run in finished.values():
         if run.wall_s is not None:
             walls.setdefault(run.row["model"], []).append(run.wall_s)
-    runs = _planned(plan, model_names, chosen, seeds)
+    runs = _planned(plan, model_names, chosen, seeds, data_dir)
     place = {run.key: i for i, run in enumerate(runs, 1)}
     done: dict[str, _Finished] = {}
     not_run: list[str] = []
@@ -222,7 +242,8 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
             todo = [run for run in group if run.key not in finished]
             fit = _fitting(todo, walls, not_run, time_left, unknown_s)
             not_run += [run.label for run in todo[len(fit):]]  # not recorded: a resume runs it
-            trained = _train_pair(fit, plan.device, Path(tmp), number, timeout_s) if fit else {}
+            trained = _train_pair(fit, plan.device, Path(tmp), number, timeout_s,
+                                  data_dir) if fit else {}
             for run in group:
                 if run.key in finished:
                     done[run.key] = finished[run.key]
@@ -269,7 +290,7 @@ def _record(run_dir: Path, run: _Run, outcome: _Finished, walls: dict[str, list[
 
 
 def _train_pair(runs: list[_Run], device: str, workdir: Path, number: int,
-                timeout_s: float) -> dict[str, _Finished]:
+                timeout_s: float, data_dir: data.DataDir | None = None) -> dict[str, _Finished]:
     """Train ``runs`` (seeds of one model and policy) in one child; an outcome for every run,
     a failed row for each seed the child left no result for. Never raises for a failed child;
     an error launching it is every run's error."""
@@ -280,6 +301,8 @@ def _train_pair(runs: list[_Run], device: str, workdir: Path, number: int,
             "--setup", json.dumps(first.setup), "--device", device]
     for out in outs:
         argv += ["--out", str(out)]
+    if data_dir is not None:
+        argv += ["--data-dir", str(data_dir.path)]
     child_timeout = timeout_s * len(runs)
     try:
         ended = launch.run_child_process(argv, child_timeout, workdir / f"{number}.stderr")
@@ -355,6 +378,10 @@ def _write(run_dir: Path, outcomes: list[_Finished], not_run: list[str]) -> Path
             if col in written:
                 written[col] = written[col].astype("Int64")
         written.to_csv(run_dir / name, index=False)
+    samples = [{"model": o.row["model"], "precision": o.row["precision"], "seed": o.row["seed"],
+                "prompt": o.row["sample_prompt"], "text": o.row["sample_text"]}
+               for o in outcomes if isinstance(o.row.get("sample_text"), str)]
+    pd.DataFrame(samples, columns=list(SAMPLE_COLUMNS)).to_csv(run_dir / SAMPLES, index=False)
     if not_run:
         raise OutOfTime(not_run, path)
     return path

@@ -15,13 +15,19 @@ from typing import Any
 
 import models
 from bench import precision
+from bench.parity import data
 
 BROKEN = "broken"  # parity-only sabotaged policy: bf16 whose optimizer steps use 100x the lr
 _BROKEN_LR_FACTOR = 100.0
 
 # Parity-only tasks: a name of their own and the reference model they train.
 UNDERFLOW = "gpt2-tiny-underflow"
-TASK_MODELS = {UNDERFLOW: "gpt2-tiny"}
+LOWLR = "gpt2-tiny-lowlr"  # bf16 weights: updates below half a bf16 spacing (setup below)
+TASK_MODELS = {UNDERFLOW: "gpt2-tiny", LOWLR: "gpt2-tiny",
+               **data.TASK_MODELS}  # real data: bench/parity/data.py
+# What the low-lr task judges, whatever was asked: the pure-bf16 policies against FP32 and
+# bf16 autocast (FP32 masters, the same update in FP32).
+LOWLR_POLICIES = ("fp32", "bf16", *precision.PURE_BF16)
 # Families that predict the next token (the chain's own task); bert predicts masked ones.
 CAUSAL = ("gpt", "llama")
 NANOGPT_STEP_TOKENS = 2**19  # nanoGPT's GPT-2 (124M) recipe: 524,288 tokens per optimizer step
@@ -47,11 +53,13 @@ class Setup:
     step_tokens: int | None = None
 
 
-# Tiny models: sized so 3 models x 5 policies x 3 seeds run in about 5 minutes on 2 CPU cores.
+# Tiny models: sized so the cpu preset's parity (4 models x 3 policies x 3 seeds, and the
+# underflow task's 4 x 3) runs in about 5 minutes on 2 CPU cores.
 CPU_SETUPS: dict[str, Setup] = {
     "resnet-tiny": Setup(batch_size=32, size=32, steps=60, lr=3e-3, num_states=6),
     "bert-tiny": Setup(batch_size=16, size=32, steps=120, lr=3e-3, num_states=16, successors=2),
     "gpt2-tiny": Setup(batch_size=16, size=32, steps=120, lr=3e-3),
+    "llama-tiny": Setup(batch_size=16, size=32, steps=120, lr=3e-3),  # gpt2-tiny's
     # 60 steps, half of gpt2-tiny's: the task asks only whether FP16's range loses the
     # gradients, which shows from the first steps (fp16-noscale 1.3 nats off, tolerance 0.06),
     # and its FP16 runs are the slowest on a CPU without FP16 matmuls (the cpu preset's budget).
@@ -66,10 +74,23 @@ GPU_SETUPS: dict[str, Setup] = {
                         successors=4, sample_every=20, eval_batches=8),
     "llama-small": Setup(batch_size=16, size=256, steps=600, lr=3e-4, num_states=1024,
                          successors=4, sample_every=20, eval_batches=8),
+    # Tiny Shakespeare at the character level (bench/parity/data.py), more steps than on CPU.
+    "gpt2-small-shakespeare": Setup(batch_size=16, size=256, steps=600, lr=3e-4,
+                                    sample_every=20, eval_batches=8),
 }
 # Tuned setups of models no default list trains: parity runs them when named (--models).
 NAMED_SETUPS: dict[str, Setup] = {
-    "llama-tiny": Setup(batch_size=16, size=32, steps=120, lr=3e-3),  # gpt2-tiny's
+    # bf16 weights at a small lr (docs/parity.md): bf16-pure +0.37 nats (FAIL), -sr and -kahan
+    # within 0.002 (PASS); 5 policies x 3 seeds took 8.8 min on 2 shared cores (2026-12-07).
+    LOWLR: Setup(batch_size=8, size=32, steps=200, lr=3e-5, sample_every=10),
+    # Real data (bench/parity/data.py); num_states is set to the data's vocabulary or classes.
+    "gpt2-tiny-shakespeare": Setup(batch_size=32, size=64, steps=200, lr=3e-3,
+                                   sample_every=20),
+    "llama-tiny-shakespeare": Setup(batch_size=32, size=64, steps=200, lr=3e-3,
+                                    sample_every=20),
+    "resnet-tiny-cifar10": Setup(batch_size=64, size=32, steps=200, lr=3e-3, sample_every=20),
+    "gpt2-tiny-tokens": Setup(batch_size=32, size=64, steps=300, lr=3e-3, sample_every=20),
+    "llama-tiny-tokens": Setup(batch_size=32, size=64, steps=300, lr=3e-3, sample_every=20),
 }
 _FAMILY_DEFAULTS = {
     "resnet": Setup(batch_size=32, size=32, steps=300, lr=1e-3, num_states=10),
@@ -92,12 +113,15 @@ def _external_setup(spec: models.ModelSpec) -> Setup:
                  steps=EXTERNAL_STEPS, lr=float(lr))
 
 
-def spec_for(name: str) -> models.ModelSpec:
-    """The model a parity model or task name trains."""
-    return models.get(TASK_MODELS.get(name, name))
+def spec_for(name: str, setup: Setup | None = None) -> models.ModelSpec:
+    """The model a parity model or task name trains; with its ``setup``, a real-data task's
+    model has the data's vocabulary or classes (``num_states``)."""
+    spec = models.get(TASK_MODELS.get(name, name))
+    return data.resized(spec, setup.num_states) if setup and name in data.TASK_MODELS else spec
 
 
-def setup_for(name: str, steps: int | None = None) -> Setup:
+def setup_for(name: str, steps: int | None = None,
+              data_dir: data.DataDir | None = None) -> Setup:
     """The parity setup of a model or task: its tuned one, else its family's default.
 
     Reads the model's vocabulary or classes, so it imports the model's module (torch): the
@@ -114,6 +138,8 @@ def setup_for(name: str, steps: int | None = None) -> Setup:
                         size=min(setup.size, spec.max_size or setup.size))
     else:
         setup = replace(setup, num_states=min(setup.num_states, spec.config.num_classes))
+    if name in data.TASK_MODELS:  # the data's own vocabulary or classes (data_dir: read here)
+        setup = replace(setup, num_states=data.classes(name, data_dir))
     return replace(setup, steps=steps) if steps else setup
 
 
@@ -133,14 +159,20 @@ def default_models(device_type: str) -> list[str]:
 def tasks_for(precisions: Iterable[str]) -> list[str]:
     """The parity-only tasks a run adds to its models: the underflow task whenever it measures
     an FP16 policy, whose loss scaling that task puts to the test (with the fp16-noscale
-    ablation beside it, see task_policies)."""
-    return [UNDERFLOW] if {"fp16", "fp16-noscale"} & set(precisions) else []
+    ablation beside it, see task_policies); the low-lr task whenever it measures a pure-bf16
+    policy, whose update rounding that task puts to the test."""
+    asked = set(precisions)
+    return ([UNDERFLOW] if {"fp16", "fp16-noscale"} & asked else []) + (
+        [LOWLR] if set(precision.PURE_BF16) & asked else [])
 
 
 def task_policies(model: str, precisions: Sequence[str]) -> list[str]:
     """The policies parity trains on ``model``: ``precisions``, except that the underflow task
     always judges the fp16-noscale ablation (the question it exists for, asked or not) and
-    leaves tf32 out (TF32 does not touch FP16's range: on that task it is fp32's twin)."""
+    leaves tf32 out (TF32 does not touch FP16's range: on that task it is fp32's twin); the
+    low-lr task judges LOWLR_POLICIES."""
+    if model == LOWLR:
+        return list(LOWLR_POLICIES)
     if model != UNDERFLOW:
         return list(precisions)
     names = {n for n in precisions if n != "tf32"} | {"fp16-noscale"}
@@ -254,6 +286,8 @@ def eval_set(task: Task, device: Any) -> list[tuple[Any, Any]]:
     """The task's fixed held-out batches, on ``device``: the same for every seed and policy."""
     import torch
 
+    if hasattr(task, "held_out"):  # real data: its validation split (bench/parity/data.py)
+        return task.held_out(device)
     generator = torch.Generator().manual_seed(_EVAL_SEED)
     return [tuple(models.to_device(t, device) for t in task.batch(generator))  # type: ignore[misc]
             for _ in range(task.setup.eval_batches)]

@@ -39,7 +39,7 @@ import torch
 
 import models
 from bench import BadInput, precision
-from bench.parity import probes, tasks
+from bench.parity import data, probes, tasks, updates
 from bench.parity.tasks import Setup, Task, resolve_policy, spec_for
 from bench.parity.verdict import COLUMNS, EXTRA_COLUMNS, failed_row
 from bench.run import proctree
@@ -83,14 +83,15 @@ class _Log:
         self.window_skipped += 1
         self.first_skip = step if self.first_skip is None else self.first_skip
 
-    def sample(self, step: int, scale: float | None) -> None:
-        """One curve point: the mean training loss of the window ending at ``step``."""
+    def sample(self, step: int, scale: float | None, lost_frac: float | None = None) -> None:
+        """One curve point: the mean training loss of the window ending at ``step``, and the
+        share of its last step's updates that left their weight unchanged."""
         losses = torch.stack(self.window).float().cpu() / self.share
         self.nonfinite += int((~torch.isfinite(losses)).sum())
         self.curve.append({"model": self.model, "precision": self.policy, "seed": self.seed,
                            "step": step, "loss": float(losses.mean()), "scale": scale,
                            "skipped": self.window_skipped if self.scaling else None,
-                           "time_s": sum(self.step_times)})
+                           "time_s": sum(self.step_times), "lost_frac": lost_frac})
         self.window, self.window_skipped = [], 0
 
 
@@ -137,8 +138,8 @@ def _trainer(spec: models.ModelSpec, policy: precision.Policy, seed: int, setup:
     torch.manual_seed(seed)
     net = policy.prepare_model(spec.build().to(device))
     # eps scaled with the loss: AdamW's update is then the same as for the plain mean.
-    optimizer = torch.optim.AdamW(net.parameters(), lr=setup.lr * lr_factor, weight_decay=0.0,
-                                  eps=_ADAMW_EPS * share)
+    optimizer = policy.optimizer(net.parameters(), lr=setup.lr * lr_factor, weight_decay=0.0,
+                                 eps=_ADAMW_EPS * share)
     trained_spec = _ShareOfStep(**asdict(spec), share=share) if share != 1.0 else spec
     return Trainer(trained_spec, policy, device, net, optimizer, policy.scaler(device.type),
                    None, None)
@@ -158,15 +159,19 @@ def _train(trainer: Any, task: Task, setup: Setup, log: _Log, histograms: bool) 
             log.underflow.append(shares)
             log.hist += rows
         scale_before = trainer.scaler.get_scale() if log.scaling else None
+        sampled = (step + 1) % setup.sample_every == 0 or step + 1 == setup.steps
+        weights = updates.snapshot(trainer.optimizer) if sampled else []
         trainer.sync()
         started = time.perf_counter()
         log.window.append(trainer.step())
         trainer.sync()
         log.step_times.append(time.perf_counter() - started)
-        if log.scaling and trainer.scaler.get_scale() < scale_before:  # backoff: inf/NaN found
+        skipped = log.scaling and trainer.scaler.get_scale() < scale_before  # inf/NaN found
+        if skipped:
             log.skip(step)
-        if (step + 1) % setup.sample_every == 0 or step + 1 == setup.steps:
-            log.sample(step + 1, trainer.scaler.get_scale() if log.scaling else None)
+        if sampled:
+            lost = None if skipped else updates.lost_share(trainer.optimizer, weights)
+            log.sample(step + 1, trainer.scaler.get_scale() if log.scaling else None, lost)
 
 
 def train_one(
@@ -176,10 +181,10 @@ def train_one(
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Train one (model or task, policy, seed); return its parity row (before verdicts), its
     curve rows and its grad_hist.csv rows (only FP32's seed 0 has them)."""
-    spec = spec_for(model_name)
+    spec = spec_for(model_name, setup)
     if policy is None:
         policy, lr_factor = resolve_policy(policy_name)
-    task = task or Task(spec, setup)
+    task = task or make_task(model_name, setup, None)
     held_out = eval_set if eval_set is not None else tasks.eval_set(task, device)
     share = setup.batch_size * setup.size / setup.step_tokens if setup.step_tokens else 1.0
     trainer = _trainer(spec, policy, seed, setup, device, lr_factor, share)
@@ -202,7 +207,17 @@ def train_one(
         train_time_s=sum(log.step_times), step_time_ms=1e3 * statistics.median(log.step_times),
         batch_size=setup.batch_size,
     )
+    if seed == 0 and hasattr(task, "sample"):  # real text: what the policy's model writes
+        row.update(sample_prompt=data.SAMPLE_PROMPT, sample_text=task.sample(trainer))
     return row, log.curve, log.hist
+
+
+def make_task(name: str, setup: Setup, data_dir: data.DataDir | None) -> Any:
+    """The task ``name`` trains on: real data (bench/parity/data.py) or a generated one."""
+    spec = spec_for(name, setup)
+    if name in data.TASK_MODELS:
+        return data.make_task(name, spec, setup, data_dir)
+    return Task(spec, setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +225,8 @@ def train_one(
 
 
 def plan(device: str, model_names: Sequence[str] | None, chosen: Sequence[str],
-         keep_emulated: bool, steps: int | None) -> dict[str, Any]:
+         keep_emulated: bool, steps: int | None,
+         data_dir: data.DataDir | None = None) -> dict[str, Any]:
     """What the runs will be on ``device``: the device string for the run children, the
     models (the default ones for its type when none are named), the policies (emulated ones
     left out unless ``keep_emulated``), each model's setup, and the (model, policy) pairs the
@@ -218,7 +234,8 @@ def plan(device: str, model_names: Sequence[str] | None, chosen: Sequence[str],
     from bench.cell.train import resolve_device
 
     dev = resolve_device(device)
-    names = list(model_names) if model_names else tasks.default_models(dev.type)
+    names = list(model_names) if model_names else [
+        *tasks.default_models(dev.type), *(data_dir.tasks() if data_dir else [])]
     _check_own_models(names)
     if not keep_emulated:  # by default no emulated policy (FP8 off CUDA): slow, and no news
         chosen = [n for n in chosen if not resolve_policy(n)[0].emulated_on(dev.type)]
@@ -230,7 +247,7 @@ def plan(device: str, model_names: Sequence[str] | None, chosen: Sequence[str],
                 unsupported.append([model, name, reason])
     return {"device": str(dev), "device_type": dev.type, "models": names,
             "precisions": list(chosen), "unsupported": unsupported,
-            "setups": {m: asdict(tasks.setup_for(m, steps)) for m in names}}
+            "setups": {m: asdict(tasks.setup_for(m, steps, data_dir)) for m in names}}
 
 
 def _check_own_models(names: Sequence[str]) -> None:
@@ -264,7 +281,7 @@ def _train_seeds(dev: Any, args: argparse.Namespace) -> int:
 
     setup = Setup(**json.loads(args.setup))
     policy, lr_factor = resolve_policy(args.precision)
-    task = Task(spec_for(args.model), setup)
+    task = make_task(args.model, setup, _data_dir(args))
     held_out = tasks.eval_set(task, dev)
     failed = 0
     for seed, out in zip(args.seeds, args.out, strict=True):
@@ -283,6 +300,11 @@ def _train_seeds(dev: Any, args: argparse.Namespace) -> int:
         _write_json(Path(out), {"row": row, "curve": curve, "hist": hist,
                                 "elapsed_s": time.perf_counter() - started})
     return 1 if failed else 0
+
+
+def _data_dir(args: argparse.Namespace) -> data.DataDir | None:
+    """The checked --data-dir the parent passed on (BadInput if its files changed since)."""
+    return data.check_data_dir(args.data_dir) if args.data_dir else None
 
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:
@@ -328,6 +350,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--setup", required=True, help="the Setup's fields as JSON")
     run.add_argument("--device", required=True)
     run.add_argument("--out", action="append", required=True, help="one per seed, in order")
+    run.add_argument("--data-dir", help="the user's data files (bench/parity/data.py)")
     ask = sub.add_parser("plan", help="what the runs will be on --device")
     ask.add_argument("--device", required=True)
     ask.add_argument("--models", type=names)
@@ -335,6 +358,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--keep-emulated", action="store_true")
     ask.add_argument("--steps", type=int)
     ask.add_argument("--out", required=True)
+    ask.add_argument("--data-dir", help="the user's data files (bench/parity/data.py)")
     return parser
 
 
@@ -346,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.request == "plan":
         try:
             result = plan(args.device, args.models, args.precisions, args.keep_emulated,
-                          args.steps)
+                          args.steps, _data_dir(args))
         except BadInput as exc:
             result = {"bad_input": str(exc)}
         _write_json(Path(args.out), result)

@@ -27,7 +27,8 @@ COLUMNS = (
 )
 EXTRA_COLUMNS = ("scaler_first_skip_step", "scaler_scale_final", "initial_eval_loss",
                  "final_train_loss", "train_time_s", "step_time_ms", "batch_size", "error")
-CURVE_COLUMNS = ("model", "precision", "seed", "step", "loss", "scale", "skipped", "time_s")
+CURVE_COLUMNS = ("model", "precision", "seed", "step", "loss", "scale", "skipped", "time_s",
+                 "lost_frac")
 HIST_COLUMNS = ("model", "kind", "step", "log2_bin", "count", "zeros")
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 _WORST_FIRST = ("FAIL", "INCONCLUSIVE", "PASS")
@@ -156,9 +157,13 @@ def summarize(frame: Any) -> str:
 
 
 def verdict_table(path: Path | str) -> str:
-    """parity.csv's verdicts under a title: the end of `ampbench parity` and of the parity
-    stage of `ampbench run`."""
+    """parity.csv's verdicts under a title, then convergence's (bench/parity/convergence.py):
+    the end of `ampbench parity` and of the parity stage of `ampbench run`."""
     import pandas as pd
 
+    from bench.parity import convergence
+
+    frame = pd.read_csv(path)
+    converged = convergence.summary(frame)
     return ("Accuracy parity against fp32 (means over seeds; PASS within tolerance):\n"
-            + summarize(pd.read_csv(path)))
+            + summarize(frame) + (f"\n\n{converged}" if converged else ""))

@@ -154,7 +154,7 @@ def _peer_trainer(ours: Trainer, peer: Any) -> Trainer:
     if ours.memory_format == "channels_last":
         peer = peer.to(memory_format=torch.channels_last)
     peer.train()
-    optimizer = torch.optim.AdamW(peer.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = ours.policy.optimizer(peer.parameters(), lr=1e-4, fused=device.type == "cuda")
     return Trainer(ours.spec, ours.policy, device, _Logits(peer, ours.spec.family), optimizer,
                    ours.policy.scaler(device.type), ours.inputs, ours.targets,
                    memory_format=ours.memory_format)

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 import models
-from bench import BadInput, precision
+from bench import BadInput
 
 EXTRA_HINT = "pip install -e .[peers]"
 # The library each family's peer comes from; resnet-tiny has no torchvision counterpart
@@ -109,7 +109,9 @@ def build_peer(model: str) -> Any:
     check_library(model)
     # transformers imports torchao where it is installed (the fp8 extra), which logs a line
     # per prebuilt kernel library it cannot load: noise for a peer that uses none of them.
-    with precision.quiet_torchao():
+    from bench.cell.low_precision import quiet_torchao
+
+    with quiet_torchao():
         return _build_peer(model)
 
 

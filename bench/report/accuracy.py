@@ -16,11 +16,19 @@ from tabulate import tabulate
 
 from bench import parity
 from bench.analysis import noise
-from bench.report import gradients
+from bench.parity import convergence
+from bench.report import gradients, lost_updates, samples
 from bench.report.formats import fmt_int, fmt_ratio, fmt_sig, is_num
 from bench.report.loading import PLOTS, Run, _ordered
-from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE, plot_name, scaled_curves
-from bench.report.tables import _compared, _model, _ratio, _speedup
+from bench.report.parity_plots import (
+    GRAD_RANGE,
+    LOSS_SCALE,
+    REAL_LOSS,
+    plot_name,
+    scaled_curves,
+)
+from bench.report.tables import _compared, _ratio, _speedup
+from bench.report.view import _model
 
 NOT_REACHED = "not reached"
 
@@ -261,6 +269,26 @@ _TIME_NOTE = (
     "step time.")
 
 
+# ------------------------------------------------------------------------------ convergence
+
+
+def convergence_block(run: Run, name: str) -> list[str]:
+    """MLPerf-style convergence of ``name``'s policies (bench/parity/convergence.py): the
+    table, each policy's verdict line and the rule; [] without steps to the target."""
+    runs = run.parity_runs
+    if runs is None:
+        return []
+    policies = _ordered(runs.loc[runs["model"] == name, "precision"])
+    results = convergence.judge(runs, name, policies)
+    if not results:
+        return []
+    return ["**Convergence (MLPerf-style)** (steps and seconds to the time-to-accuracy target, "
+            "fastest and slowest seed dropped; is each policy slower to converge than fp32?)",
+            "", convergence.table(results), "",
+            *(f"- {line}" for line in convergence.verdict_lines(results)), "",
+            f"{convergence.NOTE} {convergence.ENERGY_NOTE}", ""]
+
+
 # ------------------------------------------------------------------------------ the block
 
 
@@ -275,6 +303,10 @@ def block(run: Run, name: str, plots: Sequence[str] = ()) -> list[str]:
     if table:
         lines += ["**Accuracy parity** (final eval loss against the FP32 seed band)", "",
                   table, ""]
+        measured = samples.describe(name)  # real data: what the eval loss is measured on
+        lines += [measured, ""] if measured else []
+        lines += _figure(f"{name}: training loss on real data", plot_name(REAL_LOSS, name),
+                         plots)
     times = time_table(run, name)
     if times:
         lines += ["**Time to accuracy** (to FP32's final training loss, within the parity "
@@ -283,6 +315,7 @@ def block(run: Run, name: str, plots: Sequence[str] = ()) -> list[str]:
         if missed:
             lines += [f"Seeds that did not reach the target: {'; '.join(missed)}.", ""]
         lines += [_TIME_NOTE, ""]
+    lines += convergence_block(run, name)
     shares = [s for s in gradients.shares(run, name) if s.nonzero]
     if shares:
         steps = sorted({step for s in shares for step in s.steps})
@@ -292,6 +325,7 @@ def block(run: Run, name: str, plots: Sequence[str] = ()) -> list[str]:
                   + "; ".join(gradients.describe(s) for s in shares) + ".", ""]
         lines += _figure(f"{name}: FP32 gradients against FP16's range",
                          plot_name(GRAD_RANGE, name), plots)
+    lines += lost_updates.block(run, name, plots)
     if not scaled_curves(run.curves, name).empty:
         skipped = run.curves.loc[(run.curves["model"] == name), "skipped"]  # type: ignore[index]
         text = "**Loss scale over training** (GradScaler's scale per seed"

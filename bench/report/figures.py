@@ -9,6 +9,7 @@ torch-free."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,25 @@ if TYPE_CHECKING:
 
 from bench.report.loading import Run, _ordered
 
+
+def plot_name(kind: str, model: str) -> str:
+    """The file stem of a per-model figure: ``grad_range-gpt2-tiny``."""
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}"
+
+
 # One colour and marker per policy, the same in every plot of every report.
 _COLOURS = {
     "fp32": "#333333", "tf32": "#0173b2", "fp16": "#029e73", "bf16": "#de8f05",
     "fp16-noscale": "#d55e00", "fp8": "#cc78bc", "fp8-rowwise": "#ca9161",
+    "bf16-pure": "#8c564b", "bf16-pure-sr": "#17becf", "bf16-pure-kahan": "#bcbd22",
+    "fp8-rowwise-gw-hp": "#9467bd", "fp8-filtered": "#e377c2", "mxfp8": "#7f7f7f",
+    "nvfp4": "#2ca02c",
 }
 _EXTRA_COLOURS = ("#fbafe4", "#56b4e9", "#ece133", "#949494")
 _MARKERS = {"fp32": "o", "tf32": "s", "fp16": "^", "bf16": "D", "fp16-noscale": "v",
-            "fp8": "P", "fp8-rowwise": "X"}
+            "fp8": "P", "fp8-rowwise": "X", "bf16-pure": "d", "bf16-pure-sr": "p",
+            "bf16-pure-kahan": "8", "fp8-rowwise-gw-hp": "H", "fp8-filtered": "1",
+            "mxfp8": "2", "nvfp4": "3"}
 _EXTRA_MARKERS = ("*", "h", "<", ">")
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench import BadInput, parity, store
-from bench.analysis import baseline, noise
+from bench import BadInput, parity, store, strategy
+from bench.analysis import baseline, noise, numerics
 from bench.analysis.cells import group_frame
 from bench.precision import NAMES as _POLICY_NAMES
 from bench.run import contention as load_
@@ -29,15 +29,15 @@ PEERS = store.PEERS
 POLICY_ORDER = _POLICY_NAMES  # the canonical order, FP8 beside the other policies
 KEY = store.KEY
 # Key columns besides the batch size that become extra row labels when they vary in a model.
-_SECONDARY = ("seq_len", "image_size", "grad_accum", "compile", "world_size")
+_SECONDARY = ("seq_len", "image_size", "grad_accum", "compile", "world_size", "strategy")
 _SECONDARY_HEADERS = {"seq_len": "seq len", "image_size": "image", "grad_accum": "grad accum",
-                      "compile": "compile", "world_size": "world size"}
+                      "compile": "compile", "world_size": "world size", "strategy": "strategy"}
 _KEY_DEFAULTS: dict[str, Any] = {"grad_accum": 1, "world_size": 1, "compile": False}
 METRICS = (
     "samples_per_s", "tokens_per_s", "step_ms_median", "step_ms_iqr", "peak_mem_allocated_gib",
     "peak_mem_reserved_gib", "peak_rss_gib", "achieved_tflops", "mfu_pct", "mfu_fp8_pct",
     "power_avg_w", "energy_j", "joules_per_sample", "sm_clock_mhz_avg", "temp_max_c",
-    "host_ms_median",
+    "host_ms_median", "param_bytes", "optim_state_bytes", "peak_mem_rank_min_gib",
 )
 # The worst status speaks for a cell none of whose repeats ran.
 THROTTLED_MARK = "†"
@@ -65,6 +65,14 @@ class Run:
     prices: dict[str, float] = field(default_factory=dict)  # store.PRICES keys given
     # What reading left out (lines damaged or cut off, a process twice): the report says so.
     problems: list[str] = field(default_factory=list)
+
+    def parity_row(self, model: str, policy: str) -> pd.Series | None:
+        """parity.csv's verdict row of (model, policy); None without one."""
+        if self.parity is None:
+            return None
+        rows = self.parity[(self.parity["model"] == model)
+                           & (self.parity["precision"] == policy)]
+        return None if rows.empty else rows.iloc[0]
 
     @property
     def device_name(self) -> str:
@@ -118,6 +126,7 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
     for column in ("grad_accum", "world_size"):
         frame[column] = frame[column].fillna(_KEY_DEFAULTS[column])
     frame["compile"] = frame["compile"].map(store.truthy)
+    frame["strategy"] = [strategy.of_record({"strategy": v}) for v in frame["strategy"]]
     for column in METRICS:
         values = frame[column] if column in frame.columns else None
         frame[column] = pd.to_numeric(values, errors="coerce") if values is not None else math.nan
@@ -134,6 +143,32 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
 # Metrics whose between-process noise the tables state (a ``<metric>_err`` column each).
 _NOISY = ("samples_per_s", "tokens_per_s", "peak_mem_reserved_gib", "peak_rss_gib",
           "joules_per_sample")
+
+
+def _flags(ok: pd.DataFrame) -> dict[str, Any]:
+    """A cell's marks, from its ok processes: any one throttled, contended, ... marks it."""
+    reasons = sorted({r.strip() for v in ok["throttle_reasons"].dropna()
+                      for r in str(v).split(";") if r.strip()})
+    # Why an MFU is empty, from any ok repeat: one impossible value makes the cell's suspect.
+    mfu_flags = (str(f).strip() for f in ok["mfu_flag"].dropna())
+    return {
+        "throttled": bool(ok["throttled"].any()),
+        "contended": load_.contended_rows(ok),
+        # Ran beside other cells on the node's other devices (`run --devices`): shared power,
+        # heat and host, so its numbers are not those of a cell alone on the node.
+        "co_scheduled": "neighbours" in ok and any(
+            isinstance(v, str) and v.strip() for v in ok["neighbours"]),
+        "host_bound": "host_bound" in ok and any(map(store.truthy, ok["host_bound"])),
+        "emulated": "emulated" in ok and any(map(store.truthy, ok["emulated"])),
+        "throttle_reasons": ";".join(reasons),
+        "mfu_flag": "; ".join(dict.fromkeys(f for f in mfu_flags if f)),
+    }
+
+
+# What an FP8-family cell's conversion did (store.CONVERSION but ``emulated``, a flag above):
+# the report's "which layers ran in which format" table (bench/report/low_precision.py).
+LOW_PRECISION = ("fp8_converted", "fp8_unconverted", "fp8_num_unconverted",
+                 "low_precision_format", "low_precision_filter")
 
 
 def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
@@ -162,17 +197,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         within = (ok["step_ms_iqr"] / ok["step_ms_median"]).dropna()
         row["step_spread_pct"] = within.median() * 100 if len(within) else math.nan
         row["outliers"] = _outliers(ok, within.median() / 1.349 if len(within) else None)
-        reasons = sorted({r.strip() for v in ok["throttle_reasons"].dropna()
-                          for r in str(v).split(";") if r.strip()})
-        row["throttled"] = bool(ok["throttled"].any())
-        row["contended"] = "others_cpu_pct" in ok and any(map(load_.contended,
-                                                              ok["others_cpu_pct"]))
-        row["host_bound"] = "host_bound" in ok and any(map(store.truthy, ok["host_bound"]))
-        row["emulated"] = "emulated" in ok and any(map(store.truthy, ok["emulated"]))
-        row["throttle_reasons"] = ";".join(reasons)
-        # Why an MFU is empty, from any ok repeat: one impossible value makes the cell's suspect.
-        flags = (str(f).strip() for f in ok["mfu_flag"].dropna())
-        row["mfu_flag"] = "; ".join(dict.fromkeys(f for f in flags if f))
+        row.update(_flags(ok))
         errors = [str(e).strip() for e in group["error"].dropna() if str(e).strip()]
         row["error"] = errors[0] if errors else ""
         row["repeats"] = len(group)
@@ -180,12 +205,17 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
             if "calibration" in group else 0
         row["failed_repeats"] = len(group) - len(ok)
         row["device_name"] = first["device_name"]
+        row["numerics"] = numerics.of_processes(str(first["precision"]), ok)  # summed
+        for column in ("param_dtypes", "optim_state_dtypes", *LOW_PRECISION):  # the same in
+            # every ok repeat
+            row[column] = ok[column].dropna().iloc[0] \
+                if column in ok and ok[column].notna().any() else None
         rows.append(row)
     columns = [*KEY, "status", *METRICS, *(f"{m}_err" for m in _NOISY), "noise_pct",
-               "noise_source", "step_spread_pct", "throttled", "contended", "host_bound",
-               "emulated", "mfu_flag", "outliers",
+               "noise_source", "step_spread_pct", "throttled", "contended", "co_scheduled",
+               "host_bound", "emulated", "mfu_flag", "outliers",
                "throttle_reasons", "error", "repeats", "calibration_processes", "failed_repeats",
-               "device_name"]
+               "device_name", "param_dtypes", "optim_state_dtypes", "numerics", *LOW_PRECISION]
     cells = pd.DataFrame(rows, columns=columns)
     # The run's between-process band, for the report's words.
     cells.attrs["band"] = noisy["samples_per_s"][1]
@@ -295,7 +325,7 @@ def _curves(path: Path) -> pd.DataFrame | None:
     frame["loss"] = loss.where(loss.abs() != math.inf)
     frame["model"] = frame["model"].astype(str)
     frame["precision"] = frame["precision"].astype(str)
-    for column in ("scale", "skipped", "time_s"):  # empty for a policy without a scaler
+    for column in ("scale", "skipped", "time_s", "lost_frac"):  # empty where not measured
         frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame \
             else math.nan
     return frame.dropna(subset=["step"])

@@ -13,10 +13,11 @@ from tabulate import tabulate
 
 from bench import BadInput, paths, store
 from bench.analysis import noise
-from bench.report import accuracy, peers, summary
+from bench.report import accuracy, low_precision, peers, samples, summary
 from bench.report.formats import is_num
 from bench.report.loading import PLOTS, REPORT, THROTTLED_MARK, Run, _ordered, load
-from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE
+from bench.report.lost_updates import LOST_UPDATES
+from bench.report.parity_plots import GRAD_RANGE, LOSS_SCALE, REAL_LOSS
 from bench.report.plots import plot
 from bench.report.tables import _model_section, _ratio
 
@@ -205,7 +206,8 @@ _PLOT_TITLES = {
 }
 
 
-_PARITY_PLOTS = (f"{GRAD_RANGE}-", f"{LOSS_SCALE}-")  # one per parity model
+_PARITY_PLOTS = (f"{GRAD_RANGE}-", f"{LOSS_SCALE}-", f"{REAL_LOSS}-",  # one per parity model
+                 f"{LOST_UPDATES}-")
 
 
 def render(run: Run, plots: Sequence[str] = ()) -> str:
@@ -215,6 +217,7 @@ def render(run: Run, plots: Sequence[str] = ()) -> str:
     benchmarked = list(run.cells["model"].drop_duplicates())
     for name in benchmarked:
         lines += _model_section(run, name, accuracy.block(run, name, plots))
+        lines += low_precision.table(run, name)
     for name in accuracy.models(run):
         if name not in benchmarked:  # a parity task with no benchmark cells of its own
             lines += [f"## {name} (parity task)", "", "No benchmark cells: parity only.", "",
@@ -228,6 +231,7 @@ def render(run: Run, plots: Sequence[str] = ()) -> str:
             lines += [f"![{_PLOT_TITLES.get(name, name)}]({PLOTS}/{name}.png)", ""]
         lines += [f"Error bars: the noise interval ({noise.Z:g} standard errors, on the log "
                   f"scale). SVG versions beside them in `{PLOTS}/`.", ""]
+    lines += samples.appendix(run)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -7,14 +7,13 @@ skipped steps (``loss_scale-<model>``). torch-free."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from bench.report import gradients
-from bench.report.figures import log_axis
+from bench.report import gradients, lost_updates
+from bench.report.figures import log_axis, plot_name
 from bench.report.gradients import (
     FP16_MAX,
     FP16_NORMAL_LOG2,
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
 
 GRAD_RANGE = "grad_range"
 LOSS_SCALE = "loss_scale"
+REAL_LOSS = "real_loss"  # a real-data task's loss curves with its final eval losses
 _UNSCALED, _SCALED = "#7f7f7f", "#029e73"  # grey: FP32 as measured; fp16's colour: scaled
 _LOST = "#d55e00"  # what FP16 loses: outside its range, skipped steps
 _SEED_COLOURS = ("#0173b2", "#029e73", "#cc78bc", "#56b4e9", "#949494", "#ca9161")
@@ -43,11 +43,6 @@ _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 def _pow2(exponent: int) -> str:
     """'2⁻²⁴': superscript digits, not mathtext (whose parser costs seconds per report)."""
     return "2" + str(exponent).translate(_SUPERSCRIPT)
-
-
-def plot_name(kind: str, model: str) -> str:
-    """The file stem of a per-model figure: ``grad_range-gpt2-tiny``."""
-    return f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}"
 
 
 def _range_panel(ax: Axes, item: Shares) -> None:
@@ -273,12 +268,58 @@ def _nonfinite_marks(ax: Axes, plotter: Plotter, rows: pd.DataFrame,
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
 
 
+def _real_plot(plotter: Plotter, model: str) -> list[Path]:
+    """A real-data task's training loss per policy (FP32's seed range shaded) with each
+    policy's final eval loss on the held-out split (a star at the last step, mean of
+    seeds), and the loss of a model that learnt nothing (uniform over the vocabulary)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from bench.parity import data
+
+    curves = plotter.run.curves
+    rows = curves[curves["model"] == model] if curves is not None else pd.DataFrame()
+    if rows.empty or rows["loss"].notna().sum() == 0:
+        return []
+    policies = _ordered(rows["precision"])
+    fig, axes = plotter.figure(1, f"{model}: training loss on real data", width=8.4,
+                               height=4.0)
+    ax = axes[0]
+    seeds, _ = _loss_panel(ax, plotter, rows, policies, log=False)
+    extra: list[Any] = [Patch(color=plotter.colours["fp32"], alpha=0.18,
+                              label=f"fp32 seed range ({seeds} seeds)")] if seeds else []
+    parity = plotter.run.parity
+    judged = parity[parity["model"] == model] if parity is not None else pd.DataFrame()
+    last = float(rows["step"].max())
+    for _, row in judged.iterrows():
+        loss = float(row["eval_loss"]) if pd.notna(row["eval_loss"]) else math.nan
+        if row["precision"] in plotter.colours and math.isfinite(loss):
+            ax.scatter([last], [loss], marker="*", s=110, zorder=5,
+                       color=plotter.colours[row["precision"]], edgecolors="white")
+    if len(judged):
+        extra.append(Line2D([], [], ls="none", marker="*", markersize=10, color="#555555",
+                            label="final eval loss\n(held out)"))
+    if model in data.SHAKESPEARE_TASKS:
+        ax.axhline(math.log(65), color="#777777", lw=1.2, ls=":", zorder=1)
+        extra.append(Line2D([], [], color="#777777", lw=1.2, ls=":",
+                            label="learnt nothing (ln 65)"))
+        ax.set_ylabel("loss (nats per character)")
+    plotter.legend(fig, policies, extra)
+    return plotter.save(fig, plot_name(REAL_LOSS, model))
+
+
 def plot_parity(plotter: Plotter) -> list[Path]:
-    """Both figures for every parity model whose data they need."""
+    """Both figures for every parity model whose data they need, and the real-data figure
+    for each real-data task."""
+    from bench.parity import data
+
     written: list[Path] = []
     for model in gradients.models(plotter.run):
         written += _range_plot(plotter, model)
     curves = plotter.run.curves
     for model in [] if curves is None else curves["model"].drop_duplicates():
         written += _scale_plot(plotter, model)
+        written += lost_updates.plot(plotter, model)
+        if model in data.TASK_MODELS:
+            written += _real_plot(plotter, model)
     return written

@@ -35,7 +35,8 @@ from bench.report.figures import (
 from bench.report.formats import is_num
 from bench.report.loading import _SECONDARY_HEADERS, THROTTLED_MARK, Run, _ordered
 from bench.report.parity_plots import loss_figure, plot_parity
-from bench.report.tables import _estimate, _memory_column, _Model, _model, _speedup, _versus
+from bench.report.tables import _estimate, _memory_column, _speedup, _versus
+from bench.report.view import _Model, _model
 
 
 def _primary(cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:

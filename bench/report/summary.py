@@ -19,18 +19,12 @@ from tabulate import tabulate
 
 from bench import store
 from bench.analysis import noise
+from bench.report import numerics
 from bench.report.formats import fmt_change, fmt_ratio, is_num
 from bench.report.loading import CONTENDED_MARK, THROTTLED_MARK, Run, _ordered
-from bench.report.tables import (
-    _compared,
-    _label,
-    _memory_column,
-    _Model,
-    _model,
-    _same_key,
-    _speedup,
-    _versus,
-)
+from bench.report.notes import _label
+from bench.report.tables import _compared, _memory_column, _same_key, _speedup, _versus
+from bench.report.view import _Model, _model
 
 REFERENCE = "fp32"
 CPU_TF32 = "tf32 (fp32 on a CPU)"  # TF32 is a GPU tensor-core format: on a CPU tf32 is fp32
@@ -80,12 +74,9 @@ def _speed_text(model: _Model, cell: pd.Series) -> str:
 
 
 def _parity_text(run: Run, model: str, policy: str) -> str:
-    if run.parity is None:
+    row = run.parity_row(model, policy)
+    if row is None:
         return "not run"
-    rows = run.parity[(run.parity["model"] == model) & (run.parity["precision"] == policy)]
-    if rows.empty:
-        return "not run"
-    row = rows.iloc[0]
     verdict = str(row["verdict"] or "no verdict")
     if is_num(row.get("delta")) and is_num(row.get("tolerance")):
         delta = f"{row['delta']:+.3g}" if row["delta"] else "0"
@@ -142,6 +133,7 @@ def summary(run: Run) -> list[str]:
                       "measures fp32 against itself, a check on the noise.", ""]
     else:
         lines += ["No benchmark cells in this run.", ""]
+    lines += numerics.block(run)  # beside the parity verdicts: did the steps stay finite?
     failures = _parity_failures(run)
     if failures:
         lines += [f"**Parity FAIL:** {'; '.join(failures)}.", ""]
@@ -149,6 +141,11 @@ def summary(run: Run) -> list[str]:
     failed = [f"{int(counts[s])} {s}" for s in store.FAILED if s in counts]
     lines += [f"{len(run.cells)} cells: {int(counts.get('ok', 0))} ok"
               + (", " + ", ".join(failed) if failed else "") + ".", ""]
+    beside = int(run.cells["co_scheduled"].sum()) if "co_scheduled" in run.cells else 0
+    if beside:
+        lines += [f"{beside} of {len(run.cells)} cells ran beside others on this node's other "
+                  "devices (`run --devices`): their numbers include their neighbours' share "
+                  "of power, heat and host (see the notes under the tables).", ""]
     return lines
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -15,11 +14,11 @@ from tabulate import tabulate
 
 from bench import store
 from bench.analysis import noise
+from bench.report import held
 from bench.report.formats import (
     fmt_change,
     fmt_gib,
     fmt_int,
-    fmt_pct,
     fmt_rate,
     fmt_ratio,
     fmt_sig,
@@ -27,58 +26,19 @@ from bench.report.formats import (
     is_num,
 )
 from bench.report.loading import (
-    _SECONDARY,
     _SECONDARY_HEADERS,
     CONTENDED_MARK,
     KEY,
     THROTTLED_MARK,
     Run,
-    _ordered,
 )
+from bench.report.notes import _mfu_impossible, _notes
+from bench.report.view import _Model, _model
 
 # A cell whose processes or steps spread wider than this is flagged with the advice to fix it.
-_WIDE_PCT = 10.0
 
 
 # ------------------------------------------------------------------------------ tables
-
-
-@dataclass(frozen=True)
-class _Model:
-    """What a model's tables need: its cells, row keys and units."""
-
-    name: str
-    cells: pd.DataFrame
-    row_keys: list[str]
-    policies: list[str]
-    language: bool  # language models: tokens/s and joules per token
-
-    @property
-    def rate_column(self) -> str:
-        if self.language and self.cells["tokens_per_s"].notna().any():
-            return "tokens_per_s"
-        return "samples_per_s"
-
-    @property
-    def rate_unit(self) -> str:
-        return "tokens/s" if self.rate_column == "tokens_per_s" else "samples/s"
-
-    @property
-    def energy_unit(self) -> str:
-        return "J/token" if self.language else "J/sample"
-
-    def energy(self, cell: pd.Series) -> float:
-        value = cell["joules_per_sample"]
-        if self.language and is_num(cell["seq_len"]) and cell["seq_len"] > 0:
-            return float(value) / float(cell["seq_len"])
-        return float(value)
-
-
-def _model(run: Run, name: str) -> _Model:
-    cells = run.cells[run.cells["model"] == name]
-    row_keys = ["batch_size"] + [k for k in _SECONDARY if cells[k].nunique(dropna=False) > 1]
-    language = bool(cells["seq_len"].notna().any())
-    return _Model(name, cells, row_keys, _ordered(cells["precision"]), language)
 
 
 def _row_id(cell: pd.Series, keys: Sequence[str]) -> tuple[Any, ...]:
@@ -172,8 +132,8 @@ def _table(model: _Model, text: Any, always: bool = False) -> str | None:
     rows, lookup = _grid(model)
     body, any_value = [], False
     for row in rows:
-        line = [fmt_int(v) if k != "compile" else ("yes" if v else "no")
-                for k, v in zip(model.row_keys, row, strict=True)]
+        line = [("yes" if v else "no") if k == "compile" else str(v) if k == "strategy"
+                else fmt_int(v) for k, v in zip(model.row_keys, row, strict=True)]
         for policy in model.policies:
             cell = lookup.get((row, policy))
             if cell is None:
@@ -221,6 +181,9 @@ def _model_section(run: Run, name: str, parity: Sequence[str] = ()) -> list[str]
     if scaling:
         lines += ["**Scaling efficiency vs world size 1** (samples/s(ws) / (ws x samples/s(1)))",
                   "", scaling, ""]
+    per_rank = _rank_memory_table(model, *_memory_column(run))
+    if per_rank:
+        lines += [per_rank[0], "", per_rank[1], ""]
     if parity:
         lines += parity
     elif run.parity is None:
@@ -246,6 +209,10 @@ def _sections(run: Run, model: _Model) -> list[_Section]:
          "energy: not measured (no NVML power readings)"),
         (_mfu_title(model), _mfu_text, "MFU: no peak FLOP/s known for this device"),
     ]
+    if model.cells["param_bytes"].notna().any():  # recorded since schema 8
+        sections.insert(3, ("Weights + optimizer state, MiB, their dtypes (change vs fp32)",
+                            partial(_held_text, model), "weights and optimizer state: not "
+                            "recorded"))
     price_hour, price_kwh = run.prices.get("price_per_hour"), run.prices.get("price_per_kwh")
     if price_hour is not None:
         per = f"${price_hour:g} per device-hour" + (
@@ -292,6 +259,10 @@ def _memory_text(model: _Model, column: str, cell: pd.Series) -> str | None:
     return _with_change(model, cell, column, fmt_gib(cell[column]))
 
 
+def _held_text(model: _Model, cell: pd.Series) -> str | None:
+    return held.text(cell, _reference(model, cell, "fp32"))
+
+
 def _energy_text(model: _Model, cell: pd.Series) -> str | None:
     if not is_num(cell["joules_per_sample"]):
         return None
@@ -331,17 +302,6 @@ def _shape(model: _Model) -> str:
     return ", ".join(parts).capitalize() + "." if parts else ""
 
 
-def _label(cell: pd.Series, row_keys: Sequence[str]) -> str:
-    parts = [str(cell["precision"]), f"batch {int(cell['batch_size'])}"]
-    for key in row_keys[1:]:
-        parts.append(f"{_SECONDARY_HEADERS[key]} {cell[key]}")
-    return ", ".join(parts)
-
-
-def _mfu_impossible(cell: pd.Series) -> bool:
-    return store.MFU_ABOVE_100 in str(cell.get("mfu_flag") or "")
-
-
 def _mfu_title(model: _Model) -> str:
     """Which peak each policy's MFU is against: the same for every autocast policy, so FP8's
     reads beside bf16's; an FP8 policy's own peak in parentheses."""
@@ -353,108 +313,31 @@ def _mfu_title(model: _Model) -> str:
 
 
 
-def _notes(model: _Model) -> list[str]:
-    """The notes under a model's tables: what its cells' flags and failures mean."""
-    return [*_mfu_notes(model), *_throttle_notes(model), *_contention_notes(model),
-            *_host_bound_notes(model), *_spread_notes(model), *_failure_notes(model)]
+def _rank_memory_table(model: _Model, column: str, label: str) -> tuple[str, str] | None:
+    """(title, table) of the multi-process cells' memory per rank: the largest rank's peak (the
+    cell's ``column``, as in the memory table) / the smallest rank's, and the weights +
+    optimizer state one rank holds (all of them under DDP, a shard under FSDP2); None
+    without such a cell."""
+    multi = model.cells[model.cells["world_size"] != 1]
+    if multi.empty or not (multi["status"] == "ok").any():
+        return None
 
+    def text(cell: pd.Series) -> str | None:
+        if not is_num(cell[column]):
+            return None
+        low = cell["peak_mem_rank_min_gib"]
+        optim = cell["optim_state_bytes"] if is_num(cell["optim_state_bytes"]) else 0
+        held = cell["param_bytes"] + optim if is_num(cell["param_bytes"]) else None
+        return (fmt_gib(cell[column]) + (f" / {fmt_gib(low)}" if is_num(low) else "")
+                + (f", holds {held / 2**20:.1f} MiB" if held is not None else ""))
 
-def _labels(model: _Model, cells: pd.DataFrame) -> str:
-    return "; ".join(_label(c, model.row_keys) for _, c in cells.iterrows())
-
-
-def _mfu_notes(model: _Model) -> list[str]:
-    impossible = model.cells[(model.cells["status"] == "ok") & model.cells["mfu_flag"].map(
-        lambda flag: store.MFU_ABOVE_100 in str(flag or ""))]
-    if not len(impossible):
-        return []
-    items = [f"{_label(cell, model.row_keys)} ({cell['mfu_flag']})"
-             for _, cell in impossible.iterrows()]
-    return ["MFU flagged: above 100% of the peak, which no run reaches, so the FLOP "
-            "count or the peak is wrong (pass --peak-tflops if the table's is); not "
-            f"shown as a number: {'; '.join(items)}."]
-
-
-def _throttle_notes(model: _Model) -> list[str]:
-    """Throttled cells (heat, hardware), then the power-capped ones (routine, no dagger)."""
-    notes = []
-    throttled = model.cells[model.cells["throttled"]]
-    if len(throttled):
-        items = []
-        for _, cell in throttled.iterrows():
-            reasons = cell["throttle_reasons"].replace(";", ", ")
-            items.append(_label(cell, model.row_keys) + (f" ({reasons})" if reasons else ""))
-        notes.append(f"{THROTTLED_MARK} throttled during the timed window, numbers understate "
-                     f"the device: {'; '.join(items)}.")
-    capped = model.cells[~model.cells["throttled"] & model.cells["throttle_reasons"].map(
-        lambda reasons: "sw_power_cap" in str(reasons).split(";"))]
-    if len(capped):
-        notes.append("Power-capped (the clocks held to the power limit, routine under heavy load; "
-                     f"not marked {THROTTLED_MARK}, its share of the window is in "
-                     "throttle_shares): "
-                     f"{_labels(model, capped)}.")
-    return notes
-
-
-def _contention_notes(model: _Model) -> list[str]:
-    """Cells that shared the machine with others' work, and cells that emulated their math."""
-    notes = []
-    contended = model.cells[model.cells["contended"]]
-    if len(contended):
-        notes.append(f"{CONTENDED_MARK} other processes used more than 10% of the run's cores "
-                     f"while it ran, so its numbers measure them too (not claimed in the "
-                     f"summary; rerun on an idle machine): "
-                     f"{_labels(model, contended)}.")
-    emulated = model.cells[model.cells["emulated"]]
-    if len(emulated):
-        notes.append("Emulated: these cells ran their low-precision math in software (FP8 off "
-                     "CUDA), so the numerics are right but the speed says nothing about the "
-                     "hardware; no summary claims them: "
-                     f"{_labels(model, emulated)}.")
-    return notes
-
-
-def _host_bound_notes(model: _Model) -> list[str]:
-    host_bound = model.cells[model.cells["host_bound"]]
-    if not len(host_bound):
-        return []
-    items = [f"{_label(cell, model.row_keys)} (host {fmt_sig(cell['host_ms_median'])} ms "
-             f"per step, GPU {fmt_sig(cell['step_ms_median'])} ms)"
-             for _, cell in host_bound.iterrows()]
-    return [f"Host-bound: the GPU waited for the CPU's kernel launches, so these numbers "
-            f"understate the GPU and the speedup of a faster policy (a larger batch, "
-            f"torch.compile or CUDA graphs launch less): {'; '.join(items)}."]
-
-
-def _spread_notes(model: _Model) -> list[str]:
-    ok = model.cells[model.cells["status"] == "ok"]
-    spreads = ok[["noise_pct", "step_spread_pct"]].where(
-        ok[["noise_pct", "step_spread_pct"]].abs() < math.inf)  # unknown is not wide
-    wide = ok[(spreads > _WIDE_PCT).any(axis=1)]
-    if not len(wide):
-        return []
-    items = [f"{_label(cell, model.row_keys)} (between processes "
-             f"{fmt_pct(cell['noise_pct'])}, step IQR {fmt_pct(cell['step_spread_pct'])})"
-             for _, cell in wide.iterrows()]
-    return [f"Wide spread (over {_WIDE_PCT:g}%): {'; '.join(items)}. Their numbers "
-            "cannot show small differences: rerun with --repeats 3 or more on an idle "
-            "machine, with GPU clocks locked (nvidia-smi --lock-gpu-clocks) where there "
-            "is a GPU."]
-
-
-def _failure_notes(model: _Model) -> list[str]:
-    """Each failed cell's error, and each cell some of whose repeats failed."""
-    notes = []
-    for _, cell in model.cells.iterrows():
-        label = _label(cell, model.row_keys)
-        if cell["status"] in ("error", "timeout") and cell["error"]:
-            message = " ".join(str(cell["error"]).split())
-            message = message if len(message) <= 120 else message[:117] + "..."
-            notes.append(f"{label}: {cell['status']}: {message}")
-        elif cell["status"] == "ok" and cell["failed_repeats"]:
-            notes.append(f"{label}: {cell['failed_repeats']} of {cell['repeats']} repeats "
-                         f"failed; the median is over the ok ones.")
-    return notes
+    table = _table(_Model(model.name, multi, model.row_keys, model.policies, model.language),
+                   text)
+    if table is None:
+        return None
+    return (f"**Memory per rank, GiB: {label} of the largest rank / the smallest rank, and the "
+            "weights + optimizer state one rank holds** (the memory table above shows the "
+            "largest rank's)", table)
 
 
 def _scaling_table(model: _Model) -> str | None:
@@ -466,7 +349,8 @@ def _scaling_table(model: _Model) -> str | None:
     def efficiency(cell: pd.Series) -> str | None:
         if cell["world_size"] == 1:
             return None
-        single = _matching(model.cells, cell, world_size=1)
+        # One process shares nothing: every strategy's cells scale against the same one.
+        single = _matching(model.cells, cell, world_size=1, strategy="ddp")
         single = single[single["status"] == "ok"]
         if single.empty:
             return None

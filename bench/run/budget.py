@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench import strategy
 from bench.config import Cell
 
 # What --time-budget keeps back for the report after the last cell or parity run (plots
@@ -118,7 +119,8 @@ def cell_of(record: dict[str, Any]) -> Cell | None:
                     image_size=record.get("image_size"),
                     grad_accum=int(record.get("grad_accum") or 1),
                     compile=bool(record.get("compile")),
-                    world_size=int(record.get("world_size") or 1))
+                    world_size=int(record.get("world_size") or 1),
+                    strategy=strategy.of_record(record))
     except (KeyError, TypeError, ValueError):
         return None
 

@@ -24,12 +24,13 @@ one line, exit 2; --time-budget, --launcher and --rdzv-endpoint are each call's 
 sweep: accuracy parity (bench.parity) and the report (bench.report); a failure there is
 reported and the sweep's records stay.
 
-Several nodes (``--nnodes N``): this one runner starts each cell through a launcher that runs
-one torchrun on every node (``--launcher "srun --nodes=2 --ntasks-per-node=1"``, the default
-inside a SLURM allocation); the torchruns meet at ``--rdzv-endpoint`` (c10d rendezvous, default
-this host, port 29500 upwards), a rendezvous of their own per cell. Global rank 0, wherever it
-lands, writes the record into the run directory, which must be on a filesystem all nodes
-share. A timeout kills the launcher, and srun takes the ranks on every node down with it.
+Where cells run: side by side on a node's GPUs (``--devices all``: bench/run/slots.py), or as
+jobs of a Slurm cluster (``--executor slurm``, submitit's; ``local`` the same path here:
+bench/run/cluster.py), records still written by this process alone. A cell on several nodes
+(``--nnodes N``) starts through a launcher that runs one torchrun per node (``--launcher "srun
+--nodes=2 --ntasks-per-node=1"``, the default in a SLURM allocation), meeting at
+``--rdzv-endpoint`` (default this host, port 29500 up, one per cell); rank 0 writes the record
+into the run directory, on a filesystem all nodes share.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from bench import BadInput, config, paths, store
 from bench.analysis import noise
 from bench.config import Cell, Matrix, matrix
 from bench.run import budget as budgets
-from bench.run import console, device, lock
+from bench.run import cluster, console, device, lock, slots
 from bench.run.budget import Budget
 from bench.run.launch import Settings
 from bench.run.signals import Stopped, stop_on_signals
@@ -94,8 +95,8 @@ def _choose_matrix(args: argparse.Namespace) -> tuple[Matrix | None, Path | None
 # The flag that sets each field of a run's matrix (meta.json's "matrix").
 _FLAGS = {"models": "--models/--batch-sizes", "precisions": "--precisions", "steps": "--steps",
           "warmup": "--warmup", "repeats": "--repeats", "calibration": "--calibration",
-          "world_size": "--world-size", "nnodes": "--nnodes", "device": "--device",
-          "timeout_s": "--timeout", "parity": "--no-parity"}
+          "world_size": "--world-size", "nnodes": "--nnodes", "strategies": "--strategy",
+          "device": "--device", "timeout_s": "--timeout", "parity": "--no-parity"}
 
 
 def _keep(args: argparse.Namespace, base: Matrix, meta: dict[str, Any], where: str) -> None:
@@ -105,7 +106,9 @@ def _keep(args: argparse.Namespace, base: Matrix, meta: dict[str, Any], where: s
     are each call's own; a price or --no-report given applies from this call on."""
     kept = base.to_dict()
     for key, value in _override(args, base).to_dict().items():
-        if value != kept[key]:
+        # --devices is where the cells run, not what they measure (each record says where it
+        # ran): left out it is kept, given it applies from this call on.
+        if value != kept[key] and key != "devices":
             raise BadInput(f"{where}: {_FLAGS.get(key, key)} makes {key} {value}, the run has "
                            f"{kept[key]} ({store.META}); a resumed run keeps every choice of "
                            "the original: leave the flag out, or start a new run directory")
@@ -124,7 +127,9 @@ def _override(args: argparse.Namespace, base: Matrix) -> Matrix:
         base, models_=args.models, precisions=args.precisions, batch_sizes=args.batch_sizes,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats,
         calibration=args.calibration, device=args.device,
+        devices=slots.check_devices(args.devices) if getattr(args, "devices", None) else None,
         timeout_s=args.timeout, world_size=args.world_size, nnodes=args.nnodes,
+        strategies=getattr(args, "strategy", None),
         parity=False if args.no_parity else None,  # kept in meta.json: a resume keeps it off
     )
 
@@ -154,7 +159,7 @@ def _budget(args: argparse.Namespace) -> Budget | None:
     if args.find_max_batch:
         raise BadInput("--time-budget does not apply to --find-max-batch, whose probes cannot "
                        "be estimated ahead")
-    from bench.cli import duration_s
+    from bench.cli_types import duration_s
 
     seconds = duration_s(text)
     reserve_s = 0.0 if args.no_report else min(budgets.REPORT_RESERVE_S, seconds / 4)
@@ -180,6 +185,8 @@ class _Setup:
     found: device.Probe
     run_dir: Path | None
     meta: dict[str, Any]
+    slots: tuple[slots.Slot, ...] = slots.ONE  # --devices: where cells run side by side
+    executor: cluster.Options = cluster.INLINE  # --executor: or as a scheduler's jobs
 
     @property
     def device(self) -> str:
@@ -255,6 +262,10 @@ def _setup(args: argparse.Namespace, budget: Budget | None,
     if ":" in setup.device and any(c.num_processes > 1 for c in cells):
         raise BadInput(f"device '{setup.device}': a cell on several processes gives each rank "
                        "the GPU of its local rank; use --device cuda")
+    setup.slots = slots.resolve(mx.devices, getattr(args, "device_slots", None), setup.device,
+                                found.cuda, int(found.env.get("device_count") or 0),
+                                os.environ.get("CUDA_VISIBLE_DEVICES"))
+    slots.check_cells(setup.slots, cells)
     return setup
 
 
@@ -337,7 +348,7 @@ def _open(args: argparse.Namespace, session: _Session, setup: _Setup) -> Sweep:
         "run_id": run_id, "created": setup.meta.get("created") or env["timestamp"],
         "updated": env["timestamp"], **env, "cpu_model": setup.found.cpu_model,
         "find_max_batch": bool(args.find_max_batch), "no_report": bool(args.no_report),
-        "matrix": setup.mx.to_dict(),
+        "matrix": setup.mx.to_dict(), "executor": setup.executor.to_json(),
         **_prices(args, setup.meta),
     })
     mx = setup.mx
@@ -364,18 +375,23 @@ def _after_sweep(stage: str, call: Any) -> None:
         print(f"ampbench run: {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
-def _parity(run_dir: Path, mx: Matrix, device_name: str, budget: Budget | None) -> list[str]:
-    """The parity stage of a run; returns the parity runs the budget left for a resume."""
+def _parity(run_dir: Path, mx: Matrix, device_name: str, budget: Budget | None,
+            data_dir: str | None = None) -> list[str]:
+    """The parity stage of a run (the matrix's models and parity tasks, and those of
+    ``data_dir``); returns the parity runs the budget left for a resume."""
     from bench import parity
+    from bench.parity import data
 
     print("ampbench run: accuracy parity ...", file=sys.stderr)
     not_run: list[str] = []
 
     def stage() -> None:
         try:
+            own = data.check_data_dir(data_dir).tasks() if data_dir else []
             path = parity.run_parity(
-                run_dir, models=[a.name for a in mx.models] + parity.tasks_for(mx.precisions),
-                precisions=list(mx.precisions),
+                run_dir, models=[a.name for a in mx.models] + parity.tasks_for(mx.precisions)
+                + list(mx.parity_tasks) + own,
+                precisions=list(mx.precisions), data_dir=data_dir,
                 steps=mx.parity_steps or None, seeds=mx.parity_seeds, device=device_name,
                 time_left=budget.left if budget else None, unknown_s=mx.timeout_s,
                 timeout_s=mx.timeout_s)
@@ -419,7 +435,8 @@ def _finish(args: argparse.Namespace, state: Sweep, mx: Matrix, budget: Budget |
     run_dir = state.run_dir
     parity_not_run: list[str] = []
     if mx.parity and not args.no_parity:
-        parity_not_run = _parity(run_dir, mx, state.settings.device, budget)
+        parity_not_run = _parity(run_dir, mx, state.settings.device, budget,
+                                 getattr(args, "data_dir", None))
     # Before the report, which shows it: what this run still lacks (nothing: the mark goes).
     _mark_incomplete(run_dir, budget, [f"{c.label()}{' (calibration)' if cal else ''}"
                                        for c, _, cal in not_run], parity_not_run)
@@ -459,19 +476,25 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, session: _Session) -> int:
     chosen = _choose_matrix(args)  # first: a resumed run's kept flags count for the budget
+    if getattr(args, "data_dir", None):  # a bad data file: exit 2 before any cell runs
+        from bench.parity.data import check_data_dir
+        check_data_dir(args.data_dir)
     budget = _budget(args)
-    setup = _setup(args, budget, chosen)
+    executor = cluster.options(args, chosen[2])  # flags first: the probe takes seconds
+    setup = replace(_setup(args, budget, chosen), executor=executor)
     if budget is not None:
         budget = replace(budget, flops=setup.found.flops_per_step)
     state = _open(args, session, setup)
     mx, cells = setup.mx, setup.cells
+    on = setup.device + (f" {slots.label(setup.slots)}" if len(setup.slots) > 1 else "")
     print(f"ampbench run: {len(cells)} cells x {mx.repeats} repeat(s) of matrix '{mx.name}' "
-          f"on {setup.device} -> {state.run_dir}", file=sys.stderr)
+          f"on {on} -> {state.run_dir}", file=sys.stderr)
     not_run: list[tuple[Cell, int, bool]] = []
     if args.find_max_batch:
-        find_max_batch(state, cells)
+        find_max_batch(state, cells, setup.slots)
     else:
-        not_run = sweep(state, cells, mx.repeats, mx.calibration, budget)
+        not_run = sweep(state, cells, mx.repeats, mx.calibration, budget, setup.slots,
+                        setup.executor)
     store.write_csv(state.run_dir, state.records.values(), cell_noise=noise.results_columns)
     print(console.summarize(state.records.values()))
     return _finish(args, state, mx, budget, not_run)

@@ -33,14 +33,15 @@ def write_line(text: str) -> None:
 def _column(key: cells.CellKey) -> tuple[Any, ...]:
     """A cell's key without model and precision: one column of the summary."""
     return (key.batch_size, key.seq_len or key.image_size, key.grad_accum, key.compile,
-            key.world_size)
+            key.world_size, key.strategy)
 
 
 def _column_label(column: tuple[Any, ...], show_size: bool) -> str:
-    batch, size, accum, compiled, world = column
+    batch, size, accum, compiled, world, shared = column
     return "".join([f"b={batch}", f" size={size}" if show_size else "",
                     f" ga={accum}" if accum != 1 else "", " compile" if compiled else "",
-                    f" ws={world}" if world != 1 else ""])
+                    f" ws={world}" if world != 1 else "",
+                    f" {shared}" if shared != "ddp" else ""])
 
 
 def _model_table(model: str, by_cell: dict[cells.CellKey, list[dict[str, Any]]],
@@ -49,7 +50,7 @@ def _model_table(model: str, by_cell: dict[cells.CellKey, list[dict[str, Any]]],
     from tabulate import tabulate
 
     keys = [key for key in by_cell if key.model == model]
-    columns = sorted({_column(k) for k in keys}, key=lambda c: (c[4], c[2], c[3], c[1], c[0]))
+    columns = sorted({_column(k) for k in keys}, key=lambda c: (c[4], c[5], c[2], c[3], c[1], c[0]))
     show_size = len({c[1] for c in columns}) > 1
     body = []
     for policy in dict.fromkeys(k.precision for k in keys):

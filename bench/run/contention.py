@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bench.run import proctree
+
 # Others' share of this process's cores (or steal) above which the numbers are suspect.
 BUSY_SHARE = 0.10
 _PROC_STAT = "/proc/stat"
@@ -43,9 +45,21 @@ class Snapshot:
 
 
 def _own_cpu_s() -> float:
+    """CPU seconds of the runner's tree: itself, its children that ended (getrusage) and
+    those still running (/proc), so that cells running side by side (--devices) are the
+    runner's own work, not others'."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
         resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + _live_children_s()
+
+
+def _live_children_s() -> float:
+    """CPU seconds of this process's running descendants, with the children they reaped."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for pid in proctree.descendants(os.getpid()):
+        total += proctree.cpu_ticks(pid) or 0
+    return total / tick
 
 
 def snapshot(stat_path: str = _PROC_STAT) -> Snapshot | None:
@@ -103,6 +117,22 @@ def contended(others_cpu_pct: Any) -> bool:
         return float(others_cpu_pct) > BUSY_SHARE * 100
     except (TypeError, ValueError):
         return False  # not measured (an older run, not Linux): no claim either way
+
+
+def contended_rows(rows: Any) -> bool:
+    """Whether any of a cell's rows (a frame of results.csv) ran contended: others used more
+    than BUSY_SHARE of the run's cores, or held a context on its GPU (``num_others_on_gpu``,
+    `run --devices`: each GPU judged on its own)."""
+    cores = "others_cpu_pct" in rows and any(map(contended, rows["others_cpu_pct"]))
+    gpu = "num_others_on_gpu" in rows and any(_positive(v) for v in rows["num_others_on_gpu"])
+    return bool(cores or gpu)
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False  # not measured: no claim
 
 
 def warnings(load: dict[str, Any]) -> list[str]:

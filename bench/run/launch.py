@@ -19,16 +19,18 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import failures, store
+from bench import failures, store, strategy
 from bench.config import Cell
 from bench.run import proctree
 
 _KILL_GRACE_S = 5.0
+_CANCEL_POLL_S = 0.2  # how soon a child's thread sees that the runner is stopping
 _STDERR_LINES = 6
 # A multi-node cell's rendezvous port is the endpoint's + (its place in the sweep % this):
 # consecutive cells never share a port, so no node can meet the previous cell's rendezvous
@@ -74,6 +76,8 @@ def cell_argv(cell: Cell, settings: Settings, repeat: int, out: Path,
         argv += ["--image-size", str(cell.image_size)]
     if cell.compile:
         argv.append("--compile")
+    if cell.strategy != strategy.DEFAULT:
+        argv += ["--strategy", cell.strategy]
     if cell.num_processes == 1:
         return [sys.executable, *argv]
     torchrun = [sys.executable, "-m", "torch.distributed.run",
@@ -102,6 +106,7 @@ def failure_record(cell: Cell, settings: Settings, repeat: int, status: str,
         image_size=cell.image_size, grad_accum=cell.grad_accum, compile=cell.compile,
         world_size=cell.num_processes, repeat=repeat, status=status, error=error,
         warmup_steps=settings.warmup, timed_steps=settings.steps, **env,
+        **strategy.parse(cell.strategy).record_fields(cell.num_processes),
     )
 
 
@@ -165,10 +170,18 @@ class Ended:
     wall_s: float
 
 
-def run_child_process(argv: list[str], timeout_s: float, stderr_path: Path) -> Ended:
+class Cancelled(Exception):
+    """The runner told a child's thread to stop (bench/run/slots.py): its tree is dead."""
+
+
+def run_child_process(argv: list[str], timeout_s: float, stderr_path: Path,
+                      env: dict[str, str] | None = None,
+                      cancel: threading.Event | None = None) -> Ended:
     """Run ``argv`` in a session of its own under ``timeout_s``, its stderr to ``stderr_path``;
     kill its whole tree at the timeout. Never raises for a failed child; KeyboardInterrupt
-    (any BaseException) kills the child's tree and propagates.
+    (any BaseException) kills the child's tree and propagates, and so does ``cancel`` set
+    (``Cancelled``): how a runner stops a child that another thread waits on. ``env``: what
+    the child's environment adds (its GPUs).
 
     The child's result is a file it writes where its argv says (read it with
     ``read_result``); the watchdog's settings are in its environment (bench/run/proctree.py).
@@ -179,20 +192,34 @@ def run_child_process(argv: list[str], timeout_s: float, stderr_path: Path) -> E
         # stderr to a file, not a pipe: a chatty child can never block on a full pipe.
         # The child polices itself too (bench/run/proctree.py): it dies with this process, and at
         # its own deadline, a little after this one, should this process be gone by then.
-        env = {**os.environ, **proctree.runner_env(timeout_s + _KILL_GRACE_S)}
+        full = {**os.environ, **(env or {}), **proctree.runner_env(timeout_s + _KILL_GRACE_S)}
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True, env=env)
+                                stderr=err, start_new_session=True, env=full)
         try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_tree(proc)
+            timed_out = not _wait(proc, started + timeout_s, cancel)
+            if timed_out:
+                _kill_tree(proc)
         except BaseException:
             _kill_tree(proc)
             raise
     wall_s = time.monotonic() - started
     stderr = stderr_path.read_text(encoding="utf-8", errors="replace")
     return Ended(timed_out, proc.returncode, stderr, wall_s)
+
+
+def _wait(proc: subprocess.Popen[bytes], deadline: float,
+          cancel: threading.Event | None) -> bool:
+    """Whether ``proc`` ended before ``deadline`` (monotonic); Cancelled once ``cancel`` is set."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            proc.wait(timeout=max(0.0, left if cancel is None else min(left, _CANCEL_POLL_S)))
+            return True
+        except subprocess.TimeoutExpired:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled from None
+            if time.monotonic() >= deadline:
+                return False
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
@@ -216,24 +243,27 @@ class Child:
     logs: Path  # torchrun's per-rank logs
 
 
-def launch(cell: Cell, settings: Settings, repeat: int, workdir: Path, slot: int = 0) -> Child:
+def launch(cell: Cell, settings: Settings, repeat: int, workdir: Path, slot: int = 0,
+           env: dict[str, str] | None = None, cancel: threading.Event | None = None) -> Child:
     """Run one cell's child in its own process group under the timeout; never raises for a
-    failed cell. KeyboardInterrupt kills the child's tree and propagates."""
+    failed cell. KeyboardInterrupt (or ``cancel`` set) kills the child's tree and propagates;
+    ``env``: what the child's environment adds (its GPUs, bench/run/slots.py)."""
     name = f"{cell.cell_id}-{repeat}"
     out, err_path, logs = (workdir / f"{name}.json", workdir / f"{name}.stderr",
                            workdir / f"{name}-logs")
     out.unlink(missing_ok=True)
     ended = run_child_process(cell_argv(cell, settings, repeat, out, logs, slot),
-                              settings.timeout_s, err_path)
+                              settings.timeout_s, err_path, env, cancel)
     # A record means the measurement finished, even when the launcher then hung on its way
     # out and the timeout had to kill it.
     return Child(ended.timed_out, ended.returncode, ended.stderr, read_result(out), logs)
 
 
 def run_child(cell: Cell, settings: Settings, repeat: int, workdir: Path,
-              slot: int = 0) -> dict[str, Any]:
+              slot: int = 0, env: dict[str, str] | None = None,
+              cancel: threading.Event | None = None) -> dict[str, Any]:
     """Run one cell and return its record, made by the parent when the child left none."""
-    child = launch(cell, settings, repeat, workdir, slot)
+    child = launch(cell, settings, repeat, workdir, slot, env, cancel)
     if child.record is not None:
         return child.record
     if child.timed_out:

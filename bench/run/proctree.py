@@ -53,6 +53,15 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """CPU clock ticks of ``pid`` and of the children it reaped (utime, stime, cutime, cstime);
+    None when it is gone or there is no /proc (a zombie keeps them until it is reaped)."""
+    stat = _stat(pid)
+    if stat is None or len(stat) < 15:
+        return None
+    return sum(int(v) for v in stat[11:15])
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie is gone)."""
     if os.path.isdir("/proc"):

@@ -45,12 +45,15 @@ def sample(load_seconds: float | None = None) -> MachineState:
     return MachineState(nvml, governors, amdsmi, load)
 
 
-def noise_warnings(state: MachineState) -> list[str]:
+def noise_warnings(state: MachineState, nvml_gpus: set[int] | None = None) -> list[str]:
     """What in ``state`` makes step times or power numbers noisy, one line each: the one rule
-    behind `ampbench env`'s warnings and those `ampbench run` prints before its sweep."""
+    behind `ampbench env`'s warnings and those `ampbench run` prints before its sweep.
+    ``nvml_gpus``: the NVIDIA GPUs a run uses (--devices), each judged on its own; None: all."""
     warnings = []
     amd_gpus = (state.amdsmi or {}).get("gpus", [])
-    for gpu in [*state.nvml.get("gpus", []), *amd_gpus]:
+    nvidia = [g for g in state.nvml.get("gpus", [])
+              if nvml_gpus is None or g.get("index") in nvml_gpus]
+    for gpu in [*nvidia, *amd_gpus]:
         label = f"GPU {gpu['index']}"
         procs = gpu.get("processes") or []
         if procs:
@@ -186,6 +189,27 @@ def nvml_state() -> dict[str, Any]:
         }
     except Exception as exc:  # a driver that answers init but fails a basic query
         return {"available": False, "reason": f"NVML query failed ({_text(exc)})"}
+    finally:
+        nvml.nvmlShutdown()
+
+
+def gpu_users(indices: set[int]) -> int | None:
+    """How many processes (other than this one) hold a context on the NVIDIA GPUs ``indices``
+    now; None when NVML cannot tell. `run --devices` asks it around each cell on its GPUs."""
+    try:
+        nvml = open_nvml()
+    except RuntimeError:
+        return None
+    try:
+        found: set[int] = set()
+        for index in sorted(indices):
+            procs = _other_processes(nvml, nvml.nvmlDeviceGetHandleByIndex(index))
+            if procs is None:
+                return None
+            found.update(p["pid"] for p in procs)
+        return len(found)
+    except Exception:  # a GPU gone or a driver that fails the query: unknown
+        return None
     finally:
         nvml.nvmlShutdown()
 

@@ -72,8 +72,10 @@ def _axes(target: Target, names: Sequence[str] | None) -> tuple[ModelAxis, ...] 
     chosen = []
     for name in names:
         if name not in own:
-            raise BadInput(f"--models: '{name}' is not a model of this plan; valid: "
-                           f"{', '.join(own)}")
+            # A model of the user's own has no a-priori cost to plan with: `run` measures it.
+            raise BadInput(f"--models: '{name}' is not a model of this plan (valid: "
+                           f"{', '.join(own)}); benchmark any other model, your own "
+                           "included, with `ampbench run --models`")
         chosen.append(own[name])
     return tuple(chosen)
 
@@ -94,7 +96,7 @@ def _select(steps: list[Step], only: Sequence[str] | None,
 
 def main(args: argparse.Namespace) -> int:
     """`ampbench validate`: the plan (``--plan``), or carry it out into --out."""
-    from bench.cli import duration_s
+    from bench.cli_types import duration_s
 
     budget_s = duration_s(args.time_budget)
     if args.gpu and not args.plan:
