@@ -174,3 +174,18 @@ def test_a_resumed_runner_collects_jobs_that_finished_while_it_was_gone(slurm, s
     assert len(cluster.read_jobs(out)) == 4
     assert {r["scheduler_job"].split()[1] for r in records} == set(ids)
     assert json.loads((out / store.META).read_text())["executor"]["executor"] == "slurm"
+
+
+@pytest.mark.slurm
+def test_a_two_rank_cell_runs_torchrun_inside_its_job(slurm, slurm_env, tmp_path):
+    out = tmp_path / "run"
+    runner = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--models", "gpt2-tiny", "--precisions", "fp32",
+         "--batch-sizes", "2", "--world-size", "2", "--steps", "2", "--warmup", "1",
+         "--repeats", "1", "--calibration", "0", "--device", "cpu", "--no-parity",
+         "--no-report", "--executor", "slurm", "--out", str(out)],
+        env=slurm_env, text=True, capture_output=True, timeout=300)
+    assert runner.returncode == 0, runner.stderr[-3000:]
+    [record] = _once(out, 1)
+    assert record["status"] == "ok", record["error"]
+    assert record["world_size"] == 2 and record["scheduler_job"].startswith("slurm ")
