@@ -121,14 +121,17 @@ def _use_torch(session: nox.Session) -> str:
     where = None if spec else _host_torch()
     if where is None:
         where = _shared_torch(session, spec)
-    site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                       silent=True, log=False, stderr=subprocess.DEVNULL)
+    # run_install: part of setting the session up, so it runs under --install-only too.
+    site = session.run_install("python", "-c",
+                               "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                               silent=True, log=False, stderr=subprocess.DEVNULL)
     (Path(str(site).strip()) / _PTH).write_text(f"{where}\n")
     # The pin needs the distribution's version: PyPI's CUDA wheels say 2.x.y in their metadata
     # but 2.x.y+cu130 in torch.__version__.
-    info = session.run("python", "-c", "import importlib.metadata as m, torch; "
-                       "print(m.version('torch'), torch.__version__, torch.version.cuda)",
-                       silent=True, log=False, stderr=subprocess.DEVNULL)
+    info = session.run_install("python", "-c", "import importlib.metadata as m, torch; "
+                               "print(m.version('torch'), torch.__version__, "
+                               "torch.version.cuda)",
+                               silent=True, log=False, stderr=subprocess.DEVNULL)
     version, shown, cuda = str(info).split()[-3:]
     build = "CPU" if cuda == "None" else f"CUDA {cuda}"
     session.log(f"torch {shown} ({build} build) from {where}")
