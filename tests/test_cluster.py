@@ -189,3 +189,22 @@ def test_a_two_rank_cell_runs_torchrun_inside_its_job(slurm, slurm_env, tmp_path
     [record] = _once(out, 1)
     assert record["status"] == "ok", record["error"]
     assert record["world_size"] == 2 and record["scheduler_job"].startswith("slurm ")
+
+
+@pytest.mark.slurm
+def test_a_resumed_runner_waits_for_jobs_still_queued_or_running(slurm, slurm_env, tmp_path):
+    out = tmp_path / "run"
+    runner = _runner(out, slurm_env)
+    _wait_for(lambda: len(cluster.read_jobs(out)) == 4, what="four jobs submitted")
+    os.killpg(runner.pid, signal.SIGKILL)
+    runner.wait()
+    ids = [r["job_id"] for r in cluster.read_jobs(out)]
+    # At once: Slurm still has (some of) them queued or running.
+    assert any(s in cluster._ALIVE for s in cluster._slurm_states(ids).values())
+    resumed = subprocess.run([sys.executable, "-m", "bench", "run", "--resume", str(out)],
+                             env=slurm_env, text=True, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = _once(out, 4)
+    assert {r["status"] for r in records} == {"ok"}
+    assert len(cluster.read_jobs(out)) == 4  # reattached, not submitted again
+    assert {r["scheduler_job"].split()[1] for r in records} == set(ids)

@@ -45,7 +45,7 @@ def gpu() -> Matrix:
 
 def cpu() -> Matrix:
     """The four tiny models (ResNet, BERT, GPT-2, Llama), batch 4 and 8, fp32, fp16 and bf16:
-    24 cells, then parity, in about eight minutes on 2 cores (time: docs/runner.md).
+    24 cells, then parity: 4 min 15 s on 2 idle AMD EPYC cores (2026-12-07; docs/runner.md).
 
     No tf32: on a CPU it is fp32 (TF32 is a GPU tensor-core format), a second fp32 measurement
     whose time went to llama-tiny, the family trained in bf16 today (the calibration cell
@@ -65,6 +65,7 @@ def cpu() -> Matrix:
         ),
         precisions=("fp32", "fp16", "bf16"),
         device="cpu", warmup=5, steps=30, timeout_s=300.0, parity=True,
+        parity_tasks=("gpt2-tiny-shakespeare",),
     )
 
 
@@ -72,12 +73,10 @@ def cpu_shakespeare() -> Matrix:
     """Parity on real text on a CPU: gpt2-tiny's cells at batch 8 under fp32 and bf16, then
     parity on its generated task and on Tiny Shakespeare (``gpt2-tiny-shakespeare``: 200
     steps of 32 x 64 characters, FP32 from ln 65 = 4.17 to about 2.45 nats per character),
-    with the text each policy's model wrote in the report's appendix. Its own preset, not
-    the cpu preset's: measured 14 min 14 s on 2 AMD EPYC cores shared with other jobs (load
-    average 5 to 6; 2026-12-07): sweep about 1 min, the six Shakespeare runs 565 s (58-127 s
-    each), the six gpt2-tiny parity runs 189 s; an idle machine takes a fraction of that.
-    FP32 ended at 2.458 nats per character (seed std 0.043, tolerance 0.128), bf16 at 2.453:
-    PASS. fp16 is left out: on a CPU without FP16 matmuls its runs are the slowest by far."""
+    with the text each policy's model wrote in the report's appendix: real data in a minute
+    (59 s on 2 idle AMD EPYC cores, 2026-12-07: each Shakespeare run 3.5-5 s; the cpu preset
+    runs the same task beside fp16). FP32 ended at 2.458 nats per character (seed std 0.043,
+    tolerance 0.128), bf16 at 2.453: PASS."""
     return Matrix(
         name="cpu-shakespeare",
         models=(ModelAxis("gpt2-tiny", (8,), 64),),
