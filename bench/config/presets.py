@@ -45,7 +45,8 @@ def gpu() -> Matrix:
 
 def cpu() -> Matrix:
     """The four tiny models (ResNet, BERT, GPT-2, Llama), batch 4 and 8, fp32, fp16 and bf16:
-    24 cells, then parity: 4 min 15 s on 2 idle AMD EPYC cores (2026-12-07; docs/runner.md).
+    24 cells, then parity on the tiny tasks and Tiny Shakespeare: 6 min 46 s on 2 idle AMD EPYC
+    cores (2026-12-07; docs/runner.md).
 
     No tf32: on a CPU it is fp32 (TF32 is a GPU tensor-core format), a second fp32 measurement
     whose time went to llama-tiny, the family trained in bf16 today (the calibration cell
