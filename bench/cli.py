@@ -41,6 +41,7 @@ from bench.cli_types import (
     positive_int,
     strategy_name,
 )
+from bench.run.cluster import EXECUTORS
 
 
 def _add_cell(sub: argparse._SubParsersAction) -> None:
@@ -131,7 +132,7 @@ def _add_placement_flags(p: argparse.ArgumentParser) -> None:
                    "all or indices (docs/node.md) (default: none, one at a time; or the matrix's)")
     p.add_argument("--device-slots", help=argparse.SUPPRESS)  # test-only: CPU slots cpu0,cpu1
     jobs = p.add_argument_group("cells as jobs of a scheduler, through submitit (docs/cluster.md)")
-    jobs.add_argument("--executor", choices=("inline", "local", "slurm"),
+    jobs.add_argument("--executor", choices=EXECUTORS,
                       help="inline: this machine, one runner; slurm: a Slurm job array; local: "
                            "the same through submitit's local executor (default: inline, or "
                            "the run's on --resume)")

@@ -165,11 +165,12 @@ def prepare(
     inputs, targets = spec.make_batch(batch_size, size, device=device,
                                       seed=seed if data_seed is None else data_seed)
     net, inputs, layout = _layout(spec, net, inputs, device, memory_format)
-    sharding = ddp and parse_strategy(strategy).kind == "fsdp2"
+    shared = parse_strategy(strategy)
+    sharding = ddp and shared.kind == "fsdp2"
     scaler = pol.scaler(device.type)
     if sharding:  # before the optimizer: fully_shard replaces the parameters with shards
         from bench.cell import fsdp
-        net = fsdp.shard(net, parse_strategy(strategy))
+        net = fsdp.shard(net, shared)
         scaler = fsdp.scaler(device.type, pol.loss_scaling)
     optimizer = pol.optimizer(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     if ddp and not sharding:

@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,7 +81,7 @@ class Options:
             except ImportError:
                 raise BadInput(f"--executor {self.executor} needs submitit: pip install -e "
                                "'.[cluster]'") from None
-        if self.executor == "slurm" and not _on_path("sbatch"):
+        if self.executor == "slurm" and not shutil.which("sbatch"):
             raise BadInput("--executor slurm: sbatch is not on this machine's PATH (run the "
                            "runner on a Slurm login node)")
         return self
@@ -105,10 +106,6 @@ def options(args: Any, meta: dict[str, Any]) -> Options:
         raise BadInput("--find-max-batch probes one batch after another on this machine: "
                        "it goes with --executor inline")
     return chosen_options
-
-
-def _on_path(name: str) -> bool:
-    return any((Path(p) / name).is_file() for p in os.environ.get("PATH", "").split(os.pathsep))
 
 
 # ------------------------------------------------------------------- in the job
