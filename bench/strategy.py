@@ -13,6 +13,13 @@ A strategy is one value of the matrix's ``strategies`` axis and of ``--strategy`
 A strategy only applies to a cell of several processes; a single process trains its model
 alone. ``check`` says which precision policies a strategy cannot train under (an
 ``unsupported`` record, bench/cell/main.py). torch-free: bench/cell/fsdp.py applies it.
+
+The pure-bf16 policies (weights stored in bf16, no fp32 masters) train under every strategy:
+under fsdp2 each rank's bf16 AdamW updates its own shard. fp32 parameters mean "gathered in
+the parameters' own dtype", bf16 for them, so fsdp2 and fsdp2:bf16/... gather the same bf16
+weights; an fp32 reduction upcasts their bf16 gradients for the reduce-scatter and stores the
+reduced shard back in bf16, a bf16 one reduces them as they are. The record's strategy fields
+name the strategy as asked; what the weights are stored in is its ``param_dtypes``.
 """
 
 from __future__ import annotations
@@ -85,15 +92,15 @@ def canonical(text: str) -> str:
     return parse(text).name
 
 
-def check(strategy: Strategy, policy: str, weights: str | None = None) -> str | None:
-    """Why ``policy`` (whose weights are stored in ``weights``: None for fp32, "bfloat16" for
-    the bf16-pure policies) cannot train under ``strategy`` (an unsupported cell), or None.
+def check(strategy: Strategy, policy: str) -> str | None:
+    """Why ``policy`` cannot train under ``strategy`` (an unsupported cell), or None.
 
     fp16 autocast over bf16-gathered parameters would compute in fp16 from weights already
     rounded to bf16: neither policy's numbers, so it is refused rather than mislabelled. fp16
     with fp32 parameters trains (a ShardedGradScaler agrees on inf/NaN across the shards).
-    The bf16-pure policies' own AdamW (bench/cell/bf16_adamw.py) updates plain tensors, not
-    FSDP2's DTensor shards: refused under fsdp2 (it trains under DDP).
+    The bf16-pure policies (weights stored in bf16) train under every strategy: under fsdp2
+    their AdamW (bench/cell/bf16_adamw.py) updates each rank's shard of the DTensor
+    parameters, so no strategy refuses a policy for the dtype its weights are stored in.
     """
     if strategy.kind != "fsdp2":
         return None
@@ -101,7 +108,4 @@ def check(strategy: Strategy, policy: str, weights: str | None = None) -> str | 
         return (f"{policy} under {strategy.name}: fp16 autocast over parameters gathered in "
                 "bf16 computes in fp16 from bf16-rounded weights; use fsdp2 (fp32 parameters) "
                 "with fp16, or bf16 with fsdp2:bf16/...")
-    if weights is not None:
-        return (f"{policy} under {strategy.name}: the policy's {weights} AdamW updates plain "
-                "tensors, not FSDP2's DTensor shards; run it under ddp")
     return None

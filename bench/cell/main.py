@@ -113,7 +113,7 @@ def run_cell(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, 
     # with no convertible layer, is an unsupported record in seconds.
     reason = pol.unsupported_reason(device, spec)
     if not reason and ranks is not None:
-        reason = strategy.check(shared, pol.name, pol.param_dtype)
+        reason = strategy.check(shared, pol.name)
     if reason:
         record.update(status="unsupported", error=reason)
         return record
