@@ -40,6 +40,7 @@ from bench.cli_types import (
     positive_float,
     positive_int,
     strategy_name,
+    world_sizes,
 )
 from bench.run.cluster import EXECUTORS
 
@@ -110,8 +111,10 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", type=non_negative_int, metavar="N",
                    help="extra processes of a calibration cell that measure between-process "
                         f"noise when repeats < 3; 0: none ({by_preset('calibration')})")
-    p.add_argument("--world-size", type=comma_ints,
-                   help="processes per node (comma-separated; default: 1, or the matrix file's)")
+    p.add_argument("--world-size", type=world_sizes,
+                   help="processes per node, comma-separated; node: every GPU of this node, "
+                        "counted when the run starts (1,node) (default: 1, or the preset's or "
+                        "the matrix file's)")
     p.add_argument("--nnodes", type=positive_int,
                    help="nodes each multi-process cell spans (default: 1, or the matrix file's)")
     p.add_argument("--strategy", type=comma_list, metavar="STRATEGY[,...]",
@@ -233,6 +236,14 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
                         "version (DIR/cifar-10-batches-bin) for resnet-tiny-cifar10, nanoGPT's "
                         "uint16 train.bin and val.bin for gpt2-tiny-tokens and "
                         "llama-tiny-tokens (docs/parity.md; default: none)")
+    p.add_argument("--strategy", metavar="STRATEGY",
+                   help="train every policy on --ranks torchrun processes sharing the model: "
+                        "fsdp2, fsdp2:PARAM/REDUCE (PARAM bf16|fp32, REDUCE fp32|bf16) or ddp; "
+                        "rows read POLICY@STRATEGY, judged against fp32 in one process "
+                        "(docs/parity.md; default: none, one process)")
+    p.add_argument("--ranks", type=positive_int, default=2,
+                   help="processes under --strategy: on CPU over gloo, on CUDA one GPU each "
+                        "(default 2)")
     p.set_defaults(handler="bench.parity:main")
 
 

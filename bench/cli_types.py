@@ -95,6 +95,21 @@ def comma_ints(text: str) -> list[int]:
     return [positive_int(item) for item in comma_list(text)]
 
 
+def world_sizes(text: str) -> list[int | str]:
+    """--world-size: processes per node, comma-separated, where ``node`` is every GPU of this
+    node (the runner counts them after its device probe: bench/config/matrix.py, NODE)."""
+    from bench.config.matrix import NODE
+
+    sizes: list[int | str] = []
+    for item in comma_list(text):
+        try:
+            sizes.append(NODE if item.lower() == NODE else positive_int(item))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{exc} (or {NODE}: every GPU of this node)") \
+                from None
+    return sizes
+
+
 def strategy_name(text: str) -> str:
     """A strategy (bench/strategy.py) in its canonical spelling: fsdp2:fp32/fp32 is fsdp2."""
     from bench import strategy

@@ -216,9 +216,10 @@ def write_csv(run_dir: Path, records: Iterable[dict[str, Any]] | None = None,
     run_dir = Path(run_dir)
     rows = [with_step_stats(r) for r in (load_records(run_dir) if records is None else records)]
     frame = pd.DataFrame(rows)
-    for field in FIELDS:
-        if field not in frame.columns:
-            frame[field] = None
+    # Every field, in one step (one insert per missing field would fragment the frame).
+    missing = [f for f in FIELDS if f not in frame.columns]
+    frame = frame.reindex(columns=[*frame.columns, *missing]).astype(
+        dict.fromkeys(missing, object))
     frame = with_costs(_with_cell_noise(frame, cell_noise), read_meta(run_dir))
     derived = CELL_NOISE + tuple(c for c in COST if c in frame.columns)
     extra = [c for c in frame.columns if c not in FIELDS + derived]

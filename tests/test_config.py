@@ -53,6 +53,30 @@ def test_gpu_quick_is_one_batch_per_full_size_model_bf16_and_fp8_compiled():
     assert (m.parity_steps, m.parity_seeds) == (40, 2)
 
 
+def test_gpu_fsdp2_compares_the_recipes_under_ddp_and_fsdp2_on_every_gpu_of_the_node():
+    m = config.preset("gpu-fsdp2")
+    assert m.world_size == (matrix.NODE,) and m.device == "cuda" and m.parity
+    assert m.strategies == ("ddp", "fsdp2:bf16/fp32")
+    assert "fp16" not in m.precisions  # refused under bf16-gathered parameters
+    assert config.from_dict(m.to_dict()) == m  # meta.json and to_toml carry "node"
+    cells = matrix.expand(matrix.resolve_node(m, 8))  # on an 8-GPU node
+    assert {(c.model, c.batch_size, c.seq_len) for c in cells} == {
+        ("llama-small", 16, 1024), ("llama-1b", 4, 2048)}
+    assert {c.world_size for c in cells} == {8}
+    pure = ("bf16-pure", "bf16-pure-sr", "bf16-pure-kahan")
+    fp8 = config.presets.FP8_FAMILY
+    by_strategy = {s: {(c.model, c.precision, c.compile) for c in cells if c.strategy == s}
+                   for s in m.strategies}
+    expected = {(model, policy, compiled) for model in ("llama-small", "llama-1b")
+                for policy in ("bf16", *pure) for compiled in (False, True)} | {
+        (model, policy, True) for model in ("llama-small", "llama-1b") for policy in fp8}
+    assert by_strategy["ddp"] == by_strategy["fsdp2:bf16/fp32"] == expected  # FP8 compiled only
+    assert len(cells) == 2 * 2 * (4 * 2 + len(fp8)) == 56
+    # On one GPU: each policy once, one process, no strategy to compare.
+    one = matrix.expand(matrix.resolve_node(m, 1))
+    assert len(one) == 28 and {(c.world_size, c.strategy) for c in one} == {(1, "ddp")}
+
+
 def test_compile_precisions_and_parity_length_come_from_toml_and_are_checked():
     m = config.from_dict({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "compile": [False, True],
                           "compile_precisions": ["fp16"], "parity_steps": 7, "parity_seeds": 2})
@@ -76,7 +100,7 @@ def test_a_matrix_file_names_parity_tasks_by_their_names():
 
 def test_unknown_preset_names_the_valid_ones():
     with pytest.raises(BadInput,
-                       match="unknown preset 'huge'; valid: gpu, gpu-quick, cpu, "
+                       match="unknown preset 'huge'; valid: gpu, gpu-quick, gpu-fsdp2, cpu, "
                              "cpu-shakespeare, quick, auto"):
         config.preset("huge")
 

@@ -251,6 +251,8 @@ def test_an_fsdp2_cell_records_its_strategy_and_the_report_shows_it(tmp_path, ca
 
 def test_the_fsdp2_example_matrix_loads():
     mx = config.load(Path(__file__).resolve().parent.parent / "examples" / "fsdp2.toml")
-    shared = {c.strategy for c in expand(mx) if c.world_size > 1}
-    assert shared == {"ddp", "fsdp2", "fsdp2:bf16/fp32"}
-    assert {c.model for c in expand(mx)} == {"llama-small", "gpt2-small"}
+    assert mx.world_size == (1, "node")  # every GPU of the node, counted when the run starts
+    cells = expand(config.matrix.resolve_node(mx, 8))  # as on an 8-GPU node
+    assert {c.strategy for c in cells if c.world_size == 8} == {"ddp", "fsdp2", "fsdp2:bf16/fp32"}
+    assert {c.world_size for c in cells} == {1, 8}
+    assert {c.model for c in cells} == {"llama-small", "gpt2-small"}

@@ -22,12 +22,14 @@ MAX_FUNCTION_LINES = 60
 # telemetry.env reads torch's and CUDA's versions for the fingerprint, in processes of their own
 # (a cell, the run's device probe, `ampbench env`).
 TORCH_SIDE = ("bench.cell", "bench.parity.train", "bench.parity.tasks", "bench.parity.probes",
+              "bench.parity.updates",  # the child counts which updates reached the weights
               "bench.parity.data",  # like tasks: names and file checks torch-free, data in a child
               "bench.peers", "bench.precision", "bench.telemetry.env", "models")
 # The parent side: plans, launches, keeps records, reads files. It starts children by argv and
 # reads what they write; it never imports their code.
 PARENT_SIDE = ("bench.cli", "bench.run", "bench.config", "bench.store", "bench.analysis",
                "bench.report", "bench.validate", "bench.parity.stage", "bench.parity.verdict",
+               "bench.parity.sharing",
                "bench.parity.convergence")
 CHILD_SIDE = ("bench.cell", "bench.parity.train")
 

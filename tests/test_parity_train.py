@@ -113,12 +113,13 @@ def test_the_child_makes_the_requested_gpu_current_before_it_trains(tmp_path, mo
     from bench.cell import train as cell
 
     gpu1 = torch.device("cuda", 1)
-    monkeypatch.setattr(cell, "resolve_device", lambda name: gpu1 if name == "cuda:1" else None)
+    monkeypatch.setattr(cell, "resolve_device",
+                        lambda name, ranks=None: gpu1 if name == "cuda:1" else None)
     current: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     seen = []
 
-    def train_seeds(dev, args):
+    def train_seeds(dev, args, ranks=None):
         seen.append((dev, list(current)))
         return 0
 

@@ -30,6 +30,7 @@ A TOML matrix::
     parity = false
     parity_steps = 0        # training steps per parity run; 0: each model's own
     parity_seeds = 3
+    parity_strategy = ""    # e.g. "fsdp2:bf16/fp32": parity on the widest cell's ranks
 
     [models.gpt2-tiny]
     batch_sizes = [2, 4]

@@ -16,7 +16,7 @@ from typing import Any
 
 import models
 from bench import BadInput, precision, strategy
-from bench.config.matrix import Matrix, ModelAxis
+from bench.config.matrix import NODE, Matrix, ModelAxis
 from bench.run import slots
 
 if sys.version_info >= (3, 11):
@@ -45,10 +45,15 @@ def check_limit(key: str, value: float, source: str) -> None:
 
 
 def _check(value: Any, kind: str, key: str, source: str) -> Any:
-    """``value`` converted to ``kind`` (int, pos-int, float, bool, str, list[...], list0[...]:
-    a list that may be empty) or BadInput."""
+    """``value`` converted to ``kind`` (int, pos-int, float, bool, str, world: a pos-int or
+    NODE, list[...], list0[...]: a list that may be empty) or BadInput."""
     def bad(expected: str) -> BadInput:
         return BadInput(f"{source}: '{key}' must be {expected}, got {value!r}")
+
+    if kind == "world":  # processes per node, or every GPU of this node (resolved by the runner)
+        if isinstance(value, str) and value != NODE:
+            raise bad(f"a whole number or {NODE!r}")
+        return value if value == NODE else _check(value, "pos-int", key, source)
 
     if kind.startswith(("list[", "list0[")) and kind.endswith("]"):
         inner = kind[kind.index("[") + 1:-1]
@@ -83,13 +88,14 @@ def _check(value: Any, kind: str, key: str, source: str) -> Any:
 
 _TOP: dict[str, str] = {
     "name": "str", "precisions": "list[str]", "grad_accum": "list[pos-int]",
-    "compile": "list[bool]", "world_size": "list[pos-int]", "nnodes": "pos-int",
+    "compile": "list[bool]", "world_size": "list[world]", "nnodes": "pos-int",
     "strategies": "list[str]", "repeats": "pos-int", "calibration": "int", "warmup": "int",
     "steps": "pos-int",
     "device": "str", "devices": "str",
     "timeout_s": "float", "parity": "bool", "compile_precisions": "list[str]",
     "compile_only": "list0[str]",
     "parity_steps": "int", "parity_seeds": "pos-int", "parity_tasks": "list0[str]",
+    "parity_strategy": "str",
 }
 
 
@@ -144,6 +150,9 @@ def from_dict(data: dict[str, Any], source: str = "matrix") -> Matrix:
                                f"valid: {', '.join(precision.NAMES)}")
     if "strategies" in values:
         values["strategies"] = _strategies(values["strategies"], f"{source}: strategies")
+    if values.get("parity_strategy"):
+        values["parity_strategy"] = _strategies([values["parity_strategy"]],
+                                                f"{source}: parity_strategy")[0]
     if values.get("devices"):
         values["devices"] = slots.check_devices(values["devices"], f"{source}: devices")
     from bench.parity.tasks import TASK_MODELS  # torch-free: the parity tasks' names
@@ -170,7 +179,8 @@ def _check_size(matrix: Matrix, source: str) -> Matrix:
     """``matrix`` unless its sweep would start more than MAX_PROCESSES cell processes, or it
     asks for a strategy no cell of it has several processes to apply to."""
     shared = [name for name in matrix.strategies if name != strategy.DEFAULT]
-    if shared and max(matrix.world_size) * matrix.nnodes == 1:
+    # NODE may be several GPUs: only the runner's probe can tell (a 1-GPU node: resolve_node).
+    if shared and NODE not in matrix.world_size and max(matrix.world_size) * matrix.nnodes == 1:
         raise BadInput(f"{source}: strategy {shared[0]} shares a model between processes, but "
                        "every cell is one process; add world sizes above 1 (--world-size 2)")
     num_cells = (sum(len(axis.batch_sizes) for axis in matrix.models) * len(matrix.precisions)

@@ -4,6 +4,10 @@ with a stable id, and ``expand``, the product in a run order that makes OOM skip
 ``expand(matrix)`` returns frozen, hashable Cells; each has a stable ``cell_id`` (a short
 sha256 of its key fields), the same in every run and Python process, so a resumed run finds
 the cells it already finished. torch-free.
+
+A world size may be NODE, ``"node"``: every GPU of the node the run is on, which only the
+run's device probe can count. The runner resolves it (``resolve_node``) before it expands the
+matrix or writes meta.json, so cells, records and a resumed run hold the number.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import models
 from bench import precision
 from bench.analysis import noise
 from bench.strategy import DEFAULT as DEFAULT_STRATEGY
+
+# The world size "every GPU of this node" (--world-size 1,node; world_size = [1, "node"]).
+NODE = "node"
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,8 @@ class Matrix:
     compile_precisions: tuple[str, ...] = precision.NAMES
     # Of those, the policies that run compiled only, no eager cells (gpu-quick: the FP8 ones).
     compile_only: tuple[str, ...] = ()
-    world_size: tuple[int, ...] = (1,)
+    # Processes per node; NODE: every GPU of this node, resolved by the runner (resolve_node).
+    world_size: tuple[int | str, ...] = (1,)
     nnodes: int = 1
     # How a cell of several processes shares its model (bench/strategy.py): ddp, fsdp2,
     # fsdp2:PARAM/REDUCE; single-process cells run the model alone, whatever this says.
@@ -72,6 +80,10 @@ class Matrix:
     parity_seeds: int = 3  # seeds per policy; FP32's band needs at least 2
     # Parity-only tasks the parity stage adds to the matrix's models (gpt2-tiny-shakespeare)
     parity_tasks: tuple[str, ...] = ()
+    # Parity on several ranks (bench/parity/sharing.py): every policy trained under this
+    # strategy on as many ranks as the widest cell, judged against FP32 in one process; "":
+    # every parity run in one process.
+    parity_strategy: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (meta.json); ``from_dict`` reads it back."""
@@ -118,6 +130,13 @@ class Cell:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
+    def work(self) -> tuple[Any, ...]:
+        """What one rank trains, whatever the number of ranks and how they share the model:
+        a rank's analytic FLOPs per step depend on nothing else (bench/cell/probe.py)."""
+        return (self.model, self.precision, self.batch_size, self.seq_len, self.image_size,
+                self.grad_accum, self.compile)
+
+    @property
     def group(self) -> tuple[Any, ...]:
         """Everything but the batch size: an OOM at batch b skips larger batches of the group."""
         return (self.model, self.precision, self.seq_len, self.image_size, self.grad_accum,
@@ -136,8 +155,27 @@ class Cell:
         return f"{self.model} {self.precision} b={self.batch_size}{size}{extra}"
 
 
+def resolve_node(matrix: Matrix, num_gpus: int) -> Matrix:
+    """``matrix`` with its world size NODE made ``num_gpus``, the GPUs of the node the run is
+    on (a number already there is kept once: 1,node on one GPU is 1). When that leaves every
+    cell one process (a 1-GPU node), the strategies become ddp alone: a single process shares
+    nothing, so expand would give each policy's one cell all the same, and meta.json's matrix
+    then reads back (a matrix of single processes refuses other strategies)."""
+    if NODE not in matrix.world_size:
+        return matrix
+    sizes = tuple(dict.fromkeys(num_gpus if w == NODE else w for w in matrix.world_size))
+    resolved = replace(matrix, world_size=sizes)
+    if max(int(w) for w in sizes) * matrix.nnodes == 1:
+        resolved = replace(resolved, strategies=(DEFAULT_STRATEGY,))
+    return resolved
+
+
 def expand(matrix: Matrix) -> list[Cell]:
-    """Every cell of ``matrix``; within a (model, policy, ...) group batch sizes ascend."""
+    """Every cell of ``matrix``; within a (model, policy, ...) group batch sizes ascend.
+    Its world sizes must be numbers: the runner resolves NODE first (``resolve_node``)."""
+    if NODE in matrix.world_size:
+        raise ValueError(f"world size {NODE!r} is resolved before the matrix is expanded "
+                         "(resolve_node, once the device probe has counted the GPUs)")
     cells: list[Cell] = []
     for axis in matrix.models:
         size_field = axis.spec.size_arg  # seq_len | image_size | None: a fixed-size input

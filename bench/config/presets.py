@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench import BadInput
-from bench.config.matrix import Matrix, ModelAxis
+from bench.config.matrix import NODE, Matrix, ModelAxis
 
 # The FP8 recipe family the GPU presets compare (bench/cell/low_precision.py): float8
 # tensorwise, rowwise, rowwise with a bf16 weight gradient, tensorwise behind torchtitan's layer
@@ -140,6 +140,63 @@ def gpu_quick() -> Matrix:
     )
 
 
+# The recipes gpu-fsdp2 compares: bf16 autocast over fp32 master weights, bf16 weights with no
+# fp32 masters (rounded to nearest, stochastically rounded, Kahan-summed), and the FP8 family.
+BF16_FAMILY = ("bf16", "bf16-pure", "bf16-pure-sr", "bf16-pure-kahan")
+
+
+def gpu_fsdp2() -> Matrix:
+    """Today's training recipes under the two ways a node's GPUs share a model: on the Llama
+    family, bf16 autocast (fp32 master weights) against bf16-pure, bf16-pure-sr and
+    bf16-pure-kahan (bf16 weights, no fp32 masters) and the FP8 family, each under DDP (the
+    reference: every rank a whole replica) and under FSDP2 with torchtitan's
+    MixedPrecisionPolicy (``fsdp2:bf16/fp32``: parameters gathered in bf16, gradients
+    reduce-scattered in fp32), on every GPU of the node: world size ``node``, counted when the
+    run starts (a 1-GPU box runs each policy once, on its GPU, with no strategy to compare;
+    ``--world-size 1,node`` adds the single-GPU cells the report's scaling table measures
+    against). The bf16 family runs eager and compiled, the FP8 family compiled only (as in
+    gpu-quick: torch.compile fuses torchao's scale and cast kernels); FP8 needs torchao and
+    compute capability 8.9+, mxfp8 and nvfp4 10.0+, else `unsupported` records in seconds.
+
+    Batches are per GPU: llama-small 16 x 1024 tokens (gpu-quick's, so its one-GPU numbers
+    compare; 16k tokens per GPU, about nanoGPT's micro-batch), llama-1b 4 x 2048 (8k tokens per
+    GPU, the gpu preset's largest: under DDP each rank holds the 1.24B weights, gradients and
+    AdamW state, ~20 GiB with fp32 masters, and its activations, the gpu preset's estimated
+    60 GiB in all under fp32 and less under bf16, which an 80 GB GPU fits; FSDP2 holds 1/N of
+    the states, bf16-pure half of them in any case). Not fp16: FP16 autocast over
+    parameters gathered in bf16 computes from bf16-rounded weights, which fsdp2:bf16/fp32
+    refuses (bench/strategy.py), and today's recipes are bf16 and FP8.
+
+    Time, an estimate not yet measured anywhere: on an 8-GPU H100 node, 56 torchrun cells of 8
+    ranks (2 models x 2 strategies x 14: 4 eager, 4 + 6 compiled; mxfp8 and nvfp4 `unsupported`
+    in seconds). A rank's step is 11.7 TFLOP (llama-small) or 67 TFLOP (llama-1b), at ~250-400
+    TFLOP/s 0.03-0.3 s, so 40 steps are seconds; start-up (torch, NCCL, model build, ~30 s)
+    and compiling (~60-120 s a compiled cell, with an empty inductor cache) dominate: ~35 min
+    for llama-small, ~45 min for llama-1b, then parity under fsdp2:bf16/fp32 on the node's
+    ranks (each policy, fp32 too, 2 seeds, llama-small 600 steps and llama-1b 300 steps, and
+    the low-lr task that judges the bf16-pure policies, against fp32 in one process) ~25
+    min: ~1 h 45 min. On one H100: 28 single-process cells, ~30 min, 2 calibration processes
+    and the same parity with FSDP2 on one rank (its MixedPrecisionPolicy still applies): ~1
+    hour. ``timeout_s`` (600 s), about three times the slowest cell's estimate, is what
+    --time-budget allows the first cell of each kind (bench/run/budget.py).
+    """
+    return Matrix(
+        name="gpu-fsdp2",
+        models=(
+            ModelAxis("llama-small", (16,), 1024),
+            ModelAxis("llama-1b", (4,), 2048),
+        ),
+        precisions=(*BF16_FAMILY, *FP8_FAMILY),
+        compile=(False, True), compile_only=FP8_FAMILY,
+        world_size=(NODE,), strategies=("ddp", "fsdp2:bf16/fp32"),
+        device="cuda", warmup=10, steps=30, timeout_s=600.0, calibration=2,
+        # Parity under torchtitan's policy: every recipe trained sharded on the node's GPUs
+        # (up to the widest cell, as many as split the parity batches), judged against FP32
+        # in one process (bench/parity/sharing.py).
+        parity=True, parity_seeds=2, parity_strategy="fsdp2:bf16/fp32",
+    )
+
+
 def quick() -> Matrix:
     """A handful of tiny cells for smoke tests."""
     return Matrix(
@@ -156,7 +213,8 @@ def auto(has_cuda: bool) -> Matrix:
     return gpu() if has_cuda else cpu()
 
 
-PRESETS: dict[str, Callable[..., Matrix]] = {"gpu": gpu, "gpu-quick": gpu_quick, "cpu": cpu,
+PRESETS: dict[str, Callable[..., Matrix]] = {"gpu": gpu, "gpu-quick": gpu_quick,
+                                            "gpu-fsdp2": gpu_fsdp2, "cpu": cpu,
                                             "cpu-shakespeare": cpu_shakespeare,
                                             "quick": quick, "auto": auto}
 

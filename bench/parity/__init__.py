@@ -38,6 +38,13 @@ last 10%, and the text each policy's seed 0 writes at the end), and with ``--dat
 user's CIFAR-10 binary files (``resnet-tiny-cifar10``) and nanoGPT token files
 (``gpt2-tiny-tokens``, ``llama-tiny-tokens``), checked by size before anything trains.
 
+On several ranks (``--strategy fsdp2:bf16/fp32 --ranks 2``, a matrix's ``parity_strategy``;
+bench/parity/sharing.py): every policy, FP32 too, trains on torchrun's ranks sharing the model
+(FSDP2 shards under the strategy's MixedPrecisionPolicy, or DDP), each rank its slice of every
+batch, so the ranks train the one-process batch; rows read ``bf16@fsdp2:bf16/fp32`` (columns
+``strategy`` and ``ranks``) and are judged against FP32 in one process. No gradient probes
+there (an extra backward would reduce gradients between the ranks).
+
 The task (chain, class layout) and the held-out set are fixed; the run seed picks the initial
 weights (``torch.manual_seed(seed)`` before ``build()``) and the training data order, so every
 policy sees the same data and starts from the same weights as FP32 under the same seed. Training
@@ -109,7 +116,7 @@ The CLI prints a verdict table and exits 1 when any policy FAILs (0 otherwise, 2
 text tasks) and ``parity_data.json`` (the real-data files read, with sizes) when real data ran.
 
 The package, by job: ``tasks.py`` (the tasks, their data and setups, which policies each
-judges), ``data.py`` (real data: Tiny Shakespeare, --data-dir's files), ``probes.py``
+judges), ``sharing.py`` (which runs train on several ranks, checked; torch-free), ``data.py`` (real data: Tiny Shakespeare, --data-dir's files), ``probes.py``
 (gradient histograms, FP16 underflow), ``train.py`` (the child: trains one (model, policy)'s
 seeds, or plans), ``verdict.py`` (parity.csv's columns and verdicts,
 torch-free), ``convergence.py`` (MLPerf-style steps and seconds to the target over seeds, and
@@ -127,6 +134,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.parity.sharing import Sharing
 from bench.parity.stage import DEFAULT_TIMEOUT_S, RUNS, OutOfTime, run_parity
 from bench.parity.tasks import (
     BROKEN,
@@ -176,6 +184,7 @@ __all__ = [
     "VERDICTS",
     "OutOfTime",
     "Setup",
+    "Sharing",
     "default_models",
     "judge",
     "main",
@@ -211,9 +220,12 @@ def _resume_command(args: argparse.Namespace, out: Path) -> str:
             "--device", args.device, "--time-budget", args.time_budget]
     for flag, value in (("--models", args.models), ("--precisions", args.precisions),
                         ("--steps", args.steps),
-                        ("--data-dir", getattr(args, "data_dir", None))):
+                        ("--data-dir", getattr(args, "data_dir", None)),
+                        ("--strategy", getattr(args, "strategy", None))):
         if value:
             argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    if getattr(args, "strategy", None):
+        argv += ["--ranks", str(args.ranks)]
     return shlex.join(argv)
 
 
@@ -225,10 +237,13 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results", "runs", "parity-" + datetime.now(
         timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
     time_left = _time_left(args.time_budget) if getattr(args, "time_budget", None) else None
+    sharing = Sharing.parse(args.strategy, args.ranks) if getattr(args, "strategy", None) \
+        else None
     try:
         path = run_parity(out, models=args.models, precisions=args.precisions, steps=args.steps,
                           seeds=args.seeds, device=args.device, time_left=time_left,
-                          unknown_s=FIRST_RUN_S, data_dir=getattr(args, "data_dir", None))
+                          unknown_s=FIRST_RUN_S, data_dir=getattr(args, "data_dir", None),
+                          sharing=sharing)
     except OutOfTime as stop:
         if stop.path is not None:
             print(verdict_table(stop.path))

@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 
 from bench import BadInput, config, failures, paths, precision, store
 from bench.parity import data
-from bench.parity.tasks import BROKEN, TASK_MODELS, spec_for, task_policies
+from bench.parity.sharing import Sharing, labels
+from bench.parity.tasks import BROKEN, TASK_MODELS, spec_for, split_label, task_policies
 from bench.parity.verdict import (
     COLUMNS,
     CURVE_COLUMNS,
@@ -34,6 +35,7 @@ from bench.parity.verdict import (
     judge,
 )
 from bench.run import launch, lock
+from bench.strategy import check as refused_by
 from models.external import BadReference
 
 RUNS = "parity_runs.jsonl"  # one finished (model, precision, seed) run per line
@@ -68,16 +70,19 @@ class Plan:
     precisions: list[str]
     setups: dict[str, dict[str, Any]]  # model -> Setup fields
     unsupported: list[tuple[str, str, str]]  # (model, policy, why)
+    device_count: int | None = None  # CUDA devices the child saw; None off CUDA
 
 
 class _Run(NamedTuple):
-    """One (model, precision, seed) of the stage."""
+    """One (model, precision, seed) of the stage; ``precision`` is the run's label
+    (``bf16@fsdp2:bf16/fp32`` on several ranks, tasks.run_label)."""
 
     model: str
     precision: str
     seed: int
     setup: dict[str, Any]
     key: str  # what makes a finished run reusable
+    ranks: int = 1  # torchrun processes that train it together
 
     @property
     def label(self) -> str:
@@ -98,7 +103,7 @@ def run_parity(
     precisions: Sequence[str] | None = None, steps: int | None = None, seeds: int = 3,
     device: str = "auto", time_left: Callable[[], float] | None = None,
     unknown_s: float = math.inf, timeout_s: float = DEFAULT_TIMEOUT_S,
-    data_dir: Path | str | None = None,
+    data_dir: Path | str | None = None, sharing: Sharing | None = None,
 ) -> Path:
     """Train every (model, precision, seed) in child processes, judge against FP32 and write
     parity.csv to run_dir; returns its path (parity_curves.csv and grad_hist.csv beside it).
@@ -110,7 +115,8 @@ def run_parity(
     ``unknown_s`` when none has run; the first that does not fit stops the stage and
     OutOfTime says what is left. ``data_dir`` holds the user's data files (CIFAR-10, token
     ids: bench/parity/data.py), checked by size before anything runs; its tasks are added to
-    the default models.
+    the default models. ``sharing`` trains every policy on several ranks under a strategy
+    (FSDP2 or DDP: the Sharing class), FP32 in one process beside them as the reference.
     """
     model_names, chosen = _validate(models, precisions, steps, seeds)
     folder = data.check_data_dir(data_dir) if data_dir is not None else None
@@ -122,11 +128,14 @@ def run_parity(
     run_dir = paths.output_dir(run_dir, "parity run directory")
     plan = ask_plan(device, model_names, chosen, bool(precisions), steps, timeout_s, folder)
     data.check_lengths(plan.setups, folder)
+    if sharing is not None:
+        sharing = sharing.checked(plan.device, plan.device_count,
+                                  {m: plan.setups[m]["batch_size"] for m in plan.models})
     run_dir.mkdir(parents=True, exist_ok=True)
     with lock.lock(run_dir, "ampbench parity"):  # re-entrant: a runner may hold it already
         data.record(run_dir / DATA_FILES, plan.models, folder)
         return _run_all(run_dir, plan.models, plan.precisions, seeds, plan, time_left,
-                        unknown_s, timeout_s, folder)
+                        unknown_s, timeout_s, folder, sharing)
 
 
 def _validate(models_: Sequence[str] | None, precisions: Sequence[str] | None,
@@ -181,31 +190,37 @@ def ask_plan(device: str, model_names: Sequence[str] | None, chosen: Sequence[st
         raise BadInput(str(answer["bad_input"]))
     return Plan(answer["device"], answer["device_type"], answer["models"],
                 answer["precisions"], answer["setups"],
-                [tuple(item) for item in answer["unsupported"]])  # type: ignore[misc]
+                [tuple(item) for item in answer["unsupported"]],  # type: ignore[misc]
+                answer.get("device_count"))
 
 
 def _planned(plan: Plan, model_names: Sequence[str], chosen: Sequence[str],
-             seeds: int, data_dir: data.DataDir | None = None) -> list[_Run]:
+             seeds: int, data_dir: data.DataDir | None = None,
+             sharing: Sharing | None = None) -> list[_Run]:
     """Every run in the order they train; the pairs the device cannot run are skipped here,
     with a note on stderr."""
     skipped = {(model, name): why for model, name, why in plan.unsupported}
     runs = []
     for model in model_names:
-        for name in task_policies(model, chosen):
-            if (model, name) in skipped:
-                print(f"parity: skipping {model} {name}: {skipped[model, name]}",
-                      file=sys.stderr)
+        for name, ranks in labels(task_policies(model, chosen), sharing):
+            policy = split_label(name)[0]
+            why = skipped.get((model, policy)) or (
+                refused_by(sharing.strategy, policy) if sharing is not None and ranks else None)
+            if why:
+                print(f"parity: skipping {model} {name}: {why}", file=sys.stderr)
                 continue
             setup = plan.setups[model]
             for seed in range(seeds):
                 # The same key as when the parent built it from a Setup and a torch.device.
                 # A user's model adds its source's hash: a changed file trains again.
                 # A data-dir task adds its files' paths and sizes: other files train again.
+                # Ranks add their count: a run on 4 ranks is not the run on 2.
                 sha = spec_for(model).source_sha256
                 files = data_dir.fingerprint(model) if data_dir is not None else []
                 key = json.dumps([model, name, seed, setup, plan.device_type,
-                                  *([sha] if sha else []), *([files] if files else [])])
-                runs.append(_Run(model, name, seed, setup, key))
+                                  *([sha] if sha else []), *([files] if files else []),
+                                  *([{"ranks": ranks}] if ranks else [])])
+                runs.append(_Run(model, name, seed, setup, key, ranks or 1))
     return runs
 
 
@@ -224,7 +239,7 @@ def _pairs(runs: list[_Run]) -> Iterator[list[_Run]]:
 def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], seeds: int,
              plan: Plan, time_left: Callable[[], float] | None = None,
              unknown_s: float = math.inf, timeout_s: float = DEFAULT_TIMEOUT_S,
-             data_dir: data.DataDir | None = None) -> Path:
+             data_dir: data.DataDir | None = None, sharing: Sharing | None = None) -> Path:
     """Train the runs not finished before, pair by pair in children, within the time left;
     write the tables (OutOfTime when runs are left)."""
     finished = _load_runs(run_dir)
@@ -233,7 +248,7 @@ def _run_all(run_dir: Path, model_names: Sequence[str], chosen: Sequence[str], s
     for run in finished.values():
         if run.wall_s is not None:
             walls.setdefault(run.row["model"], []).append(run.wall_s)
-    runs = _planned(plan, model_names, chosen, seeds, data_dir)
+    runs = _planned(plan, model_names, chosen, seeds, data_dir, sharing)
     place = {run.key: i for i, run in enumerate(runs, 1)}
     done: dict[str, _Finished] = {}
     not_run: list[str] = []
@@ -296,13 +311,17 @@ def _train_pair(runs: list[_Run], device: str, workdir: Path, number: int,
     an error launching it is every run's error."""
     first = runs[0]
     outs = [workdir / f"{number}-seed{run.seed}.json" for run in runs]
+    policy, shared = split_label(first.precision)
     argv = [sys.executable, *_CHILD, "run", "--model", first.model, "--precision",
-            first.precision, "--seeds", ",".join(str(run.seed) for run in runs),
+            policy, "--seeds", ",".join(str(run.seed) for run in runs),
             "--setup", json.dumps(first.setup), "--device", device]
     for out in outs:
         argv += ["--out", str(out)]
     if data_dir is not None:
         argv += ["--data-dir", str(data_dir.path)]
+    if shared is not None:  # its ranks under torchrun, on a free port of their own
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", str(first.ranks), *argv[1:], "--strategy", shared]
     child_timeout = timeout_s * len(runs)
     try:
         ended = launch.run_child_process(argv, child_timeout, workdir / f"{number}.stderr")

@@ -151,6 +151,22 @@ def resolve_policy(name: str) -> tuple[precision.Policy, float]:
     return precision.get(name), 1.0
 
 
+STRATEGY_MARK = "@"  # bf16@fsdp2:bf16/fp32: a policy trained under a strategy (parity.csv)
+
+
+def run_label(policy: str, strategy: str | None) -> str:
+    """parity.csv's ``precision`` for ``policy`` trained under ``strategy`` (a canonical
+    bench/strategy.py name): the policy's own name in one process, ``policy@strategy`` on
+    several ranks, judged against FP32 in one process like any other row."""
+    return f"{policy}{STRATEGY_MARK}{strategy}" if strategy else policy
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    """(policy, strategy or None) of a ``run_label``."""
+    policy, mark, strategy = label.partition(STRATEGY_MARK)
+    return policy, (strategy if mark else None)
+
+
 def default_models(device_type: str) -> list[str]:
     """The full-size models on CUDA, the tiny ones on CPU; the underflow task on both."""
     return [*GPU_SETUPS, UNDERFLOW] if device_type == "cuda" else list(CPU_SETUPS)

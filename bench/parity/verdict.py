@@ -26,7 +26,8 @@ COLUMNS = (
     "underflow_frac", "subnormal_frac", "fp32_mean", "fp32_std", "delta", "tolerance", "verdict",
 )
 EXTRA_COLUMNS = ("scaler_first_skip_step", "scaler_scale_final", "initial_eval_loss",
-                 "final_train_loss", "train_time_s", "step_time_ms", "batch_size", "error")
+                 "final_train_loss", "train_time_s", "step_time_ms", "batch_size", "error",
+                 "strategy", "ranks")
 CURVE_COLUMNS = ("model", "precision", "seed", "step", "loss", "scale", "skipped", "time_s",
                  "lost_frac")
 HIST_COLUMNS = ("model", "kind", "step", "log2_bin", "count", "zeros")

@@ -67,12 +67,19 @@ class Run:
     problems: list[str] = field(default_factory=list)
 
     def parity_row(self, model: str, policy: str) -> pd.Series | None:
-        """parity.csv's verdict row of (model, policy); None without one."""
+        """parity.csv's verdict row of (model, policy): the policy's own, else (parity on
+        several ranks only) its worst under a strategy (``policy@strategy``, whose
+        ``precision`` says which); None without one."""
         if self.parity is None:
             return None
-        rows = self.parity[(self.parity["model"] == model)
-                           & (self.parity["precision"] == policy)]
-        return None if rows.empty else rows.iloc[0]
+        rows = self.parity[self.parity["model"] == model]
+        own = rows[rows["precision"] == policy]
+        if not own.empty:
+            return own.iloc[0]
+        shared = rows[rows["precision"].str.startswith(f"{policy}@")]
+        worst = parity.worst_verdict(str(v) for v in shared["verdict"].dropna())
+        return None if shared.empty else (
+            shared[shared["verdict"] == worst] if worst else shared).iloc[0]
 
     @property
     def device_name(self) -> str:

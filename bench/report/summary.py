@@ -78,6 +78,8 @@ def _parity_text(run: Run, model: str, policy: str) -> str:
     if row is None:
         return "not run"
     verdict = str(row["verdict"] or "no verdict")
+    if row["precision"] != policy:  # judged on several ranks only: say under what
+        verdict += f" under {str(row['precision']).partition('@')[2]}"
     if is_num(row.get("delta")) and is_num(row.get("tolerance")):
         delta = f"{row['delta']:+.3g}" if row["delta"] else "0"
         verdict += f" (eval loss {delta} vs fp32, tolerance {row['tolerance']:.3g})"

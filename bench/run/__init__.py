@@ -6,6 +6,7 @@ device.py     the device probe: one child process (bench/cell/probe.py) answers 
 sweep.py      the sweep: plan, one child per process, OOM skips, --find-max-batch
 budget.py     --time-budget: the deadline and each process's estimate
 slots.py      --devices: which processes run where and when, side by side on a node's GPUs
+node.py       world size node: every GPU of this node, counted by the device probe
 console.py    progress lines and the summary table
 launch.py     one child: its argv, its launch under a timeout, its tree killed, a record either way
 proctree.py   process trees, and the watchdog a child runs against its runner

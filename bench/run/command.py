@@ -51,9 +51,10 @@ from typing import Any
 
 from bench import BadInput, config, paths, store
 from bench.analysis import noise
+from bench.cli_types import duration_s
 from bench.config import Cell, Matrix, matrix
 from bench.run import budget as budgets
-from bench.run import cluster, console, device, lock, slots
+from bench.run import cluster, console, device, lock, node, slots
 from bench.run.budget import Budget
 from bench.run.launch import Settings
 from bench.run.signals import Stopped, stop_on_signals
@@ -104,6 +105,7 @@ def _keep(args: argparse.Namespace, base: Matrix, meta: dict[str, Any], where: s
     left out are restored (``args`` updated, so a resume command repeats them), and one that
     contradicts the run is BadInput naming it. --time-budget, --launcher and --rdzv-endpoint
     are each call's own; a price or --no-report given applies from this call on."""
+    node.keep(args, base.nnodes, meta, where)  # --world-size node: the GPUs the run recorded
     kept = base.to_dict()
     for key, value in _override(args, base).to_dict().items():
         # --devices is where the cells run, not what they measure (each record says where it
@@ -159,8 +161,6 @@ def _budget(args: argparse.Namespace) -> Budget | None:
     if args.find_max_batch:
         raise BadInput("--time-budget does not apply to --find-max-batch, whose probes cannot "
                        "be estimated ahead")
-    from bench.cli_types import duration_s
-
     seconds = duration_s(text)
     reserve_s = 0.0 if args.no_report else min(budgets.REPORT_RESERVE_S, seconds / 4)
     return Budget(text, budgets.now() + seconds, reserve_s)
@@ -198,7 +198,7 @@ _Plan = tuple[Matrix, list[Cell], tuple[tuple[str, ...], str]]  # matrix, cells,
 
 def _planned(args: argparse.Namespace, mx: Matrix) -> _Plan:
     """The matrix, its cells (ids checked) and the multi-node launch; BadInput if any is bad."""
-    cells = matrix.expand(mx)
+    cells = matrix.expand(matrix.resolve_node(mx, node.PLANNED))  # node: 1 GPU until probed
     matrix.index(cells)
     return mx, cells, _multi_node(args, mx)
 
@@ -258,6 +258,7 @@ def _setup(args: argparse.Namespace, budget: Budget | None,
     if args.preset and mx.device.startswith("cuda") and not found.cuda:
         raise BadInput(f"preset '{args.preset}' needs a CUDA GPU and this machine has none; "
                        "here run --preset cpu (or quick)")
+    mx, cells, found = node.resolve(args, mx, cells, found)  # world size node: the GPUs counted
     setup = _Setup(mx, cells, launch, found, run_dir, meta)
     if ":" in setup.device and any(c.num_processes > 1 for c in cells):
         raise BadInput(f"device '{setup.device}': a cell on several processes gives each rank "
@@ -281,8 +282,7 @@ def _known_run_id(meta: dict[str, Any], run_dir: Path | None) -> str | None:
 
 
 def _valid_run_id(value: Any) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}", value) \
-        is not None
+    return isinstance(value, str) and bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}", value))
 
 
 def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
@@ -381,7 +381,6 @@ def _parity(run_dir: Path, mx: Matrix, device_name: str, budget: Budget | None,
     ``data_dir``); returns the parity runs the budget left for a resume."""
     from bench import parity
     from bench.parity import data
-
     print("ampbench run: accuracy parity ...", file=sys.stderr)
     not_run: list[str] = []
 
@@ -394,7 +393,8 @@ def _parity(run_dir: Path, mx: Matrix, device_name: str, budget: Budget | None,
                 precisions=list(mx.precisions), data_dir=data_dir,
                 steps=mx.parity_steps or None, seeds=mx.parity_seeds, device=device_name,
                 time_left=budget.left if budget else None, unknown_s=mx.timeout_s,
-                timeout_s=mx.timeout_s)
+                timeout_s=mx.timeout_s, sharing=parity.Sharing.of_matrix(mx.parity_strategy,
+                                                                         mx.world_size))
         except parity.OutOfTime as stop:
             not_run.extend(stop.not_run)
             path = stop.path
