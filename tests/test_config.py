@@ -77,6 +77,17 @@ def test_gpu_fsdp2_compares_the_recipes_under_ddp_and_fsdp2_on_every_gpu_of_the_
     assert len(one) == 28 and {(c.world_size, c.strategy) for c in one} == {(1, "ddp")}
 
 
+def test_cpu_fsdp2_asks_gpu_fsdp2s_question_on_two_cpu_ranks():
+    m = config.preset("cpu-fsdp2")
+    assert m.device == "cpu" and m.parity and m.parity_strategy == "fsdp2:bf16/fp32"
+    cells = matrix.expand(m)
+    pure = ("bf16-pure", "bf16-pure-sr", "bf16-pure-kahan")
+    assert {(c.precision, c.strategy) for c in cells} == {
+        (p, s) for p in ("fp32", "bf16", *pure) for s in ("ddp", "fsdp2:bf16/fp32")}
+    assert {(c.model, c.batch_size, c.world_size) for c in cells} == {("llama-tiny", 8, 2)}
+    assert config.from_dict(m.to_dict()) == m
+
+
 def test_compile_precisions_and_parity_length_come_from_toml_and_are_checked():
     m = config.from_dict({"models": {"gpt2-tiny": {"batch_sizes": [2]}}, "compile": [False, True],
                           "compile_precisions": ["fp16"], "parity_steps": 7, "parity_seeds": 2})
@@ -101,7 +112,7 @@ def test_a_matrix_file_names_parity_tasks_by_their_names():
 def test_unknown_preset_names_the_valid_ones():
     with pytest.raises(BadInput,
                        match="unknown preset 'huge'; valid: gpu, gpu-quick, gpu-fsdp2, cpu, "
-                             "cpu-shakespeare, quick, auto"):
+                             "cpu-shakespeare, cpu-fsdp2, quick, auto"):
         config.preset("huge")
 
 

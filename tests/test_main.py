@@ -131,5 +131,5 @@ def test_an_unknown_value_is_named_with_every_valid_one(capsys):
         main(["run", "--preset", "huge"])
     err = capsys.readouterr().err
     assert err.startswith("ampbench run: error: argument --preset: unknown preset 'huge'; "
-                          "valid: gpu, gpu-quick, gpu-fsdp2, cpu, cpu-shakespeare, quick, "
-                          "auto")
+                          "valid: gpu, gpu-quick, gpu-fsdp2, cpu, cpu-shakespeare, cpu-fsdp2, "
+                          "quick, auto")
