@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from bench import BadInput, parity
-from bench.parity import sharing as sharing_, stage, tasks
+from bench.parity import sharing as sharing_
+from bench.parity import stage, tasks
 from bench.parity.sharing import Sharing
 from bench.strategy import parse
 

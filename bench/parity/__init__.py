@@ -116,13 +116,14 @@ The CLI prints a verdict table and exits 1 when any policy FAILs (0 otherwise, 2
 text tasks) and ``parity_data.json`` (the real-data files read, with sizes) when real data ran.
 
 The package, by job: ``tasks.py`` (the tasks, their data and setups, which policies each
-judges), ``sharing.py`` (which runs train on several ranks, checked; torch-free), ``data.py`` (real data: Tiny Shakespeare, --data-dir's files), ``probes.py``
-(gradient histograms, FP16 underflow), ``train.py`` (the child: trains one (model, policy)'s
-seeds, or plans), ``verdict.py`` (parity.csv's columns and verdicts,
-torch-free), ``convergence.py`` (MLPerf-style steps and seconds to the target over seeds, and
-the test of "slower than fp32"; torch-free) and ``stage.py`` (the parent: plans, reuses,
-launches, writes). This module re-exports their entry points and holds the `ampbench parity`
-command; like the stage, it imports no torch.
+judges), ``sharing.py`` (which runs train on several ranks, checked; torch-free), ``data.py``
+(real data: Tiny Shakespeare, --data-dir's files), ``probes.py`` (gradient histograms, FP16
+underflow), ``train.py`` (the child: trains one (model, policy)'s seeds, or plans),
+``verdict.py`` (parity.csv's columns and verdicts, torch-free), ``convergence.py``
+(MLPerf-style steps and seconds to the target over seeds, and the test of "slower than fp32";
+torch-free) and ``stage.py`` (the parent: plans, reuses, launches, writes). This module
+re-exports their entry points and holds the `ampbench parity` command; like the stage, it
+imports no torch.
 """
 
 from __future__ import annotations
