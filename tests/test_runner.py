@@ -320,6 +320,13 @@ def test_repeats_interleave_and_a_calibration_cell_brackets_the_sweep():
         ("fp32", 1, True), ("fp32", 2, True), ("fp32", 0, False), ("bf16", 0, False),
         ("fp32", 3, True), ("fp32", 4, True)]
     assert len(sweep.plan([a, b], 1, calibration=0)) == 2
+    # Torchrun cells only (cpu-fsdp2, gpu-fsdp2): the first one-node cell calibrates, never a
+    # multi-node one.
+    wide = Cell("gpt2-tiny", "fp32", 1, world_size=2, strategy="fsdp2")
+    nodes = Cell("gpt2-tiny", "fp32", 1, world_size=2, nnodes=2)
+    assert [(c, cal) for c, _, cal in sweep.plan([nodes, wide], 1, calibration=2)] == [
+        (wide, True), (nodes, False), (wide, False), (wide, True)]
+    assert len(sweep.plan([nodes], 1, calibration=2)) == 1
 
 
 def test_a_single_repeat_run_measures_its_noise_on_a_calibration_cell(tmp_path, capsys):

@@ -83,12 +83,14 @@ def plan(cells: list[Cell], repeats: int, calibration: int = noise.CALIBRATION_P
 
     Repeats are separate processes interleaved across cells (a, b, c, a, b, c), so drift hits
     every cell alike. With fewer than ``noise.MIN_OWN`` repeats a cell cannot measure its own
-    between-process noise, so a calibration cell (the first single-process cell) gets
-    ``calibration`` extra processes, half before the sweep and half after: their spread is the
-    run's band for every cell (bench/analysis/noise.py).
+    between-process noise, so a calibration cell (the first single-process cell; in a sweep of
+    torchrun cells only, the first on one node: a multi-node cell would hold its nodes for the
+    calibration's minutes) gets ``calibration`` extra processes, half before the sweep and half
+    after: their spread is the run's band for every cell (bench/analysis/noise.py).
     """
     tasks = [(cell, r, False) for r in range(repeats) for cell in cells]
-    first = next((c for c in cells if c.num_processes == 1), None)
+    first = next((c for c in cells if c.num_processes == 1), None) or next(
+        (c for c in cells if c.nnodes == 1), None)
     if first is None or repeats >= noise.MIN_OWN or calibration < 1:
         return tasks
     extra = [(first, repeats + i, True) for i in range(calibration)]
