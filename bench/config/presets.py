@@ -206,8 +206,9 @@ def cpu_fsdp2() -> Matrix:
     low-learning-rate task where bf16-pure fails and its two remedies pass. The speeds are a
     CPU's (bf16 matmuls emulated or slow, gloo's collectives): the memory per rank, the
     optimizer state by dtype and the parity verdicts are what carry over to a GPU. Not FP8
-    (emulated off CUDA: ``--precisions fp8`` adds it, slowly). 10 cells and 36 parity runs:
-    5 min 35 s on 2 idle Intel Xeon cores (2026-12-07); one rank of bf16-pure under FSDP2
+    (emulated off CUDA: ``--precisions fp8`` adds it, slowly). 10 cells, 4 calibration
+    processes and 36 parity runs: 5 min 46 s on 2 idle Intel Xeon cores (2026-12-07,
+    results/intel-xeon/2026-12-07); one rank of bf16-pure under FSDP2
     holds 0.4 MiB of weights and AdamW state, fp32 under DDP 1.5; bf16-pure FAILs the low-lr
     task under fsdp2:bf16/fp32 (+0.366 nats), -sr and -kahan PASS."""
     return Matrix(
