@@ -175,3 +175,24 @@ def test_log_ticks_are_plain_numbers_within_the_axis(bottom, top):
     ticks = log_ticks(bottom, top)
     assert len(ticks) >= 3 and all(bottom <= t <= top for t in ticks)
     assert all(len(f"{t:g}") <= 4 for t in ticks)
+
+
+def test_a_policy_under_a_strategy_keeps_its_colour_and_long_labels_wrap_into_rows(tmp_path):
+    colours, markers = policy_style(["fp32", "fp32@fsdp2:bf16/fp32", "bf16-pure",
+                                     "bf16-pure@fsdp2:bf16/fp32"])
+    assert colours["fp32@fsdp2:bf16/fp32"] == colours["fp32"]
+    assert colours["bf16-pure@fsdp2:bf16/fp32"] == colours["bf16-pure"]
+    assert markers["fp32@fsdp2:bf16/fp32"] != markers["fp32"]
+    assert markers["bf16-pure@fsdp2:bf16/fp32"] != markers["bf16-pure"]
+
+    long = [f"{p}@fsdp2:bf16/fp32" for p in ("fp32", "bf16", "bf16-pure", "bf16-pure-sr")]
+    plotter = Plotter(None, tmp_path, *policy_style(long))  # type: ignore[arg-type]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    plotter.legend(fig, long)
+    fig.canvas.draw()
+    box = fig.legends[0].get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # wrapped into rows, not off the edges

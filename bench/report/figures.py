@@ -44,11 +44,15 @@ _EXTRA_MARKERS = ("*", "h", "<", ">")
 
 
 def policy_style(policies: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """(colour, marker) per policy: the fixed ones, and the next spare ones for any other."""
+    """(colour, marker) per policy: the fixed ones, and the next spare ones for any other. A
+    policy trained under a strategy (parity's ``bf16@fsdp2:bf16/fp32``) keeps its policy's
+    colour, with a spare marker of its own: beside the policy's one-process line it reads as
+    the same policy, sharded."""
     colours, markers = dict(_COLOURS), dict(_MARKERS)
     extras = [p for p in _ordered(policies) if p not in colours]
     for i, policy in enumerate(extras):
-        colours[policy] = _EXTRA_COLOURS[i % len(_EXTRA_COLOURS)]
+        colours[policy] = colours.get(policy.partition("@")[0]) or \
+            _EXTRA_COLOURS[i % len(_EXTRA_COLOURS)]
         markers[policy] = _EXTRA_MARKERS[i % len(_EXTRA_MARKERS)]
     return colours, markers
 
@@ -89,9 +93,14 @@ class Plotter:
         handles = [Line2D([], [], color=self.colours[p], marker=self.markers[p], mfc="none",
                           mew=1.6, label=p) for p in policies]
         handles = [*handles, *extra]
-        # Below the panels: beside them it collides with the title of a one-panel figure.
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 7),
-                   frameon=False)
+        # Below the panels: beside them it collides with the title of a one-panel figure. As
+        # many columns as fit across (about 12 characters an inch, a marker's 5 beside each
+        # label), so long labels (bf16-pure@fsdp2:bf16/fp32) wrap into rows, not off the edge.
+        widest = max((len(line) for h in handles for line in str(h.get_label()).splitlines()),
+                     default=1)
+        fits = max(1, int(fig.get_figwidth() * 12) // (widest + 5))
+        fig.legend(handles=handles, loc="outside lower center",
+                   ncols=max(1, min(len(handles), 7, fits)), frameon=False)
 
     def save(self, fig: Figure, name: str) -> list[Path]:
         self.out.mkdir(parents=True, exist_ok=True)
