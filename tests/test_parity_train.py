@@ -159,3 +159,11 @@ def test_the_plan_names_the_device_models_setups_and_what_cannot_run(tmp_path) -
     assert train.main(["plan", "--device", "cuda:99", "--precisions", "fp32",
                        "--out", str(out)]) == 2
     assert "cuda:99" in json.loads(out.read_text())["bad_input"]
+
+
+def test_a_conv_model_with_bf16_weights_is_probed_in_its_own_dtype() -> None:
+    # Its probe has no FP32 weights to take FP32 gradients from: an FP32 image batch into bf16
+    # convolutions used to crash every bf16-pure run of resnet-tiny.
+    row, _, _ = train.train_one("resnet-tiny", "bf16-pure-sr", 0, _tiny_setup("resnet-tiny", 2),
+                                torch.device("cpu"))
+    assert math.isfinite(row["eval_loss"]) and row["underflow_frac"] >= 0

@@ -68,7 +68,11 @@ def fp16_underflow(grads: Sequence[Any]) -> tuple[float, float]:
 def probe_gradients(trainer: Any, inputs: Any, targets: Any,
                     activations: Log2Histogram | None = None) -> list[Any]:
     """Unscaled FP32 weight gradients at the current weights, without touching .grad or the
-    RNG; with ``activations``, the gradient of every leaf module's output is counted there."""
+    RNG; with ``activations``, the gradient of every leaf module's output is counted there.
+    Weights stored in bf16 (the bf16-pure policies) have no FP32 to probe in: their gradients
+    are taken as they train, under the policy's autocast (which casts an image batch to them)."""
+    from contextlib import nullcontext
+
     import torch
 
     def count_output_grad(module: Any, args: Any, output: Any) -> None:
@@ -81,7 +85,9 @@ def probe_gradients(trainer: Any, inputs: Any, targets: Any,
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     devices = [trainer.device] if trainer.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        own_dtype = trainer.policy.autocast(trainer.device.type) \
+            if trainer.policy.param_dtype is not None else nullcontext()
+        with torch.random.fork_rng(devices=devices), own_dtype:
             loss = trainer.spec.loss(trainer.model, inputs, targets)
             return list(torch.autograd.grad(loss, params, allow_unused=True))
     finally:
