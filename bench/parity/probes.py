@@ -84,9 +84,9 @@ def probe_gradients(trainer: Any, inputs: Any, targets: Any,
         if activations is not None else []
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     devices = [trainer.device] if trainer.device.type == "cuda" else []
+    own_dtype = trainer.policy.autocast(trainer.device.type) \
+        if trainer.policy.param_dtype is not None else nullcontext()
     try:
-        own_dtype = trainer.policy.autocast(trainer.device.type) \
-            if trainer.policy.param_dtype is not None else nullcontext()
         with torch.random.fork_rng(devices=devices), own_dtype:
             loss = trainer.spec.loss(trainer.model, inputs, targets)
             return list(torch.autograd.grad(loss, params, allow_unused=True))
